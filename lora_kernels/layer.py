@@ -141,17 +141,18 @@ class LoRALinear(nn.Module):
         learnable_scaling = _check_flag("learnable_scaling", learnable_scaling)
         self.backend = check_backend(backend)
 
-        self.original_linear = original_linear_layer
-        for p in self.original_linear.parameters():
-            p.requires_grad_(False)
-        weight = self.original_linear.weight
-        self.in_features = self.original_linear.in_features
-        self.out_features = self.original_linear.out_features
+        self.in_features = original_linear_layer.in_features
+        self.out_features = original_linear_layer.out_features
         if init == "svd" and self.rank > min(self.in_features, self.out_features):
             raise ValueError(
                 f"init='svd' needs rank <= min(in_features, out_features) = "
                 f"{min(self.in_features, self.out_features)}, got rank={self.rank}"
             )
+        # Frozen only once every argument passed: a refused call leaves the layer as it was.
+        self.original_linear = original_linear_layer
+        for p in self.original_linear.parameters():
+            p.requires_grad_(False)
+        weight = self.original_linear.weight
 
         factory = {"device": weight.device, "dtype": adapter_dtype_for(weight.dtype)}
         self.lora_A = nn.Parameter(torch.zeros(self.rank, self.in_features, **factory))
@@ -192,7 +193,9 @@ class LoRALinear(nn.Module):
         self._enabled = flag
 
     def _scaling_value(self) -> float:
-        return float(self.scaling)
+        if isinstance(self.scaling, torch.Tensor):
+            return self.scaling.detach().item()
+        return self.scaling
 
     @torch.no_grad()
     def _restore_svd_residual(self) -> None:

@@ -40,7 +40,7 @@ def make_layer(K, N, R, dtype=torch.float32, *, bias=True, seed=0, **kwargs):
     kwargs.setdefault("alpha", 2.0 * R)
     layer = LoRALinear(base, rank=R, **kwargs)
     with torch.no_grad():
-        layer.lora_B.copy_(torch.randn(N, R) / (float(layer.scaling) * math.sqrt(R)))
+        layer.lora_B.copy_(torch.randn(N, R) / (layer._scaling_value() * math.sqrt(R)))
     return layer
 
 
@@ -316,8 +316,10 @@ def test_unwrap_gives_back_the_original_layer_after_svd_init_and_merge():
 
 
 def test_svd_init_rejects_rank_above_min_dimension():
+    base = nn.Linear(10, 6)
     with pytest.raises(ValueError, match=r"rank <= min\(in_features, out_features\) = 6.*7"):
-        LoRALinear(nn.Linear(10, 6), rank=7, init="svd")
+        LoRALinear(base, rank=7, init="svd")
+    assert base.weight.requires_grad
 
 
 def merge_tolerance(dtype):
@@ -458,8 +460,10 @@ BAD_ARGUMENTS = [
 
 @pytest.mark.parametrize("kwargs, error, message", BAD_ARGUMENTS)
 def test_bad_arguments_raise_naming_the_argument(kwargs, error, message):
+    base = nn.Linear(8, 8)
     with pytest.raises(error, match=message):
-        LoRALinear(nn.Linear(8, 8), **kwargs)
+        LoRALinear(base, **kwargs)
+    assert base.weight.requires_grad, "a refused call must leave the layer as it was"
 
 
 @pytest.mark.parametrize(
