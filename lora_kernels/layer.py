@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .backends import BACKENDS
-from .ops import lora_linear
+from .ops import check_dropout_p, lora_linear
 
 INITS = ("kaiming", "gaussian", "svd")
 
@@ -45,17 +45,6 @@ def check_alpha(alpha) -> float:
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
     return float(alpha)
-
-
-def check_dropout(dropout) -> float:
-    """dropout as a float in [0, 1), or a TypeError/ValueError naming it."""
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
-        raise TypeError(
-            f"dropout must be a float in [0, 1), got {dropout!r} ({type(dropout).__name__})"
-        )
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-    return float(dropout)
 
 
 def check_init(init) -> str:
@@ -135,7 +124,7 @@ class LoRALinear(nn.Module):
             )
         self.rank = check_rank(rank)
         self.alpha = check_alpha(alpha)
-        self.dropout = check_dropout(dropout)
+        self.dropout = check_dropout_p(dropout, "dropout")
         self.init = check_init(init)
         self.use_rslora = _check_flag("use_rslora", use_rslora)
         learnable_scaling = _check_flag("learnable_scaling", learnable_scaling)

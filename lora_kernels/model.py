@@ -20,10 +20,10 @@ from .layer import (
     _check_flag,
     check_alpha,
     check_backend,
-    check_dropout,
     check_init,
     check_rank,
 )
+from .ops import check_dropout_p
 
 ALL_LINEAR = "all-linear"
 # How many module names an error message lists before it says "and N more".
@@ -122,7 +122,7 @@ def apply_lora(
     # Check every argument before the model is touched.
     rank = check_rank(rank)
     check_alpha(alpha)
-    check_dropout(dropout)
+    check_dropout_p(dropout, "dropout")
     check_init(init)
     _check_flag("use_rslora", use_rslora)
     _check_flag("learnable_scaling", learnable_scaling)
