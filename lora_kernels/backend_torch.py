@@ -1,0 +1,122 @@
+"""The "torch" backend: the op in ATen calls, usable on any device.
+
+The fallback everywhere. It follows the memory rule of the fused backends (saves x,
+U and the seed; the mask is regenerated from the seed in backward), but runs the
+LoRA branch as separate ATen ops with temporaries: D(x) exists while the shrink
+runs, and is freed before forward returns.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._autograd import register_lora_autograd
+
+
+def _keep_mask(x: torch.Tensor, dropout_p: float, seed: torch.Tensor) -> torch.Tensor | None:
+    """The keep mask for x [M, K], or None without dropout."""
+    if dropout_p == 0.0:
+        return None
+    return reference.dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
+
+
+def _branch_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+@torch.library.custom_op("lora_kernels::torch_forward", mutates_args=())
+def torch_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: torch.Tensor,
+    dropout_p: float,
+    seed: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cdt = _branch_dtype(x)
+    keep = _keep_mask(x, dropout_p, seed)
+    u = reference.apply_dropout(x.to(cdt), keep, dropout_p) @ lora_A.to(cdt).t()
+    y = torch.nn.functional.linear(x, weight, bias)
+    y.addmm_((u * scaling).to(y.dtype), lora_B.t().to(y.dtype))
+    return y, u
+
+
+@torch_forward.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    y = x.new_empty(x.shape[0], weight.shape[0])
+    u = x.new_empty(x.shape[0], lora_A.shape[0], dtype=_branch_dtype(x))
+    return y, u
+
+
+@torch.library.custom_op("lora_kernels::torch_backward", mutates_args=())
+def torch_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: torch.Tensor,
+    dropout_p: float,
+    seed: torch.Tensor,
+    u: torch.Tensor,
+    need_grad_x: bool,
+    need_grad_lora: bool,
+    need_grad_scaling: bool,
+    need_grad_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    cdt = u.dtype
+    keep = _keep_mask(x, dropout_p, seed) if (need_grad_x or need_grad_lora) else None
+    g = grad_y.to(cdt) @ lora_B.to(cdt)  # [M, R]
+    # Gradients nobody asked for are empty tensors of the dtype they would have had.
+    grad_x = x.new_empty(0)
+    grad_A = lora_A.new_empty(0)
+    grad_B = lora_B.new_empty(0)
+    grad_scaling = scaling.new_empty(0)
+    grad_bias = x.new_empty(0)
+    if need_grad_x:
+        grad_x = grad_y @ weight
+        dropped_ga = reference.apply_dropout(g @ lora_A.to(cdt), keep, dropout_p)
+        grad_x += (scaling * dropped_ga).to(x.dtype)
+    if need_grad_lora:
+        dropped_x = reference.apply_dropout(x.to(cdt), keep, dropout_p)
+        grad_A = (scaling * g.t() @ dropped_x).to(lora_A.dtype)
+        grad_B = (scaling * grad_y.t().to(cdt) @ u).to(lora_B.dtype)
+    if need_grad_scaling:
+        grad_scaling = (g * u).sum().to(scaling.dtype)
+    if need_grad_bias:
+        grad_bias = grad_y.sum(0, dtype=cdt).to(x.dtype)
+    return grad_x.contiguous(), grad_A, grad_B, grad_scaling, grad_bias
+
+
+@torch_backward.register_fake
+def _(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, u, nx, nl, ns, nb):
+    def maybe(flag, shape, dtype):
+        return x.new_empty(shape if flag else (0,), dtype=dtype)
+
+    M, K = x.shape
+    N, R = lora_B.shape
+    return (
+        maybe(nx, (M, K), x.dtype),
+        maybe(nl, (R, K), lora_A.dtype),
+        maybe(nl, (N, R), lora_B.dtype),
+        maybe(ns, (), scaling.dtype),
+        maybe(nb, (N,), x.dtype),
+    )
+
+
+register_lora_autograd(torch_forward, torch_backward)
+
+
+def availability(name: str) -> tuple[bool, str]:
+    return True, "pure PyTorch, always available"
+
+
+def serves(name: str, device_type: str) -> bool:
+    return True
+
+
+def load(name: str):
+    return torch.ops.lora_kernels.torch_forward, torch.ops.lora_kernels.torch_backward

@@ -1,0 +1,185 @@
+"""The public functional op: `lora_linear`.
+
+Checks the arguments, flattens the leading dims of x, draws the dropout seed, picks
+the backend (`backends.resolve_backend`) and calls its forward op, whose autograd
+formula lives in `_autograd.py`. The math is in `reference.py`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from . import backends, reference
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# The largest seed plus one: seeds are 63-bit so that they fit a signed int64.
+SEED_BOUND = 2**63 - 1
+
+
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """A 63-bit seed from torch's default (CPU) generator, as a 0-dim int64 on `device`.
+
+    Drawn from the default generator so that `torch.manual_seed` reproduces runs and
+    activation checkpointing, which restores the RNG state, recomputes the same mask.
+    """
+    return torch.randint(SEED_BOUND, (), dtype=torch.int64).to(device)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return f"[{', '.join(str(d) for d in t.shape)}]"
+
+
+def _check_tensor(name: str, t, ndim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float32, float16, bfloat16 or "
+            f"float64), got {t.dtype}"
+        )
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {_shape(t)}")
+
+
+def check_dropout_p(dropout_p, name: str = "dropout_p") -> float:
+    """dropout_p as a float in [0, 1), or a TypeError/ValueError naming the argument."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(
+            f"{name} must be a float in [0, 1), got {dropout_p!r} ({type(dropout_p).__name__})"
+        )
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
+
+
+def _check_arguments(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> float:
+    _check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (its last is in_features)")
+    _check_tensor("weight", weight, ndim=2)
+    _check_tensor("lora_A", lora_A, ndim=2)
+    _check_tensor("lora_B", lora_B, ndim=2)
+    N, K = weight.shape
+    R = lora_A.shape[0]
+    if x.shape[-1] != K:
+        raise ValueError(
+            f"x's last dimension must equal in_features = {K} (weight is {_shape(weight)}), "
+            f"got {x.shape[-1]} (x is {_shape(x)})"
+        )
+    if lora_A.shape[1] != K:
+        raise ValueError(f"lora_A must have shape [R, {K}], got {_shape(lora_A)}")
+    if lora_B.shape != (N, R):
+        raise ValueError(
+            f"lora_B must have shape [{N}, {R}] (out_features, rank of lora_A), "
+            f"got {_shape(lora_B)}"
+        )
+    if R < 1:
+        raise ValueError(f"rank (lora_A.shape[0]) must be at least 1, got {R}")
+    if bias is not None:
+        _check_tensor("bias", bias, ndim=1)
+        if bias.shape[0] != N:
+            raise ValueError(f"bias must have shape [{N}], got {_shape(bias)}")
+    if isinstance(scaling, torch.Tensor):
+        _check_tensor("scaling", scaling)
+        if scaling.numel() != 1 or scaling.dim() > 1:
+            raise ValueError(f"scaling must be a 0-dim tensor or a float, got {_shape(scaling)}")
+    elif isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"scaling must be a float or a 0-dim tensor, got {scaling!r}")
+    elif not math.isfinite(scaling):
+        raise ValueError(f"scaling must be finite, got {scaling!r}")
+    named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        named["bias"] = bias
+    if isinstance(scaling, torch.Tensor):
+        named["scaling"] = scaling
+    devices = {name: t.device for name, t in named.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(
+            f"weight and bias must have x's dtype {x.dtype} (use torch.autocast for mixed "
+            f"precision), got weight {weight.dtype}"
+            + (f", bias {bias.dtype}" if bias is not None else "")
+        )
+    if lora_A.dtype != lora_B.dtype:
+        raise TypeError(
+            f"lora_A and lora_B must share a dtype, got {lora_A.dtype} and {lora_B.dtype}"
+        )
+    if lora_A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(
+            f"lora_A and lora_B must have x's dtype {x.dtype} or float32, got {lora_A.dtype}"
+        )
+    return check_dropout_p(dropout_p)
+
+
+def _autocast(x, weight, bias, lora_A, lora_B):
+    """Cast like nn.Linear under torch.autocast: every operand to the autocast dtype."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, weight, bias, lora_A, lora_B
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = [t if t is None else t.to(dtype) for t in (x, weight, bias, lora_A, lora_B)]
+    return tuple(cast)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float | torch.Tensor,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Y = X W^T + b + s * (dropout(X) A^T) B^T, fused.
+
+    Args:
+        x: [*, K] input; leading dims are kept in the output.
+        weight: [N, K] frozen base weight, x's dtype.
+        bias: [N] base bias in x's dtype, or None.
+        lora_A: [R, K] adapter, x's dtype or float32.
+        lora_B: [N, R] adapter, lora_A's dtype.
+        scaling: s, a float or a 0-dim tensor (learnable when it requires grad).
+        dropout_p: probability of dropping an element of the LoRA branch's input.
+        training: dropout applies only when True.
+        backend: "triton", "cuda", "cpu", "torch", or None for the automatic choice
+            (`lora_kernels.available_backends()` lists what is usable and why).
+
+    Returns:
+        [*, N] in x's dtype. Gradients flow to x, bias, lora_A, lora_B and scaling.
+        A weight that requires grad is served by a plain composition of ATen ops.
+    """
+    p = _check_arguments(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    if backend is not None:
+        backends._check_name(backend)
+    x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
+    if not training:
+        p = 0.0
+    K = x.shape[-1]
+    N = weight.shape[0]
+    x2d = x.reshape(-1, K)
+    branch_dtype = torch.promote_types(x.dtype, torch.float32)
+    # No draw from the generator when there is no dropout: eval runs leave RNG alone.
+    seed = draw_seed(x.device) if p > 0 else torch.zeros((), dtype=torch.int64, device=x.device)
+
+    if weight.requires_grad:
+        # dW is outside the fused kernels (W is frozen by design); compose plain ops.
+        y = reference.lora_linear_reference(
+            x2d, weight, bias, lora_A, lora_B, scaling, p, seed=seed
+        )
+        return y.reshape(*x.shape[:-1], N)
+
+    if isinstance(scaling, torch.Tensor):
+        scaling_t = scaling.reshape(()).to(branch_dtype)
+    else:
+        scaling_t = torch.full((), float(scaling), dtype=branch_dtype, device=x.device)
+    with torch.autocast(x.device.type, enabled=False):
+        forward_op, _ = backends.backend_ops(backends.resolve_backend(x.device.type, backend))
+        y, _ = forward_op(x2d, weight, bias, lora_A, lora_B, scaling_t, p, seed)
+    return y.reshape(*x.shape[:-1], N)
