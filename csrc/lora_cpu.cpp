@@ -83,10 +83,11 @@ double dot(DType dtype, const void* a, const void* b, int64_t n) {
     for (int64_t i = 0; i < n; ++i) s += x[i] * y[i];
     return s;
   }
+  // float32 products summed in float64: M * R terms in one fixed order.
   const float* x = static_cast<const float*>(a);
   const float* y = static_cast<const float*>(b);
-  float s = 0.0f;
-  for (int64_t i = 0; i < n; ++i) s += x[i] * y[i];
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(x[i]) * y[i];
   return s;
 }
 

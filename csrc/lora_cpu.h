@@ -79,8 +79,8 @@ void expand_reduce(const ExpandReduceArgs& args);
 // keep[m, k] (1 or 0) for a [M, K] row-major uint8 buffer: the mask the kernels apply.
 void keep_mask(uint8_t* keep, int64_t M, int64_t K, const Mask& mask, int num_threads);
 
-// sum_i a[i] * b[i] in a fixed order (accumulation dtype given by `dtype`: kFloat32
-// or kFloat64), single-threaded.
+// sum_i a[i] * b[i] of two float32 or float64 arrays (`dtype`), summed in float64 in
+// a fixed order, single-threaded.
 double dot(DType dtype, const void* a, const void* b, int64_t n);
 
 // The instruction set used: "avx512", "avx2" or "baseline". `request` "" keeps the

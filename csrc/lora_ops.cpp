@@ -7,9 +7,10 @@
 // the fp32-accumulating custom kernels for everything but the base GEMM):
 //   U = D(X) A^T              custom masked shrink (ATen mm when p == 0, float32/64)
 //   Y = X W^T + b             ATen addmm
-//   Y += s U B^T              ATen addmm_(beta=1, alpha=s); custom expand for 16-bit T
+//   Y += U (s B)^T            ATen addmm_(beta=1), s on the small operand; custom expand
+//                             for 16-bit T
 // With p == 0 and enough rows the LoRA term folds into the weight instead:
-//   Y = X (W + s B A)^T + b   (one GEMM; W + s B A is addmm(W, B, A, alpha=s), [N, K])
+//   Y = X (W + s B A)^T + b   (one GEMM; W + (s B) A is an [N, K] addmm_)
 //
 // Backward:
 //   G = dY B                  ATen mm (custom shrink for 16-bit T)
@@ -103,13 +104,13 @@ at::Tensor unit_column_stride(const at::Tensor& t) {
   return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
 }
 
-// out += s * (a @ b) in place. On the CPU the 0-dim scaling is read on the host and
-// passed as alpha; elsewhere the smaller operand is scaled instead (no host sync).
+// out += s * (a @ b) in place, s applied to the smaller operand rather than passed as
+// alpha: MKL's result for a general alpha depends on the thread count (it scales at a
+// point that depends on the partition), with alpha = 1 it does not. The 0-dim scaling is
+// never read on the host (no device sync, nothing data-dependent for torch.compile).
 void addmm_scaled_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                    const at::Tensor& scaling) {
-  if (out.is_cpu()) {
-    out.addmm_(a, b, /*beta=*/1, /*alpha=*/scaling.item<double>());
-  } else if (a.numel() <= b.numel()) {
+  if (a.numel() <= b.numel()) {
     out.addmm_(a * scaling.to(a.scalar_type()), b);
   } else {
     out.addmm_(a, b * scaling.to(b.scalar_type()));
@@ -119,8 +120,8 @@ void addmm_scaled_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
 // W + s B A ([N, K]): the LoRA update folded into the frozen weight.
 at::Tensor folded_weight(const at::Tensor& weight, const at::Tensor& B, const at::Tensor& A,
                          const at::Tensor& scaling) {
-  if (weight.is_cpu()) return at::addmm(weight, B, A, /*beta=*/1, /*alpha=*/scaling.item<double>());
-  return at::addmm(weight, B * scaling.to(B.scalar_type()), A);
+  if (B.numel() <= A.numel()) return at::addmm(weight, B * scaling.to(B.scalar_type()), A);
+  return at::addmm(weight, B, A * scaling.to(A.scalar_type()));
 }
 
 // Fold the LoRA term into the weight (p == 0, float32/64) when that costs less than
@@ -252,7 +253,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
     if (need_grad_lora) {
       grad_B = (sums.narrow(0, 0, R) * scaling).t().to(lora_B.scalar_type()).contiguous();
     }
-    if (need_grad_bias) grad_bias = sums[sums.size(0) - 1].to(t);
+    // A copy even when the dtype matches: the row is a view into sums.
+    if (need_grad_bias) grad_bias = sums[sums.size(0) - 1].to(t, /*non_blocking=*/false, /*copy=*/true);
   }
   if (need_grad_scaling) grad_scaling = steps.dot(g, u).to(scaling.scalar_type());
   return {grad_x.contiguous(), grad_A, grad_B, grad_scaling, grad_bias};
