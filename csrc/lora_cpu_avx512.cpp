@@ -13,11 +13,15 @@
 #endif
 
 #pragma GCC push_options
+// GCC 12's AVX-512 intrinsics (_mm512_undefined_* inside them) trip -Wmaybe-uninitialized.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi,bmi2,popcnt")
 #define LORA_CPU_NS avx512
 #define LORA_CPU_AVX512 1
 #include "lora_cpu_impl.h"
 #undef LORA_CPU_NS
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 
 const lora::cpu::Kernels* lora::cpu::kernels_avx512() { return &avx512::kTable; }

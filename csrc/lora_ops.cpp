@@ -432,6 +432,7 @@ TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
 
 // Importable as the Python module lora_kernels._C (importing it registers the ops).
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
 }

@@ -60,7 +60,7 @@ def cuda_build_possible() -> tuple[bool, str]:
 
 def cxx_flags() -> list[str]:
     """Host compiler flags of the extension (setup.py uses the same)."""
-    flags = ["-O3", "-std=c++17"]
+    flags = ["-O3"]
     if sys.platform != "darwin":  # Apple clang has no -fopenmp; the loops then run serially
         flags.append("-fopenmp")
     return flags
@@ -72,7 +72,7 @@ def ld_flags() -> list[str]:
 
 def nvcc_flags() -> list[str]:
     """nvcc flags; sm_80 and sm_90 (+ PTX) unless TORCH_CUDA_ARCH_LIST says otherwise."""
-    flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+    flags = ["-O3"]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         flags += [
             "-gencode=arch=compute_80,code=sm_80",

@@ -15,6 +15,19 @@ from lora_kernels.reference import dropout_keep_mask, dropout_scale
 
 USABLE, REASON = backend_cpp.availability("cpu")
 pytestmark = pytest.mark.skipif(not USABLE, reason=f"backend 'cpu' is not usable: {REASON}")
+CUDA_USABLE, CUDA_REASON = backend_cpp.availability("cuda")
+
+# The backend name is the device type: "cpu" always, "cuda" where a GPU and the CUDA
+# kernels are there (the same tests then check the CUDA kernels).
+DEVICES = [
+    pytest.param("cpu"),
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not CUDA_USABLE, reason=f"backend 'cuda' is not usable: {CUDA_REASON}"
+        ),
+    ),
+]
 
 ISAS = ("avx512", "avx2", "baseline")
 
@@ -56,16 +69,17 @@ def shape_id(shape):
 SHAPES = [(63, 70, 33, 1), (63, 70, 33, 7), (5, 70, 33, 16), (37, 131, 65, 64), (600, 300, 40, 16)]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize(
     "dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=DTYPE_IDS.get
 )
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"p{p}")
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_cpu_backend_matches_reference(shape, dtype, p, bias):
+def test_backend_matches_reference(device, shape, dtype, p, bias):
     M, K, N, R = shape
-    inputs = make_inputs(M, K, N, R, dtype, bias=bias, learnable_s=True)
-    check_against_reference("cpu", *inputs, p)
+    inputs = make_inputs(M, K, N, R, dtype, bias=bias, learnable_s=True, device=device)
+    check_against_reference(device, *inputs, p)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"p{p}")
@@ -75,22 +89,27 @@ def test_every_cpu_build_matches_reference(isa, dtype, p):
     check_against_reference("cpu", *inputs, p)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=DTYPE_IDS.get)
-def test_float32_adapters(dtype):
-    inputs = make_inputs(63, 70, 33, 7, dtype, lora_dtype=torch.float32, learnable_s=True)
-    check_against_reference("cpu", *inputs, 0.1)
+def test_float32_adapters(device, dtype):
+    inputs = make_inputs(
+        63, 70, 33, 7, dtype, lora_dtype=torch.float32, learnable_s=True, device=device
+    )
+    check_against_reference(device, *inputs, 0.1)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"p{p}")
-def test_3d_input(p):
-    inputs = make_inputs(21, 70, 33, 7, torch.float32, lead=(3,), learnable_s=True)
-    check_against_reference("cpu", *inputs, p)
+def test_3d_input(device, p):
+    inputs = make_inputs(21, 70, 33, 7, torch.float32, lead=(3,), learnable_s=True, device=device)
+    check_against_reference(device, *inputs, p)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"p{p}")
 @pytest.mark.parametrize("layout", ["transposed", "strided-rows", "3d-permuted"])
-def test_non_contiguous_input(p, layout):
-    x, W, b, A, B, s = make_inputs(40, 70, 33, 7, torch.float32)
+def test_non_contiguous_input(device, p, layout):
+    x, W, b, A, B, s = make_inputs(40, 70, 33, 7, torch.float32, device=device)
     base = x.detach()
     if layout == "transposed":  # column stride != 1: the op makes its one copy
         x = base.t().contiguous().t()
@@ -99,17 +118,18 @@ def test_non_contiguous_input(p, layout):
     else:
         x = base.reshape(5, 8, 70).transpose(0, 1)
     assert not x.is_contiguous()
-    check_against_reference("cpu", x.requires_grad_(), W, b, A, B, s, p)
+    check_against_reference(device, x.requires_grad_(), W, b, A, B, s, p)
 
 
-def test_frozen_adapter_and_frozen_input_skip_their_gradients():
-    x, W, b, A, B, s = make_inputs(63, 70, 33, 7, torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_frozen_adapter_and_frozen_input_skip_their_gradients(device):
+    x, W, b, A, B, s = make_inputs(63, 70, 33, 7, torch.float32, device=device)
     A.requires_grad_(False)
     B.requires_grad_(False)
-    check_against_reference("cpu", x, W, b, A, B, s, 0.1)
-    x, W, b, A, B, s = make_inputs(63, 70, 33, 7, torch.float32, bias=False)
+    check_against_reference(device, x, W, b, A, B, s, 0.1)
+    x, W, b, A, B, s = make_inputs(63, 70, 33, 7, torch.float32, bias=False, device=device)
     x.requires_grad_(False)
-    check_against_reference("cpu", x, W, b, A, B, s, 0.1)
+    check_against_reference(device, x, W, b, A, B, s, 0.1)
 
 
 @pytest.mark.parametrize(
@@ -119,6 +139,15 @@ def test_keep_mask_is_bit_identical_to_reference(isa, M, K, p):
     for seed in (0, 1234, 2**63 - 1, 0x0123456789ABCDEF):
         seed_t = torch.tensor(seed, dtype=torch.int64)
         keep = backend_cpp.keep_mask(seed_t, M, K, p)
+        assert torch.equal(keep, dropout_keep_mask(seed, M, K, p)), f"seed {seed}"
+
+
+@pytest.mark.skipif(not CUDA_USABLE, reason=f"backend 'cuda' is not usable: {CUDA_REASON}")
+@pytest.mark.parametrize("M,K,p", [(63, 70, 0.1), (5, 1, 0.5), (3, 301, 0.9), (17, 64, 0.0)])
+def test_cuda_keep_mask_is_bit_identical_to_reference(M, K, p):
+    for seed in (0, 1234, 2**63 - 1, 0x0123456789ABCDEF):
+        seed_t = torch.tensor(seed, dtype=torch.int64, device="cuda")
+        keep = backend_cpp.keep_mask(seed_t, M, K, p).cpu()
         assert torch.equal(keep, dropout_keep_mask(seed, M, K, p)), f"seed {seed}"
 
 
