@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -143,12 +144,29 @@ def _short(error: BaseException) -> str:
     return text
 
 
-def _load_extension() -> tuple[bool, str]:
+def _stale(installed: str) -> bool:
+    """Whether csrc/ (a source checkout) changed after the installed extension was built."""
     try:
-        importlib.import_module("lora_kernels._C")
-        return True, "installed extension lora_kernels._C"
-    except (ImportError, OSError) as error:
-        installed_error = error
+        built = os.path.getmtime(installed)
+        return any(
+            (_CSRC / name).exists() and os.path.getmtime(_CSRC / name) > built
+            for name in CPU_SOURCES + CUDA_SOURCES + HEADERS
+        )
+    except OSError:
+        return False
+
+
+def _load_extension() -> tuple[bool, str]:
+    spec = importlib.util.find_spec("lora_kernels._C")
+    if spec is not None and spec.origin and _stale(spec.origin):
+        # An editable install whose csrc/ was edited since: build the current sources.
+        installed_error: BaseException = RuntimeError(f"{spec.origin} is older than csrc/")
+    else:
+        try:
+            importlib.import_module("lora_kernels._C")
+            return True, "installed extension lora_kernels._C"
+        except (ImportError, OSError) as error:
+            installed_error = error
     if not (_CSRC / CPU_SOURCES[0]).exists():
         return False, (
             f"lora_kernels._C is not installed ({_short(installed_error)}) and the csrc/ "
