@@ -44,8 +44,9 @@ struct ShrinkArgs {
 };
 
 // One pass over [M, K] that does either step or both, sharing the mask:
-//   expand (out != nullptr): out[m, k] += s * keep * scale * sum_{r<R} g[m, r] a[r, k]
-//     with a [R, lda], lda >= round_up(K, kPadK), zero past column K
+//   expand (out != nullptr): out[m, k] = in[m, k] + s * keep * scale * sum_{r<R} g[m, r] a[r, k]
+//     with a [R, lda], lda >= round_up(K, kPadK), zero past column K; in = out (in
+//     place) when in is null
 //   reduce (sums != nullptr): sums[r, k] = sum_m g2[m, r] * D(X)[m, k] for r < R2
 // The reduction order over m is fixed by (M, K) alone, so the sums are identical for
 // any number of threads.
@@ -55,6 +56,8 @@ struct ExpandReduceArgs {
   // expand
   void* out;
   int64_t ldo;
+  const void* in;  // nullptr: out itself
+  int64_t ldi;
   const void* g;
   int64_t ldg;
   const void* a;

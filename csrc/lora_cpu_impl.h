@@ -67,6 +67,15 @@ LORA_ALWAYS_INLINE void vstore(acc* p, V v) {
   memcpy(p, &v, sizeof v);
 }
 
+template <class A, class B>
+struct Same {
+  static constexpr bool value = false;
+};
+template <class A>
+struct Same<A, A> {
+  static constexpr bool value = true;
+};
+
 // A per-thread scratch buffer (malloc/free: no library templates in this file).
 template <class E>
 struct Buffer {
@@ -76,6 +85,11 @@ struct Buffer {
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
 };
+
+template <class E>
+void fill(E* p, int64_t n, E v) {
+  for (int64_t e = 0; e < n; ++e) p[e] = v;
+}
 
 inline int num_threads_for(int requested) { return requested > 0 ? requested : 1; }
 
@@ -242,17 +256,27 @@ void shrink_impl(const ShrinkArgs& p) {
 #pragma omp parallel num_threads(num_threads_for(p.num_threads))
   {
     Buffer<acc> d(MR * kChunk);
+    Buffer<acc> zeros(kChunk);
     Buffer<float> fac(kChunk);
     Buffer<acc> part(MR * Rv);
+    fill(zeros.p, kChunk, acc(0));
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < ntiles; ++tile) {
       const int64_t m0 = tile * MR;
       const int64_t nrows = min64(MR, M - m0);
-      for (int64_t e = 0; e < MR * Rv; ++e) part.p[e] = acc(0);
+      fill(part.p, MR * Rv, acc(0));
       for (int64_t k0 = 0; k0 < Kp; k0 += kChunk) {
         const int64_t kc = min64(kChunk, Kp - k0);
         const int64_t nvalid = min64(kc, K - k0);
+        // float32/float64 rows of a full block without dropout are read in place;
+        // otherwise D(X) is converted and masked into the scratch rows first.
+        const bool direct = Same<T, acc>::value && !mk.active && nvalid == kc;
+        const acc* rows[MR];
         for (int64_t i = 0; i < MR; ++i) {
+          if (direct) {
+            rows[i] = i < nrows ? reinterpret_cast<const acc*>(x + (m0 + i) * p.ldx + k0) : zeros.p;
+            continue;
+          }
           const float* f = nullptr;
           if (i < nrows && mk.active) {
             mask_factors(fac.p, mk, m0 + i, k0 / 4, ceil_div(nvalid, 4), gpr);
@@ -260,6 +284,7 @@ void shrink_impl(const ShrinkArgs& p) {
           }
           load_row<T, acc>(d.p + i * kChunk, i < nrows ? x + (m0 + i) * p.ldx + k0 : nullptr,
                            nvalid, kc, f);
+          rows[i] = d.p + i * kChunk;
         }
         for (int64_t r0 = 0; r0 < Rv; r0 += VL) {
           V c[MR];
@@ -267,7 +292,7 @@ void shrink_impl(const ShrinkArgs& p) {
           const acc* b = at + k0 * Rv + r0;
           for (int64_t k = 0; k < kc; ++k) {
             const V bv = vload<V>(b + k * Rv);
-            for (int i = 0; i < MR; ++i) c[i] += bv * d.p[i * kChunk + k];
+            for (int i = 0; i < MR; ++i) c[i] += bv * rows[i][k];
           }
           for (int i = 0; i < MR; ++i) vstore(part.p + i * Rv + r0, c[i]);
         }
@@ -317,6 +342,8 @@ void expand_reduce_impl(const ExpandReduceArgs& p) {
   const int64_t rows_per_chunk = round_up(ceil_div(M, nchunks), MR);
   nchunks = ceil_div(M, rows_per_chunk);
   T* out = static_cast<T*>(p.out);
+  const T* in = p.in != nullptr ? static_cast<const T*>(p.in) : out;
+  const int64_t ldi = p.in != nullptr ? p.ldi : p.ldo;
   const T* x = static_cast<const T*>(p.x);
   const acc* g = static_cast<const acc*>(p.g);
   const acc* g2 = static_cast<const acc*>(p.g2);
@@ -329,8 +356,12 @@ void expand_reduce_impl(const ExpandReduceArgs& p) {
 #pragma omp parallel num_threads(num_threads_for(p.num_threads))
   {
     Buffer<float> fac(MR * kChunk);
+    Buffer<float> fzeros(kChunk);
     Buffer<acc> d(MR * kChunk);
+    Buffer<acc> zeros(kChunk);
     Buffer<acc> t(MR * TW);
+    fill(fzeros.p, kChunk, 0.0f);
+    fill(zeros.p, kChunk, acc(0));
     Buffer<acc> racc(do_reduce ? R2 * kChunk : 1);
     Buffer<acc> gb(MR * (R > 0 ? R : 1));
     Buffer<acc> gb2(MR * (R2 > 0 ? R2 : 1));
@@ -342,8 +373,7 @@ void expand_reduce_impl(const ExpandReduceArgs& p) {
       const int64_t nvalid = min64(kc, K - k0);
       const int64_t m_begin = chunk * rows_per_chunk;
       const int64_t m_end = min64(M, m_begin + rows_per_chunk);
-      if (do_reduce)
-        for (int64_t e = 0; e < R2 * kChunk; ++e) racc.p[e] = acc(0);
+      if (do_reduce) fill(racc.p, R2 * kChunk, acc(0));
       for (int64_t m0 = m_begin; m0 < m_end; m0 += MR) {
         const int64_t nrows = min64(MR, m_end - m0);
         if (mk.active)
@@ -370,29 +400,51 @@ void expand_reduce_impl(const ExpandReduceArgs& p) {
             const int64_t nk = min64(TW, nvalid - kt);
             for (int64_t i = 0; i < nrows; ++i) {
               T* o = out + (m0 + i) * p.ldo + k0 + kt;
+              const T* src = in + (m0 + i) * ldi + k0 + kt;
               const acc* ti = t.p + i * TW;
               if (mk.active) {
                 const float* fi = fac.p + i * kChunk + kt;
                 for (int64_t k = 0; k < nk; ++k)
-                  o[k] = Store<T>::from(expand_elem<acc>(to_acc(o[k]), s, fi[k], ti[k]));
+                  o[k] = Store<T>::from(expand_elem<acc>(to_acc(src[k]), s, fi[k], ti[k]));
               } else {
                 for (int64_t k = 0; k < nk; ++k)
-                  o[k] = Store<T>::from(expand_elem<acc>(to_acc(o[k]), s, 1.0f, ti[k]));
+                  o[k] = Store<T>::from(expand_elem<acc>(to_acc(src[k]), s, 1.0f, ti[k]));
               }
             }
           }
         }
         if (do_reduce) {
+          // float32 / float64 rows of a full block are read in place, D(X) = X * factor
+          // formed in registers (float32 only: the factors are float32); otherwise D(X)
+          // is converted and masked into the scratch rows first.
+          const bool direct = Same<T, acc>::value && nvalid == kc &&
+                              (!mk.active || Same<acc, float>::value);
+          const acc* rows[MR];
+          const float* frows[MR];
           for (int64_t i = 0; i < MR; ++i) {
-            load_row<T, acc>(d.p + i * kChunk, i < nrows ? x + (m0 + i) * p.ldx + k0 : nullptr,
-                             nvalid, kc, mk.active ? fac.p + i * kChunk : nullptr);
             for (int64_t r = 0; r < R2; ++r)
               gb2.p[r * MR + i] = i < nrows ? g2[(m0 + i) * p.ldg2 + r] : acc(0);
+            if (direct) {
+              rows[i] = i < nrows ? reinterpret_cast<const acc*>(x + (m0 + i) * p.ldx + k0) : zeros.p;
+              frows[i] = i < nrows ? fac.p + i * kChunk : fzeros.p;
+            } else {
+              load_row<T, acc>(d.p + i * kChunk, i < nrows ? x + (m0 + i) * p.ldx + k0 : nullptr,
+                               nvalid, kc, mk.active ? fac.p + i * kChunk : nullptr);
+              rows[i] = d.p + i * kChunk;
+              frows[i] = nullptr;
+            }
           }
+          const bool scale_rows = direct && mk.active;
           for (int64_t kt = 0; kt < kc; kt += TW) {
             V dv[MR][NV];
             for (int i = 0; i < MR; ++i)
-              for (int j = 0; j < NV; ++j) dv[i][j] = vload<V>(d.p + i * kChunk + kt + j * VL);
+              for (int j = 0; j < NV; ++j) dv[i][j] = vload<V>(rows[i] + kt + j * VL);
+            if (scale_rows) {
+              // The same product as dropout_elem(): x * factor, in float32.
+              for (int i = 0; i < MR; ++i)
+                for (int j = 0; j < NV; ++j)
+                  dv[i][j] *= vload<V>(reinterpret_cast<const acc*>(frows[i] + kt + j * VL));
+            }
             for (int64_t r = 0; r < R2; ++r) {
               acc* pr = racc.p + r * kChunk + kt;
               const acc* gr = gb2.p + r * MR;

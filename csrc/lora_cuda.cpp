@@ -95,7 +95,14 @@ at::Tensor cuda_expand_reduce(const at::Tensor& out, const at::Tensor& g, const 
 
 at::Tensor cuda_dot(const at::Tensor& a, const at::Tensor& b) { return (a * b).sum(); }
 
-const Steps kCudaSteps{&cuda_shrink, &cuda_expand_reduce, &cuda_dot};
+// W + s B A with cuBLAS (s on the small operand: no host read).
+at::Tensor cuda_fold(const at::Tensor& weight, const at::Tensor& B, const at::Tensor& A,
+                     const at::Tensor& scaling) {
+  const auto t = weight.scalar_type();
+  return at::addmm(weight, B.to(t) * scaling.to(t), A.to(t));
+}
+
+const Steps kCudaSteps{&cuda_shrink, &cuda_expand_reduce, &cuda_dot, &cuda_fold};
 
 std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, const at::Tensor& weight,
                                                 const c10::optional<at::Tensor>& bias,

@@ -9,8 +9,8 @@
 //   Y = X W^T + b             ATen addmm
 //   Y += U (s B)^T            ATen addmm_(beta=1), s on the small operand; custom expand
 //                             for 16-bit T
-// With p == 0 and enough rows the LoRA term folds into the weight instead:
-//   Y = X (W + s B A)^T + b   (one GEMM; W + (s B) A is an [N, K] addmm_)
+// With p == 0 and M >= N, K the LoRA term folds into the weight instead:
+//   Y = X (W + s B A)^T + b   (one GEMM; W + s B A one pass of the custom expand)
 //
 // Backward:
 //   G = dY B                  ATen mm (custom shrink for 16-bit T)
@@ -117,18 +117,11 @@ void addmm_scaled_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
   }
 }
 
-// W + s B A ([N, K]): the LoRA update folded into the frozen weight.
-at::Tensor folded_weight(const at::Tensor& weight, const at::Tensor& B, const at::Tensor& A,
-                         const at::Tensor& scaling) {
-  if (B.numel() <= A.numel()) return at::addmm(weight, B * scaling.to(B.scalar_type()), A);
-  return at::addmm(weight, B, A * scaling.to(A.scalar_type()));
-}
-
 // Fold the LoRA term into the weight (p == 0, float32/64) when that costs less than
-// the separate R-wide GEMMs: the fold is an [N, K] pass, the term an [M, N] (forward)
-// or [M, K] (backward) pass.
+// the R-wide GEMMs it replaces: the fold is one pass over [N, K], the term one over
+// [M, N] (forward) or [M, K] (backward).
 bool fold_lora(bool fast, const Dropout& d, int64_t M, int64_t N, int64_t K) {
-  return fast && !d.active() && M * (N + K) >= 2 * N * K;
+  return fast && !d.active() && M >= N && M >= K;
 }
 
 at::Tensor empty_grad(const at::Tensor& like, at::ScalarType dtype) {
@@ -169,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::T
   if (fast) {
     const at::Tensor A = lora_A.to(t), B = lora_B.to(t);
     if (fold_lora(fast, d, M, N, K)) {
-      return {linear(folded_weight(weight, B, A, scaling)), at::mm(x2, A.t())};
+      return {linear(steps.fold(weight, B, A, scaling)), at::mm(x2, A.t())};
     }
     at::Tensor u = d.active() ? steps.shrink(x2, lora_A, d) : at::mm(x2, A.t());
     at::Tensor y = linear(weight);
@@ -223,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
   }
   if (need_grad_x) {
     if (fold_lora(fast, d, M, N, K)) {
-      grad_x = at::mm(dy, folded_weight(weight, lora_B.to(t), lora_A.to(t), scaling));
+      grad_x = at::mm(dy, steps.fold(weight, lora_B, lora_A, scaling));
       if (need_grad_lora) grad_A = steps.expand_reduce(at::Tensor(), g, lora_A, scaling, x2, g, d);
     } else {
       grad_x = at::mm(dy, weight);
@@ -368,7 +361,40 @@ at::Tensor cpu_dot(const at::Tensor& a, const at::Tensor& b) {
   return at::scalar_tensor(v, ac.options());
 }
 
-const Steps kCpuSteps{&cpu_shrink, &cpu_expand_reduce, &cpu_dot};
+// W + s B A through the expand kernel, reading W and writing a new [N, K] (one pass).
+at::Tensor cpu_fold(const at::Tensor& weight, const at::Tensor& B, const at::Tensor& A,
+                    const at::Tensor& scaling) {
+  const at::Tensor w = unit_column_stride(weight);
+  const int64_t N = w.size(0), K = w.size(1), R = A.size(0);
+  const auto acc = acc_dtype(w.scalar_type());
+  at::Tensor out = at::empty({N, K}, w.options());
+  if (R == 0 || N == 0 || K == 0) return out.copy_(w);
+  const int64_t Kp = round_up(K, cpu::kPadK);
+  at::Tensor a_packed = at::zeros({R, Kp}, w.options().dtype(acc));
+  a_packed.narrow(1, 0, K).copy_(A);
+  const at::Tensor g_acc = B.to(acc).contiguous();
+  const at::Tensor s_acc = scaling.to(acc).contiguous();
+  cpu::ExpandReduceArgs args{};
+  args.dtype = cpu_dtype(w.scalar_type());
+  args.M = N;
+  args.K = K;
+  args.out = out.data_ptr();
+  args.ldo = K;
+  args.in = w.data_ptr();
+  args.ldi = w.stride(0);
+  args.g = g_acc.data_ptr();
+  args.ldg = R;
+  args.a = a_packed.data_ptr();
+  args.lda = Kp;
+  args.R = R;
+  args.s = s_acc.data_ptr();
+  args.mask = cpu_mask(Dropout{0.0, at::Tensor()});
+  args.num_threads = at::get_num_threads();
+  cpu::expand_reduce(args);
+  return out;
+}
+
+const Steps kCpuSteps{&cpu_shrink, &cpu_expand_reduce, &cpu_dot, &cpu_fold};
 
 std::tuple<at::Tensor, at::Tensor> cpu_forward(const at::Tensor& x, const at::Tensor& weight,
                                                const c10::optional<at::Tensor>& bias,

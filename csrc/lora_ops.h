@@ -31,6 +31,9 @@ struct Steps {
                               const at::Tensor& g2, const Dropout& d);
   // sum(a * b) of two [M, R] accumulation-dtype tensors, 0-dim, deterministic.
   at::Tensor (*dot)(const at::Tensor& a, const at::Tensor& b);
+  // W + s B A [N, K] in W's dtype (float32/float64): the LoRA update folded into W.
+  at::Tensor (*fold)(const at::Tensor& weight, const at::Tensor& B, const at::Tensor& A,
+                     const at::Tensor& scaling);
 };
 
 std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::Tensor& weight,
