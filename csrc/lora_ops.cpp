@@ -211,11 +211,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
 
   // G = dY B [M, R], accumulation dtype.
   at::Tensor g;
-  if (need_grad_x || need_grad_lora || need_grad_scaling) {
+  const bool fold = fold_lora(fast, d, M, N, K);
+  if (need_grad_lora || need_grad_scaling || (need_grad_x && !fold)) {
     g = fast ? at::mm(dy, lora_B.to(t)) : steps.shrink(dy, lora_B.t(), Dropout{0.0, seed});
   }
   if (need_grad_x) {
-    if (fold_lora(fast, d, M, N, K)) {
+    if (fold) {
       grad_x = at::mm(dy, steps.fold(weight, lora_B, lora_A, scaling));
       if (need_grad_lora) grad_A = steps.expand_reduce(at::Tensor(), g, lora_A, scaling, x2, g, d);
     } else {
