@@ -3,9 +3,9 @@
 // code lives in an anonymous namespace (internal linkage), so the AVX-512 build of a
 // function can never be merged by the linker into the baseline path.
 //
-// Loops are written for the auto-vectorizer: fixed-width GCC vector types (64 bytes,
-// i.e. one AVX-512 register, two AVX2 registers or four SSE registers) for the
-// multiply-accumulate loops, plain element loops for loads, conversions and stores.
+// Loops are written for the auto-vectorizer: GCC vector types one native register wide
+// (64 bytes with AVX-512, 32 with AVX2, 16 otherwise) in register-tiled multiply-add
+// micro-kernels, plain element loops for loads, conversions and stores.
 // The Philox keep mask has a hand-vectorized path for AVX2 and AVX-512 (the compiler
 // widens Philox's 32x32->64-bit products poorly), checked bit for bit against the
 // scalar philox4x32_10 of philox.h, which the other paths and the CUDA kernels use.
