@@ -163,7 +163,8 @@ def lora_linear(
         p = 0.0
     K = x.shape[-1]
     N = weight.shape[0]
-    x2d = x.reshape(-1, K)
+    # Not reshape(-1, K): with K == 0 the -1 could be any M.
+    x2d = x.reshape(math.prod(x.shape[:-1]), K)
     branch_dtype = torch.promote_types(x.dtype, torch.float32)
     # No draw from the generator when there is no dropout: eval runs leave RNG alone.
     seed = draw_seed(x.device) if p > 0 else torch.zeros((), dtype=torch.int64, device=x.device)
