@@ -58,7 +58,9 @@ def check_dropout_p(dropout_p, name: str = "dropout_p") -> float:
 def _check_arguments(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> float:
     _check_tensor("x", x)
     if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (its last is in_features)")
+        raise ValueError(
+            "x must have at least one dimension (its last is in_features), got a 0-dim tensor"
+        )
     _check_tensor("weight", weight, ndim=2)
     _check_tensor("lora_A", lora_A, ndim=2)
     _check_tensor("lora_B", lora_B, ndim=2)
