@@ -48,12 +48,12 @@ class Budget:
 
 # Compiled code (ATen, the C++ extension, Triton on a GPU) vs the Triton interpreter.
 _COMPILED = {
-    "ci": Budget(examples=40, max_m=300, max_kn=160, max_r=80),
-    "long": Budget(examples=400, max_m=400, max_kn=300, max_r=160),
+    "ci": Budget(examples=60, max_m=300, max_kn=160, max_r=80),
+    "long": Budget(examples=500, max_m=400, max_kn=300, max_r=160),
 }
 _INTERPRETED = {
-    "ci": Budget(examples=6, max_m=40, max_kn=40, max_r=24),
-    "long": Budget(examples=60, max_m=72, max_kn=72, max_r=40),
+    "ci": Budget(examples=12, max_m=40, max_kn=40, max_r=24),
+    "long": Budget(examples=100, max_m=72, max_kn=72, max_r=40),
 }
 
 

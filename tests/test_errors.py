@@ -454,3 +454,16 @@ def test_loading_a_misshapen_scaling_or_a_non_dict_is_refused():
         load_lora_state_dict(model, state)
     with pytest.raises(TypeError, match="state_dict must be a dict, got list"):
         load_lora_state_dict(model, list(state.items()))
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device (the meta-device cases stand in)"
+)
+@pytest.mark.parametrize("name", ["x", "weight", "bias", "lora_A", "lora_B"])
+def test_one_tensor_on_cuda_and_the_others_on_cpu_is_refused(name):
+    args = {**operands(), "scaling": 0.5}
+    args[name] = args[name].cuda()
+    with pytest.raises(
+        ValueError, match=rf"all tensors must be on one device, got .*{name} on cuda"
+    ):
+        lora_kernels.lora_linear(**args)
