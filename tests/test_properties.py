@@ -6,7 +6,8 @@ float32), dropout p, bias on/off, train/eval, the memory layout of x, of the wei
 of the adapters and of the incoming gradient (transposed, strided, offset, broadcast
 with stride 0), the scaling (float, constant tensor, learnable tensor) and which
 inputs require a gradient. The output and every gradient must be within the per-dtype
-tolerance of `helpers.REL_TOL`, in norm and element by element (`assert_matches`).
+tolerance of `helpers.REL_TOL`, element by element, relative to the magnitude of the
+terms each element sums (`assert_matches`).
 
 Budgets per backend and profile are in `hypothesis_profiles.py`.
 """
