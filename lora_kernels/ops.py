@@ -173,6 +173,9 @@ def lora_linear(
 
     if weight.requires_grad:
         # dW is outside the fused kernels (W is frozen by design); compose plain ops.
+        # A backend asked for by name must still be usable, as for a frozen weight.
+        if backend is not None:
+            backends.resolve_backend(x.device.type, backend)
         y = reference.lora_linear_reference(
             x2d, weight, bias, lora_A, lora_B, scaling, p, seed=seed
         )
