@@ -467,3 +467,16 @@ def test_one_tensor_on_cuda_and_the_others_on_cpu_is_refused(name):
         ValueError, match=rf"all tensors must be on one device, got .*{name} on cuda"
     ):
         lora_kernels.lora_linear(**args)
+
+
+@pytest.mark.parametrize("trainable_weight", [False, True], ids=["frozen-W", "trainable-W"])
+def test_an_unusable_backend_asked_for_by_name_raises_with_its_reason(
+    trainable_weight, monkeypatch
+):
+    from lora_kernels import backends
+
+    monkeypatch.setitem(backends._availability, "cuda", (False, "no CUDA device here"))
+    args = operands()
+    args["weight"].requires_grad_(trainable_weight)
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' is not usable: no CUDA device here"):
+        lora_kernels.lora_linear(**args, scaling=0.5, backend="cuda")

@@ -87,7 +87,7 @@ class Case:
     grad_layout: str
     scaling_kind: str  # "float", "tensor" (constant) or "learnable"
     scaling: float
-    grads: frozenset[str]  # inputs that require grad: x, bias, lora_A, lora_B, scaling
+    grads: frozenset[str]  # inputs that require grad: x, weight, bias, lora_A, lora_B, scaling
     seed: int
 
     @property
@@ -121,6 +121,9 @@ def cases(draw, max_m: int, max_kn: int, max_r: int) -> Case:
     x_layouts = X_LAYOUTS if len(lead) >= 2 else X_LAYOUTS[:-1]
     scaling_kind = draw(st.sampled_from(["float", "tensor", "learnable"]))
     grads = {name for name in ("x", "bias", "lora_A", "lora_B") if draw(st.booleans())}
+    # A trainable weight is valid too: lora_linear then composes plain ops for dW.
+    if draw(st.integers(0, 7)) == 0:
+        grads.add("weight")
     if scaling_kind == "learnable":
         grads.add("scaling")
     bias = draw(st.booleans())
@@ -191,7 +194,13 @@ def check_case(case: Case, backend: str, device_type: str) -> None:
     K, N, R = case.K, case.N, case.R
     x = _operand(g, (*case.lead, K), case.x_layout, case.dtype, device_type, 1.0, "x" in case.grads)
     weight = _operand(
-        g, (N, K), case.weight_layout, case.dtype, device_type, max(K, 1) ** -0.5, False
+        g,
+        (N, K),
+        case.weight_layout,
+        case.dtype,
+        device_type,
+        max(K, 1) ** -0.5,
+        "weight" in case.grads,
     )
     bias = (
         _operand(g, (N,), "contiguous", case.dtype, device_type, 1.0, "bias" in case.grads)
@@ -237,7 +246,8 @@ def check_case(case: Case, backend: str, device_type: str) -> None:
         training=case.training,
         backend=backend,
     )
-    if case.dtype == torch.float64 and backend in REFUSES_FLOAT64:
+    # A trainable weight is served by plain ATen ops, whatever the backend.
+    if case.dtype == torch.float64 and backend in REFUSES_FLOAT64 and "weight" not in case.grads:
         with pytest.raises(TypeError, match="float64"):
             call()
         return
