@@ -158,6 +158,8 @@ def lora_linear(
         A weight that requires grad is served by a plain composition of ATen ops.
     """
     p = _check_arguments(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {training!r} ({type(training).__name__})")
     if backend is not None:
         backends._check_name(backend)
     x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)

@@ -297,15 +297,7 @@ def reference_run(case, named, scaling, grad_y, seed, wrt, magnitudes=False):
         s64 = abs(scaling) if magnitudes else scaling
     leaves64["scaling"] = s64
     args = [views64[n] for n in ("x", "weight", "bias", "lora_A", "lora_B")]
-    if case.K == 0:
-        # reference.py flattens with reshape(-1, K), which cannot infer M when K == 0;
-        # with no input features the branch is a product of empty matrices (no dropout).
-        x64, w64, b64, a64, bl64 = args
-        y64 = torch.nn.functional.linear(x64, w64, b64) + s64 * (
-            torch.nn.functional.linear(x64, a64) @ bl64.t()
-        )
-    else:
-        y64 = lora_linear_reference(*args, s64, case.p, case.training, seed)
+    y64 = lora_linear_reference(*args, s64, case.p, case.training, seed)
     if not wrt:
         return y64, []
     grads = torch.autograd.grad(y64, [leaves64[n] for n in wrt], f(grad_y.double()))
