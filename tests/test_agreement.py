@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import DTYPE_IDS, REL_TOL, assert_close
+from helpers import DTYPE_IDS, REL_TOL, assert_close, rel_error
 from hypothesis_profiles import backend_device_params
 from torch import nn
 
@@ -108,7 +108,7 @@ def test_every_pair_of_backends_gives_equal_outputs_and_gradients(
     # Each is within tol of the exact result, hence within 2 tol of the other.
     names = ("output", "grad of x", "grad of bias", "grad of lora_A", "grad of lora_B", "scaling")
     for name, a, b in zip(names, *results, strict=True):
-        error = float((a.double() - b.double()).norm() / b.double().norm())
+        error = rel_error(a, b)
         tol = 2 * max(REL_TOL[dtype], REL_TOL[a.dtype])
         assert error <= tol, f"{name}: {backend_a} vs {backend_b} differ by {error:.2e} > {tol:.0e}"
 
