@@ -184,11 +184,17 @@ def _to_plain_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to("cpu", copy=True).contiguous()
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def save_adapter(
     model: nn.Module,
     path: str | os.PathLike,
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
+    *,
+    is_main_process: bool | None = None,
 ) -> pathlib.Path:
     """Write the `LoRALinear` adapters of `model` to directory `path` in peft's format.
 
@@ -199,7 +205,10 @@ def save_adapter(
     `base_model.model.<name>.lora_A.weight` [R, K] and `...lora_B.weight` [N, R] for
     every `LoRALinear` named <name> in `model` (in the adapter's dtype). The result
     loads with `peft.PeftModel.from_pretrained(base_model, path)` and with
-    `load_adapter`. Under FSDP2 every rank must call it (sharded adapters are gathered).
+    `load_adapter`.
+
+    Under torch.distributed, call it on every rank: adapters sharded by FSDP2
+    (DTensors) are gathered, a collective, and by default only rank 0 writes.
 
     Args:
         model: a model holding `LoRALinear` layers (from `apply_lora` or `load_adapter`).
@@ -207,6 +216,8 @@ def save_adapter(
         base_model_name_or_path: recorded in the config for peft's
             `AutoPeftModel*.from_pretrained`.
         task_type: peft's task type ("CAUSAL_LM", "SEQ_CLS", ...) or None.
+        is_main_process: whether this process writes the files; None: rank 0 of the
+            default process group when torch.distributed is initialized, else True.
 
     Raises:
         ValueError: no `LoRALinear` in `model`; layers that peft's format cannot express
@@ -220,6 +231,8 @@ def save_adapter(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if task_type is not None and task_type not in TASK_TYPES:
         raise ValueError(f"task_type must be None or one of {TASK_TYPES}, got {task_type!r}")
+    if is_main_process is not None and not isinstance(is_main_process, bool):
+        raise TypeError(f"is_main_process must be a bool or None, got {is_main_process!r}")
     if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
         raise TypeError(
             "base_model_name_or_path must be a str or None, got "
@@ -291,6 +304,10 @@ def save_adapter(
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = _to_plain_tensor(layer.lora_A)
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = _to_plain_tensor(layer.lora_B)
 
+    if is_main_process is None:
+        is_main_process = not _distributed() or torch.distributed.get_rank() == 0
+    if not is_main_process:
+        return pathlib.Path(path)
     st = _require_safetensors()
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
