@@ -270,3 +270,33 @@ def test_compile_fullgraph_patched_peft_model_with_dropout(llama_dir):
     patch_peft(model)
     losses = compiled_training_matches_eager(model, "aot_eager", steps=3, tol=0.0)
     assert len(set(losses["eager"])) == 3
+
+
+def test_compile_fullgraph_with_gradient_checkpointing(llama_dir):
+    """transformers' checkpointing under fullgraph: with use_cache=False and the input
+    requires_grad hook removed it traces, and the gradients equal the eager run without
+    checkpointing bit for bit (aot_eager: the same seeds, the same masks)."""
+    import warnings
+
+    torch._dynamo.reset()
+    model = llama_with_lora(llama_dir, dropout=0.1)
+    eager = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the deprecated alias
+        model.gradient_checkpointing_enable()
+    model.disable_input_require_grads()
+    model.config.use_cache = False
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    results = []
+    for runner, owner in ((compiled, model), (eager, eager)):
+        torch.manual_seed(9)
+        loss = runner(**llama_batch()).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in owner.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads))
+    (loss, grads), (loss_eager, grads_eager) = results
+    assert model.model.layers[0].gradient_checkpointing
+    assert torch.equal(loss, loss_eager)
+    assert len(grads) == 16
+    for name, grad in grads.items():
+        assert torch.equal(grad, grads_eager[name]), name
