@@ -635,13 +635,18 @@ def _fused_forward(self, x, *args, **kwargs):
     dropout = self.lora_dropout[adapter]
     weight, bias = base.weight, base.bias
     A, B = lora_A.weight, lora_B.weight
+    if not isinstance(x, torch.Tensor) or not all(_is_plain(t) for t in (x, weight, bias, A, B)):
+        return peft_forward(self, x)
+    if torch.is_autocast_enabled(x.device.type):
+        # What autocast does to peft's three nn.Linear calls: every operand in the
+        # autocast dtype (the casts of A and B are differentiable, W and b are frozen).
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias, A, B = (t if t is None else t.to(dtype) for t in (x, weight, bias, A, B))
     if (
-        not isinstance(x, torch.Tensor)
-        or weight.dtype != x.dtype
+        weight.dtype != x.dtype
         or (bias is not None and bias.dtype != x.dtype)
         or A.dtype != B.dtype
         or A.dtype not in (x.dtype, torch.float32)
-        or not all(_is_plain(t) for t in (x, weight, bias, A, B))
         or any(_has_hooks(m) for m in (base, lora_A, lora_B, dropout))
     ):
         return peft_forward(self, x)

@@ -5,7 +5,9 @@ gradient; adapters of a sharded model save in peft's format."""
 from __future__ import annotations
 
 import datetime
+import os
 import socket
+import time
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ WORLD_SIZE = 2
 ROWS = 6  # per rank
 P = 0.1
 FP32_TOL = 1e-5
+TIMEOUT_S = 90
 # bf16 activations: each row is computed alike in both runs (measured 1.3e-7 here), but
 # a BLAS may pick other bf16 kernels for another number of rows.
 BF16_TOL = 1e-3
@@ -149,8 +152,15 @@ def _worker(rank: int, port: int, out_dir: str, engine: str) -> None:
         loss_fn(wrapped(x[rows].bfloat16()).float(), y[rows]).backward()
         result["grads_bf16"] = lora_grads(wrapped)
         torch.save(result, f"{out_dir}/rank{rank}.pt")
-    finally:
+        dist.barrier()
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Leave without tearing down: in this torch, freeing a DDP Reducer that holds the
+    # last reference to the gloo group joins gloo's worker thread while holding the GIL,
+    # and that thread may need the GIL to free a finished work item: a deadlock (seen
+    # here, once, as a hang at the worker's exit). Every collective is done (barrier).
+    os._exit(0)
 
 
 def _free_port() -> int:
@@ -160,7 +170,17 @@ def _free_port() -> int:
 
 
 def run_two_processes(engine: str, out_dir) -> list[dict]:
-    mp.spawn(_worker, args=(_free_port(), str(out_dir), engine), nprocs=WORLD_SIZE, join=True)
+    """Run `_worker` on two processes; a worker's exception fails the test, and so does a
+    worker still running after TIMEOUT_S (the workers are killed)."""
+    context = mp.spawn(
+        _worker, args=(_free_port(), str(out_dir), engine), nprocs=WORLD_SIZE, join=False
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=0.5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {engine} workers did not finish within {TIMEOUT_S} s")
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
 
 

@@ -606,6 +606,30 @@ def test_patched_peft_bf16_base_with_fp32_adapters():
         assert rel_err(grads[name], grads_ref[name]) <= 3e-2, name
 
 
+def test_patched_peft_under_autocast_runs_the_fused_op(monkeypatch):
+    """float32 model under bf16 autocast: activations arrive in bf16 while the weights
+    are float32; the patched layer casts like autocast does for peft's nn.Linear calls."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v", "up", "down"])
+    reference = peft_tiny(config)
+    patched = copy.deepcopy(reference)
+    patch_peft(patched)
+    counter = CallCounter(monkeypatch)
+    x = ids()
+    results = []
+    for model in (reference, patched):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().mean().backward()
+        results.append((out.detach(), lora_grads(model)))
+    (out_ref, grads_ref), (out, grads) = results
+    assert counter.calls == 8
+    assert out.dtype == out_ref.dtype == torch.bfloat16
+    assert rel_err(out, out_ref) <= 1.5e-2
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32, name
+        assert rel_err(grad, grads_ref[name]) <= 3e-2, name
+
+
 def test_patch_keeps_module_tree_parameter_names_and_save_pretrained(tmp_path):
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q", "v"])
     model = peft_tiny(config)
