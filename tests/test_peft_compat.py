@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+import warnings
 
 import pytest
 import torch
@@ -587,6 +588,27 @@ def test_patch_report_names_what_it_leaves_to_peft(monkeypatch):
         reference.set_adapter("default")
         assert rel_err(model(x), reference(x)) <= FP32_TOL
         assert counter.calls == 4
+
+
+def test_patch_report_for_modules_left_entirely_to_peft():
+    """A module whose every adapter is DoRA, and a GPT-2 style Conv1D base layer
+    (fan_in_fan_out), are reported and keep peft's forward."""
+    from transformers.pytorch_utils import Conv1D
+
+    model = tiny()
+    model.blocks[0].up = Conv1D(24, 16)  # weight [K, N]: peft needs fan_in_fan_out
+    config = LoraConfig(r=4, target_modules=["q", "up"], fan_in_fan_out=True, use_dora=True)
+    with warnings.catch_warnings():
+        # peft turns fan_in_fan_out off for the nn.Linear targets, with a warning.
+        warnings.simplefilter("ignore", UserWarning)
+        peft_model = get_peft_model(model, config)
+    reference = copy.deepcopy(peft_model)
+    report = patch_peft(peft_model)
+    assert report.patched == []
+    assert "its base layer is a Conv1D" in report.not_patched["base_model.model.blocks.0.up"]
+    assert "DoraLinearVariant" in report.not_patched["base_model.model.blocks.1.q"]
+    x = ids()
+    assert torch.equal(peft_model(x), reference(x))
 
 
 def test_patched_peft_bf16_base_with_fp32_adapters():
