@@ -184,6 +184,19 @@ def _to_plain_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to("cpu", copy=True).contiguous()
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's and DDP's wrappers, whose names peft's keys use."""
+    while True:
+        if type(model).__name__ == "OptimizedModule" and isinstance(
+            getattr(model, "_orig_mod", None), nn.Module
+        ):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -211,7 +224,8 @@ def save_adapter(
     (DTensors) are gathered, a collective, and by default only rank 0 writes.
 
     Args:
-        model: a model holding `LoRALinear` layers (from `apply_lora` or `load_adapter`).
+        model: a model holding `LoRALinear` layers (from `apply_lora` or `load_adapter`);
+            a `torch.compile` or `DistributedDataParallel` wrapper is looked through.
         path: the directory to write (created if needed; existing files are replaced).
         base_model_name_or_path: recorded in the config for peft's
             `AutoPeftModel*.from_pretrained`.
@@ -238,6 +252,7 @@ def save_adapter(
             "base_model_name_or_path must be a str or None, got "
             f"{type(base_model_name_or_path).__name__}"
         )
+    model = _unwrap(model)
     places = _lora_places(model)
     if not places:
         raise ValueError(
@@ -428,7 +443,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     Everything else is frozen, as after `apply_lora`. The default RNG is left as it was.
 
     Args:
-        model: the base model, without adapters (module names as in peft's keys).
+        model: the base model, without adapters (module names as in peft's keys); a
+            `torch.compile` or `DistributedDataParallel` wrapper is looked through.
         path: the adapter directory.
 
     Raises:
@@ -466,6 +482,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     use_rslora = bool(config.get("use_rslora", False))
     dropout = check_dropout_p(config.get("lora_dropout", 0.0) or 0.0, "lora_dropout")
 
+    wrapper, model = model, _unwrap(model)
     modules = dict(model.named_modules(remove_duplicate=False))
     plan = []
     for name, pair in tensors.items():
@@ -536,7 +553,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, layer)
     mark_only_lora_as_trainable(model)
-    return model
+    return wrapper
 
 
 # --------------------------------------------------------------------------------------

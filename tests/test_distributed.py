@@ -139,7 +139,8 @@ def _worker(rank: int, port: int, out_dir: str, engine: str) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         # Every rank takes part in gathering the (sharded) adapters; rank 0 writes.
-        save_adapter(model, f"{out_dir}/adapter" if rank == 0 else f"{out_dir}/not-written")
+        # (The DDP wrapper itself: save_adapter looks through it to peft's names.)
+        save_adapter(wrapped, f"{out_dir}/adapter" if rank == 0 else f"{out_dir}/not-written")
 
         # 2. p > 0: each rank draws its seed from the same default generator state.
         set_dropout(model, P)

@@ -157,6 +157,16 @@ def test_save_adapter_writes_peft_config_and_keys(tmp_path):
     assert tensors["base_model.model.blocks.0.v.lora_B.weight"].shape == (16, 4)
 
 
+def test_save_adapter_looks_through_torch_compile(tmp_path):
+    model = tiny()
+    apply_lora(model, rank=4, alpha=8, target_modules=["q"])
+    save_adapter(torch.compile(model), tmp_path)  # lazy: nothing is compiled here
+    keys = safetensors_torch.load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert sorted(keys) == sorted(
+        f"base_model.model.blocks.{i}.q.lora_{p}.weight" for i in range(2) for p in "AB"
+    )
+
+
 def test_save_adapter_uses_short_target_names_when_they_match_exactly(tmp_path):
     model = tiny()
     apply_lora(model, rank=4, alpha=8, target_modules=["q", "v"])
