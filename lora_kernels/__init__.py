@@ -15,6 +15,7 @@ from .model import (
     set_lora_enabled,
 )
 from .ops import lora_linear
+from .peft_compat import PatchReport, load_adapter, patch_peft, save_adapter, unpatch_peft
 from .reference import dropout_keep_mask, lora_linear_reference
 
 __version__ = "0.1.0"
@@ -22,11 +23,13 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "LoRALinear",
+    "PatchReport",
     "__version__",
     "apply_lora",
     "available_backends",
     "count_parameters",
     "dropout_keep_mask",
+    "load_adapter",
     "load_lora_state_dict",
     "lora_disabled",
     "lora_layers",
@@ -35,6 +38,9 @@ __all__ = [
     "lora_state_dict",
     "mark_only_lora_as_trainable",
     "merge_lora",
+    "patch_peft",
     "remove_lora",
+    "save_adapter",
     "set_lora_enabled",
+    "unpatch_peft",
 ]
