@@ -57,14 +57,16 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-# Benchmark the code of this checkout, and find traffic_model/plot beside this file.
-for _path in (str(HERE), str(REPO)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+if str(HERE) not in sys.path:  # traffic_model and plot live beside this file
+    sys.path.insert(0, str(HERE))
+try:
+    import lora_kernels
+except ImportError:  # a checkout run without `pip install -e .` or PYTHONPATH
+    sys.path.insert(0, str(REPO))
+    import lora_kernels
 
 import traffic_model  # noqa: E402
 
-import lora_kernels  # noqa: E402
 from lora_kernels.backends import resolve_backend  # noqa: E402
 from lora_kernels.memory import saved_activations  # noqa: E402
 from lora_kernels.reference import lora_linear_reference  # noqa: E402
@@ -702,12 +704,13 @@ def markdown_table(rows: list[dict], modes) -> str:
     return "\n".join(lines)
 
 
-def upsert_csv(path: Path, rows: list[dict]) -> None:
+def upsert_csv(path: Path, rows: list[dict], key=CSV_KEY, columns=CSV_COLUMNS) -> None:
     """Replace rows with the same key (device, shape, provider, mode), append the rest."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    key_columns = key
 
     def key(r):
-        return tuple(str(r[k]) for k in CSV_KEY)
+        return tuple(str(r[k]) for k in key_columns)
 
     merged = {}
     if path.exists():
@@ -716,12 +719,12 @@ def upsert_csv(path: Path, rows: list[dict]) -> None:
                 merged[key(r)] = r
     for r in rows:
         out = {}
-        for k in CSV_COLUMNS:
+        for k in columns:
             v = r.get(k, "")
             out[k] = f"{v:.6g}" if isinstance(v, float) else v
         merged[key(out)] = out
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(merged.values())
 
