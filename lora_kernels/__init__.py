@@ -1,6 +1,19 @@
 """Fused kernels for LoRA fine-tuning: Y = X W^T + b + s * (dropout(X) A^T) B^T."""
 
 from .backends import BACKENDS, available_backends
+from .layer import LoRALinear
+from .model import (
+    apply_lora,
+    count_parameters,
+    load_lora_state_dict,
+    lora_disabled,
+    lora_layers,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge_lora,
+    remove_lora,
+    set_lora_enabled,
+)
 from .ops import lora_linear
 from .reference import dropout_keep_mask, lora_linear_reference
 
@@ -8,9 +21,20 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "LoRALinear",
     "__version__",
+    "apply_lora",
     "available_backends",
+    "count_parameters",
     "dropout_keep_mask",
+    "load_lora_state_dict",
+    "lora_disabled",
+    "lora_layers",
     "lora_linear",
     "lora_linear_reference",
+    "lora_state_dict",
+    "mark_only_lora_as_trainable",
+    "merge_lora",
+    "remove_lora",
+    "set_lora_enabled",
 ]

@@ -44,12 +44,14 @@ def _check_tensor(name: str, t, ndim: int | None = None) -> None:
         raise ValueError(f"{name} must be {ndim}-D, got shape {_shape(t)}")
 
 
-def check_dropout_p(dropout_p) -> float:
-    """dropout_p as a float in [0, 1), or a ValueError/TypeError naming it."""
+def check_dropout_p(dropout_p, name: str = "dropout_p") -> float:
+    """dropout_p as a float in [0, 1), or a TypeError/ValueError naming the argument."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+        raise TypeError(
+            f"{name} must be a float in [0, 1), got {dropout_p!r} ({type(dropout_p).__name__})"
+        )
     if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+        raise ValueError(f"{name} must be a float in [0, 1), got {dropout_p!r}")
     return float(dropout_p)
 
 
