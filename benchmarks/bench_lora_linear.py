@@ -771,7 +771,7 @@ def model_table(configs, providers, adapter_dtype_arg, bias, modes=("fwd+bwd",))
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     which = ap.add_mutually_exclusive_group()
-    which.add_argument("--full", action="store_true", help="the full sweep (long)")
+    which.add_argument("--full", action="store_true", help="the full sweep (hours on a CPU)")
     which.add_argument("--smoke", action="store_true", help="a tiny set for tests (seconds)")
     ap.add_argument("--layers", nargs="+", choices=sorted(LAYERS), help="only these shapes")
     ap.add_argument("--M", nargs="+", type=int, help="only these token counts")
