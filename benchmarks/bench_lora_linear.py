@@ -899,8 +899,9 @@ def main(argv=None) -> int:
     for name, why in skipped.items():
         print(f"Skipped lora_kernels backend {name!r}: {why}")
     print(
-        "MODEL columns: bytes by design and a roofline time on an H100 from datasheet "
-        "values (benchmarks/traffic_model.py); a model, not a measurement."
+        "Ratios are provider time / floor time and provider time / peft time (lower is "
+        "faster). MODEL columns: bytes by design and a roofline time on an H100 from "
+        "datasheet values (benchmarks/traffic_model.py); a model, not a measurement."
     )
     print()
 
