@@ -454,16 +454,36 @@ class Task:
 
 
 def time_interleaved_cpu(tasks, n_sets, min_reps, max_reps, min_time, progress=None):
-    """Wall-clock times of every task, interleaved in a shuffled order each rep."""
+    """Wall-clock times of every task, interleaved in a shuffled order each rep.
+
+    Every task runs at least `min_reps` times; after that a task keeps its place in the
+    reps until its timed runs add up to its share of `min_time` (min_time / number of
+    tasks) or it reaches `max_reps`, so cheap tasks collect more samples while an
+    expensive one does not stretch the run.
+    """
     for task in tasks:  # warm-up: first-call costs (op registration, allocator) stay out
         task.zero_grads(0)
+        t0 = time.perf_counter()
         task.run(0)
+        if time.perf_counter() - t0 < 0.5:
+            task.zero_grads(0)
+            task.run(0)
     samples = {(t.provider, t.mode): [] for t in tasks}
-    order = list(tasks)
+    share = min_time / len(tasks)
     rng = random.Random(0)
-    start = time.perf_counter()
     rep = 0
-    while rep < min_reps or (rep < max_reps and time.perf_counter() - start < min_time):
+    while True:
+        if rep < min_reps:
+            order = list(tasks)
+        else:
+            order = [
+                t
+                for t in tasks
+                if sum(samples[(t.provider, t.mode)]) < share
+                and len(samples[(t.provider, t.mode)]) < max_reps
+            ]
+        if not order:
+            break
         rng.shuffle(order)
         i = rep % n_sets
         gc.collect()
@@ -676,7 +696,7 @@ def markdown_table(rows: list[dict], modes) -> str:
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     head = ["provider"] + [f"{m} ms (vs floor)" for m in modes]
     head += [
-        f"{main} p20-p80 ms",
+        f"{main} p20-p80 ms, runs",
         f"{main} vs peft",
         "saved for bwd / bytes(X)",
         "check (p=0)",
@@ -690,7 +710,8 @@ def markdown_table(rows: list[dict], modes) -> str:
             r = by[(name, mode)]
             cells.append(f"{_fmt_ms(r['median_ms'])} ({_fmt_ratio(r['vs_floor'])})")
         r = by[(name, main)]
-        cells.append(f"{_fmt_ms(r['p20_ms'])}-{_fmt_ms(r['p80_ms'])}")
+        runs = f", {r['reps']} runs" if isinstance(r["reps"], int) else ""
+        cells.append(f"{_fmt_ms(r['p20_ms'])}-{_fmt_ms(r['p80_ms'])}{runs}")
         cells.append(_fmt_ratio(r["vs_peft"]))
         cells.append(f"{r['saved_vs_x']:.2f}")
         cells.append(r["check"])
@@ -791,10 +812,14 @@ def parse_args(argv=None):
         help="dtype of lora_A/lora_B: float32 (peft's default) or x's dtype",
     )
     ap.add_argument("--bias", action="store_true", help="give the base layer a bias")
-    ap.add_argument("--reps", type=int, default=5, help="CPU: at least this many runs")
-    ap.add_argument("--max-reps", type=int, default=30, help="CPU: at most this many runs")
+    ap.add_argument("--reps", type=int, default=5, help="CPU: at least this many runs each")
+    ap.add_argument("--max-reps", type=int, default=40, help="CPU: at most this many runs each")
     ap.add_argument(
-        "--min-time", type=float, default=5.0, help="CPU: keep repeating this many seconds"
+        "--min-time",
+        type=float,
+        default=8.0,
+        help="CPU: seconds of timed runs per shape, shared by its (provider, mode) pairs; "
+        "a pair repeats past --reps until it has its share",
     )
     ap.add_argument("--threads", type=int, help="torch.set_num_threads on CPU")
     ap.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
@@ -887,7 +912,8 @@ def main(argv=None) -> int:
     else:
         print(
             "Timing: wall clock; all providers and modes interleaved in shuffled order, "
-            f"at least {args.reps} runs and {args.min_time:g} s per shape; median (p20-p80). "
+            f"each run at least {args.reps} times and until it has its share of "
+            f"{args.min_time:g} s per shape; median (p20-p80). "
             "Ratios are measured side by side in one run; on a shared machine the "
             "absolute times are noisy."
         )
