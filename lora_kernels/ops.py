@@ -58,7 +58,9 @@ def check_dropout_p(dropout_p, name: str = "dropout_p") -> float:
 def _check_arguments(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> float:
     _check_tensor("x", x)
     if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (its last is in_features)")
+        raise ValueError(
+            "x must have at least one dimension (its last is in_features), got a 0-dim tensor"
+        )
     _check_tensor("weight", weight, ndim=2)
     _check_tensor("lora_A", lora_A, ndim=2)
     _check_tensor("lora_B", lora_B, ndim=2)
@@ -156,6 +158,8 @@ def lora_linear(
         A weight that requires grad is served by a plain composition of ATen ops.
     """
     p = _check_arguments(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {training!r} ({type(training).__name__})")
     if backend is not None:
         backends._check_name(backend)
     x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
@@ -163,13 +167,17 @@ def lora_linear(
         p = 0.0
     K = x.shape[-1]
     N = weight.shape[0]
-    x2d = x.reshape(-1, K)
+    # Not reshape(-1, K): with K == 0 the -1 could be any M.
+    x2d = x.reshape(math.prod(x.shape[:-1]), K)
     branch_dtype = torch.promote_types(x.dtype, torch.float32)
     # No draw from the generator when there is no dropout: eval runs leave RNG alone.
     seed = draw_seed(x.device) if p > 0 else torch.zeros((), dtype=torch.int64, device=x.device)
 
     if weight.requires_grad:
         # dW is outside the fused kernels (W is frozen by design); compose plain ops.
+        # A backend asked for by name must still be usable, as for a frozen weight.
+        if backend is not None:
+            backends.resolve_backend(x.device.type, backend)
         y = reference.lora_linear_reference(
             x2d, weight, bias, lora_A, lora_B, scaling, p, seed=seed
         )

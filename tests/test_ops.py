@@ -182,6 +182,7 @@ def test_unusable_backend_raises_with_its_reason(monkeypatch):
         (lambda a: a.update(dropout_p=1.0), ValueError, r"dropout_p must be a float in \[0, 1\)"),
         (lambda a: a.update(dropout_p=-0.1), ValueError, r"dropout_p must be a float in \[0, 1\)"),
         (lambda a: a.update(scaling="2"), TypeError, "scaling must be a float"),
+        (lambda a: a.update(training="no"), TypeError, "training must be a bool, got 'no'"),
         (lambda a: a.update(scaling=float("nan")), ValueError, "scaling must be finite"),
         (
             lambda a: a.update(weight=a["weight"].double()),
@@ -200,6 +201,7 @@ def test_unusable_backend_raises_with_its_reason(monkeypatch):
         "p-one",
         "p-negative",
         "scaling-type",
+        "training-str",
         "scaling-nan",
         "weight-dtype",
         "devices",
