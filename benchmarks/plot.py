@@ -33,14 +33,25 @@ def _providers(rows):
     return ordered + sorted(seen - set(ordered))
 
 
+def _color(provider: str):
+    import matplotlib.pyplot as plt
+
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    known = list(PROVIDER_ORDER)
+    index = known.index(provider) if provider in known else len(known) + hash(provider) % 3
+    return cycle[index % len(cycle)]
+
+
 def _grouped_bars(ax, shapes, providers, value, title, ylabel, ref_line=None):
+    """One group of bars per shape, one bar per provider (a fixed colour each)."""
     import numpy as np
 
     width = 0.8 / max(1, len(providers))
     xs = np.arange(len(shapes))
     for j, provider in enumerate(providers):
         heights = [value(shape, provider) for shape in shapes]
-        ax.bar(xs + (j - (len(providers) - 1) / 2) * width, heights, width, label=provider)
+        offset = (j - (len(providers) - 1) / 2) * width
+        ax.bar(xs + offset, heights, width, label=provider, color=_color(provider))
     if ref_line is not None:
         ax.axhline(ref_line, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks(xs)
@@ -98,7 +109,8 @@ def plot_csv(csv_path: Path, out_dir: Path | None = None) -> list[Path]:
             "x peft",
             ref_line=1.0,
         )
-        axes[0].legend(fontsize=7, ncol=len(providers))
+        for ax in axes:
+            ax.legend(fontsize=7, ncol=len(providers))
         fig.suptitle(f"lora_linear on {device} (measured; ratios from the same run)")
         fig.tight_layout()
         path = out_dir / f"{csv_path.stem}_speedup_{mode.replace('+', '_')}.png"
