@@ -121,11 +121,16 @@ def _check_arguments(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> flo
 def _autocast(x, weight, bias, lora_A, lora_B):
     """Cast like nn.Linear under torch.autocast: every operand to the autocast dtype."""
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    autocast_device = torch.amp.is_autocast_available(device_type)
+    if not (autocast_device and torch.is_autocast_enabled(device_type)):
         return x, weight, bias, lora_A, lora_B
     dtype = torch.get_autocast_dtype(device_type)
-    cast = [t if t is None else t.to(dtype) for t in (x, weight, bias, lora_A, lora_B)]
-    return tuple(cast)
+
+    def cast(t):
+        is_float = isinstance(t, torch.Tensor) and t.dtype in _FLOAT_DTYPES
+        return t.to(dtype) if is_float else t  # anything else is refused by the checks
+
+    return tuple(cast(t) for t in (x, weight, bias, lora_A, lora_B))
 
 
 def lora_linear(
@@ -157,12 +162,15 @@ def lora_linear(
         [*, N] in x's dtype. Gradients flow to x, bias, lora_A, lora_B and scaling.
         A weight that requires grad is served by a plain composition of ATen ops.
     """
+    # Under autocast, operands of mixed dtypes are legal (nn.Linear accepts them):
+    # cast first, then check what the kernels will see.
+    if isinstance(x, torch.Tensor) and x.dtype in _FLOAT_DTYPES:
+        x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
     p = _check_arguments(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {training!r} ({type(training).__name__})")
     if backend is not None:
         backends._check_name(backend)
-    x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
     if not training:
         p = 0.0
     K = x.shape[-1]

@@ -259,3 +259,23 @@ def test_compile_fullgraph_from_a_cold_process_matches_eager():
         [sys.executable, "-c", COLD_COMPILE], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_autocast_accepts_a_bf16_input_from_an_earlier_autocast_layer():
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    lora_kernels.apply_lora(model, rank=2, alpha=4)
+    for _, layer in lora_kernels.lora_layers(model):
+        nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    expected = model[2].original_linear(torch.relu(model[0](x)))
+    expected = (
+        expected
+        + model[2].scaling * (torch.relu(model[0](x)) @ model[2].lora_A.t()) @ model[2].lora_B.t()
+    )
+    assert (y.float() - expected).norm() / expected.norm() < 2e-2

@@ -563,7 +563,8 @@ def test_patched_peft_follows_the_active_adapter(monkeypatch):
         for model in (reference, patched):
             model.base_model.set_adapter(["default", "other"])
         before = counter.calls
-        assert torch.equal(patched(x), reference(x))
+        # v still runs fused (rounding differs from peft's composition), q falls back.
+        assert rel_err(patched(x), reference(x)) <= FP32_TOL
         assert counter.calls - before == 2  # only v: q has two adapters
 
 
