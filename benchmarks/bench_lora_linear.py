@@ -107,6 +107,7 @@ PROVIDER_LABELS = {
 }
 CSV_KEY = (
     "device",
+    "threads",
     "layer",
     "M",
     "K",
@@ -139,7 +140,6 @@ CSV_COLUMNS = (
     "model_h100_ms",
     "model_h100_vs_floor",
     "timer",
-    "threads",
     "torch",
     "triton",
     "peft",
