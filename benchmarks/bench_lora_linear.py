@@ -107,6 +107,7 @@ PROVIDER_LABELS = {
 }
 CSV_KEY = (
     "device",
+    "threads",
     "layer",
     "M",
     "K",
@@ -139,7 +140,6 @@ CSV_COLUMNS = (
     "model_h100_ms",
     "model_h100_vs_floor",
     "timer",
-    "threads",
     "torch",
     "triton",
     "peft",
@@ -725,6 +725,20 @@ def markdown_table(rows: list[dict], modes) -> str:
     return "\n".join(lines)
 
 
+def _sort_key(row: dict) -> tuple:
+    """Group rows by device, threads and shape; numbers compare as numbers."""
+
+    def part(value):
+        try:
+            return (0, float(value), "")
+        except (TypeError, ValueError):
+            return (1, 0.0, str(value))
+
+    order = ("device", "threads", "size", "layer", "dtype", "M", "K", "N", "R", "rank")
+    order += ("p", "dropout", "provider", "mode")
+    return tuple(part(row.get(k, "")) for k in order)
+
+
 def upsert_csv(path: Path, rows: list[dict], key=CSV_KEY, columns=CSV_COLUMNS) -> None:
     """Replace rows with the same key (device, shape, provider, mode), append the rest."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -747,7 +761,7 @@ def upsert_csv(path: Path, rows: list[dict], key=CSV_KEY, columns=CSV_COLUMNS) -
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(merged.values())
+        writer.writerows(sorted(merged.values(), key=_sort_key))
 
 
 # ---------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ SIZES = {
         vocab_size=32768,
     ),
 }
-CSV_KEY = ("device", "size", "batch", "seq", "rank", "dropout", "dtype", "provider")
+CSV_KEY = ("device", "threads", "size", "batch", "seq", "rank", "dropout", "dtype", "provider")
 CSV_COLUMNS = (
     "date",
     *CSV_KEY,
@@ -103,7 +103,6 @@ CSV_COLUMNS = (
     "loss_agrees",
     "trainable",
     "total",
-    "threads",
     "torch",
     "triton",
     "peft",
@@ -309,6 +308,12 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp32 on CPU, bf16 on GPU")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", choices=("cpu", "cuda"))
+    ap.add_argument(
+        "--threads",
+        type=int,
+        help="torch.set_num_threads on CPU (1 is far steadier on a machine shared with "
+        "other work: a descheduled OpenMP thread stalls every small op)",
+    )
     ap.add_argument("--csv", type=Path, help="default: results/<device>_training.csv")
     ap.add_argument("--no-csv", action="store_true")
     return ap.parse_args(argv)
@@ -318,6 +323,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.size = args.size or ("1b" if gpu else "tiny")
     args.batch = args.batch or 4
     args.seq = args.seq or (1024 if gpu else 128)

@@ -19,7 +19,8 @@ PROVIDER_ORDER = ("linear", "peft", "unsloth", "lk-torch", "lk-cpu", "lk-cuda", 
 
 
 def _shape_label(r: dict) -> str:
-    return f"{r['layer']} M={r['M']}\nR={r['R']} p={float(r['p']):g} {r['dtype']}"
+    threads = f" {r['threads']}t" if r.get("threads") else ""
+    return f"{r['layer']} M={r['M']}\nR={r['R']} p={float(r['p']):g} {r['dtype']}{threads}"
 
 
 def _read(path: Path) -> list[dict]:
