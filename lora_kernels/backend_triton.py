@@ -4,35 +4,47 @@ Math and names follow docs/backends.md (M tokens, K in_features, N out_features,
 rank; G = dY B):
 
     forward   1. _lora_shrink_kernel    U = D(X) A^T                [M, R]  fp32
-              2. _lora_fwd_kernel       Y = X W^T + b + s U B^T     [M, N]  written once
-    backward  3. _lora_bwd_dy_kernel    one pass over dY: G = dY B, partial sums of
-                                        dB = s dY^T U, db and ds = sum(G * U)
+              2. _lora_fwd_kernel       Y = s U B^T + X W^T + b     [M, N]  written once
+    backward  3. _lora_bwd_dy_kernel    one pass over dY: G = dY B, and partial sums of
+                                        dB = s dY^T U (R <= 16), db and ds = sum(G * U)
               4. _lora_bwd_dx_kernel    dX = s D(G A) + dY W        [M, K]  written once
-              5. _lora_bwd_tn_kernel    dA = s G^T D(X) over M splits (and dB when R > 16)
+              5. _lora_bwd_tn_kernel    dA = s G^T D(X), split over M (and dB for R > 16)
               6. _sum_partials_kernel   fp32 partial sums -> the gradient, in its dtype
 
-The keep mask is never stored: every kernel that needs it regenerates it from the seed
-with one `tl.randint4x` call per four elements of a row (the bit-exact rule of
+The keep mask is never stored: the shrink, dX and dA kernels regenerate it from the
+seed with one `tl.randint4x` call per four elements of a row (the bit-exact rule of
 `reference.dropout_keep_mask`), so backward keeps x, U and the seed only.
 
-Choices worth knowing:
+Where this departs from the plan of the design notes, and why:
+- The R-wide LoRA step opens the accumulator (a prologue) rather than closing it: in dX
+  the mask applies to s G A alone, so that term is masked while it is alone in the
+  accumulator, then the N loop adds dY W. The forward does the same for symmetry.
+- G sums over N and dB over M, both from the same dY tiles, so one of them must leave
+  partial sums. The dY pass keeps G in registers and writes dB's partials per M-tile,
+  4R / BLOCK_M of dY's bytes in extra traffic (half precision; 0.5 at R = 16 with
+  BLOCK_M = 128): cheaper than a second read of dY only for small R, so above R = 16
+  dB is its own M-split reduction (kernel 5) and the dY pass makes G, db and ds.
+- The dY pass is also split over N (G as fp32 partials, reduced by kernel 6): M / BLOCK_M
+  programs alone (64 at M = 8192) would leave half of an H100 idle.
+- Reductions are split for parallelism and summed in a fixed order from fp32 partial
+  buffers, never with atomics: gradients are bit-reproducible run to run.
+
+Numerics:
 - The rank-R products (s U B^T, G A, dY^T U, G^T D(X)) run on the tensor cores in x's
-  dtype: with float32 adapters and a half-precision x, the adapter, U and G tiles are
-  rounded to x's dtype on load (no float32 copy of x is ever made), and every product
+  dtype: with float32 adapters and half-precision x, the adapter, U and G tiles are
+  rounded to x's dtype on load (no float32 copy of x is ever made); every product
   accumulates in float32. float32 x uses TF32 exactly when
-  `torch.backends.cuda.matmul.allow_tf32` is set.
-- Dropout enters as a select (`where(keep, x, 0)`), never a multiply by 1 / (1 - p) in
-  half precision: the scale 1 / (1 - p) multiplies the float32 accumulator.
-- dB needs a sum over M and G a sum over N, both from the same dY tiles. For R <= 16
-  step 3 produces both (dB as per-M-tile fp32 partials, 4R / BLOCK_M of dY's bytes in
-  extra traffic for half-precision dY); for larger R that traffic would exceed a
-  second read of dY, so dB is a separate M-split reduction (step 5's kernel).
-- Reductions over M or N are split for parallelism and summed in a fixed order from
-  fp32 partial buffers (no atomics): gradients are bit-reproducible run to run.
+  `torch.backends.cuda.matmul.allow_tf32` is set, else IEEE fp32 dots (FMA, no tensor
+  cores; smaller tiles).
+- Dropout enters as a select (`where(keep, x, 0)`), never as a multiply by 1 / (1 - p)
+  in half precision: the scale multiplies the float32 accumulator.
 - All offsets are int64 (program ids and column offsets are cast before they meet a
   stride), so tensors beyond 2^31 elements and any strides of x and dY work.
 
-Under TRITON_INTERPRET=1 the same kernels run on CPU tensors with one small config.
+Configs come from `kernel_configs` (autotuned on the problem sizes; pruned per dtype,
+dot precision, dropout and R-block to what compiles without spills, checked for sm_80
+and sm_90 by benchmarks/compile_report.py). Under TRITON_INTERPRET=1 the same kernels
+run on CPU tensors with one small config.
 """
 
 from __future__ import annotations
@@ -515,31 +527,25 @@ KERNEL_NAMES = ("shrink", "fwd", "bwd_dy", "bwd_dx", "bwd_da", "bwd_db")
 
 # Host-chosen sizes of the rank dimension and of the reductions' splits.
 if _INTERPRET:
-    # Small enough that the tests' shapes (M up to 129, R up to 64) take several
-    # tiles, R-steps and splits on every path.
-    _R_STEP_MAX = 32  # BLOCK_R of the R-wide accumulator steps (fwd, dX)
-    _R_TILE_MAX = 32  # BLOCK_R of kernels with an [*, R] accumulator
+    # Small, so that the tests' shapes (M up to 129, R up to 256) take several tiles,
+    # R-steps and splits on every path.
+    _R_STEP_MAX = 32
+    _R_TILE_MAX = {False: 32, True: 32}
     _N_CHUNK_ALIGN = 16
     _M_CHUNK_ALIGN = 32
 else:
-    _R_STEP_MAX = 64
-    _R_TILE_MAX = 128
+    # The R-wide steps of the GEMMs (s U B^T, G A) are one MMA K-step of 16 each; the
+    # kernels whose accumulator is R wide take R in tiles of 64 (32 on the FMA path,
+    # fp32 without TF32, whose dot operands live in registers).
+    _R_STEP_MAX = 16
+    _R_TILE_MAX = {False: 64, True: 32}
     _N_CHUNK_ALIGN = 256
     _M_CHUNK_ALIGN = 256
-# Up to this rank the dY pass also makes dB's partials: 4R / dy_block_m(R) of dY's bytes
-# (half precision) of extra traffic, against a whole second read of dY otherwise.
+# Up to this rank the dY pass also makes dB's partials: 4R / dy_block_m(...) of dY's
+# bytes (half precision) of extra traffic, against a whole second read of dY otherwise.
 _FUSED_DB_MAX_R = 16
 _SUM_BLOCK_T, _SUM_BLOCK_L = (4, 64) if _INTERPRET else (8, 512)
 _MASK_BLOCK_M, _MASK_BLOCK_K = (16, 32) if _INTERPRET else (32, 128)
-# The BLOCK_R values a launcher can pass (the compile report covers them all).
-BLOCK_R_VALUES = {
-    "shrink": (16, 32, 64, 128),
-    "fwd": (16, 32, 64),
-    "bwd_dy": (16, 32, 64, 128),
-    "bwd_dx": (16, 32, 64),
-    "bwd_da": (16, 32, 64, 128),
-    "bwd_db": (16, 32, 64, 128),
-}
 
 
 def block_r(R: int, cap: int) -> int:
@@ -547,122 +553,181 @@ def block_r(R: int, cap: int) -> int:
     return max(16, min(triton.next_power_of_2(R), cap))
 
 
-def dy_block_m(BLOCK_R: int) -> int:
+def r_step_block(R: int) -> int:
+    """BLOCK_R of the R-wide accumulator steps of the forward and dX GEMMs."""
+    return block_r(R, _R_STEP_MAX)
+
+
+def r_tile_block(R: int, fma: bool) -> int:
+    """BLOCK_R of the kernels with an R-wide accumulator (shrink, dY pass, dA, dB)."""
+    return block_r(R, _R_TILE_MAX[fma])
+
+
+def dy_block_m(BLOCK_R: int, fma: bool) -> int:
     """Rows per program of the dY pass; fixed by the launcher, since the number of the
     dB / db partials depends on it (tall tiles cut dB's partial traffic, 4R / BLOCK_M)."""
     if _INTERPRET:
         return 16
+    if fma:
+        return 32
     return 128 if BLOCK_R <= 32 else 64
+
+
+def launch_block_r_values(name: str, fma: bool) -> tuple:
+    """Every BLOCK_R a launcher passes to kernel `name` on a GPU (for the compile report)."""
+    if name in ("fwd", "bwd_dx"):
+        return tuple(sorted({r_step_block(r) for r in (1, 256)}))
+    values = tuple(v for v in (16, 32, 64, 128) if v <= _R_TILE_MAX[fma])
+    if name == "bwd_db":  # dB runs on its own only above the fused rank
+        values = tuple(v for v in values if v > _FUSED_DB_MAX_R)
+    return values
 
 
 def _config(num_warps, num_stages, **blocks) -> triton.Config:
     return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
 
 
-def _candidates(name: str, elem: int) -> list[triton.Config]:
-    """Configs of kernel `name` for operands of `elem` bytes, before the fit checks."""
+def _candidates(name: str, elem: int, fma: bool) -> list[triton.Config]:
+    """Configs of kernel `name` for operands of `elem` bytes (on the FMA path: fp32
+    without TF32), before the per-launch checks of `kernel_configs`."""
     half = elem == 2
     if name in ("fwd", "bwd_dx"):
-        # (BLOCK_M, BLOCK_<out>, BLOCK_<loop>, warps, stages): the matmul tutorial's set;
-        # float32 halves the loop block. The 4-stage 128x256 tile fits sm_90 only.
+        # (BLOCK_M, BLOCK_<out>, BLOCK_<loop>, warps, stages): the matmul tutorial's set,
+        # plus 8-warp 128x128 (room for the dropout mask of dX) and a 4-stage 128x256
+        # tile for sm_90's shared memory. float32 halves the loop block; the FMA path
+        # keeps small tiles (its operands sit in registers).
         out, loop = ("BLOCK_N", "BLOCK_K") if name == "fwd" else ("BLOCK_K", "BLOCK_N")
-        if half:
-            shapes = [
-                (128, 256, 64, 8, 3),
-                (128, 256, 64, 8, 4),
-                (128, 128, 64, 4, 4),
-                (128, 64, 64, 4, 4),
-                (64, 128, 64, 4, 4),
-                (128, 128, 32, 4, 4),
-                (64, 64, 64, 4, 3),
-            ]
+        if fma:
+            shapes = [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3)]
+            shapes += [(32, 64, 32, 4, 3)]
         else:
+            bl = 64 if half else 32
             shapes = [
-                (128, 256, 32, 8, 3),
-                (128, 128, 32, 4, 4),
-                (128, 64, 32, 4, 4),
-                (64, 128, 32, 4, 4),
-                (64, 64, 32, 4, 3),
+                (128, 256, bl, 8, 3),
+                (128, 256, bl, 8, 4),
+                (128, 128, bl, 8, 4),
+                (128, 128, bl, 4, 4),
+                (128, 64, bl, 4, 4),
+                (64, 128, bl, 4, 4),
+                (64, 64, bl, 4, 3),
             ]
         return [
             _config(w, s, BLOCK_M=bm, **{out: bo, loop: bl}, GROUP_M=8)
             for bm, bo, bl, w, s in shapes
         ]
     if name == "shrink":
-        # Memory-bound: small M-tiles for many programs; the smaller K-blocks leave
-        # room for a 128-wide R-block.
+        # Memory-bound: modest M-tiles for many programs.
         bk = 128 if half else 64
-        shapes = [(64, bk, 4, 3), (32, bk, 4, 4), (128, bk // 2, 8, 3), (64, bk // 2, 4, 3)]
-        shapes += [(64, bk // 4, 4, 4)]
+        shapes = [(64, bk, 4, 3), (128, bk // 2, 8, 3), (64, bk // 2, 4, 3), (32, bk // 2, 4, 4)]
+        if fma:
+            shapes = [(128, 32, 8, 3), (32, 32, 4, 4), (64, 16, 4, 4)]
         return [_config(w, s, BLOCK_M=bm, BLOCK_K=bk) for bm, bk, w, s in shapes]
     if name == "bwd_dy":
-        bn = 64 if half else 32
-        shapes = [(bn, 4, 3), (2 * bn, 8, 3), (bn // 2, 4, 4)]
+        shapes = [(64, 8, 3), (128, 8, 3), (32, 4, 4)] if half else [(32, 8, 3), (16, 4, 3)]
+        if fma:
+            shapes = [(32, 4, 3), (16, 4, 4)]
         return [_config(w, s, BLOCK_N=bn) for bn, w, s in shapes]
     if name in ("bwd_da", "bwd_db"):
         # (BLOCK of the wide output dim, BLOCK_M of the reduction, warps, stages)
         wide = "BLOCK_Q" if name == "bwd_da" else "BLOCK_P"
         bm = 64 if half else 32
-        shapes = [(128, bm, 4, 3), (64, bm, 4, 4), (256, bm, 8, 3), (128, bm // 2, 4, 4)]
+        shapes = [(64, bm, 4, 4), (128, bm // 2, 4, 4), (256, bm // 2, 8, 3)]
+        # dA's 8-warp tile takes half the rows: ptxas spills (128, bm) in some variants
+        shapes += [(128, bm // 2 if name == "bwd_da" else bm, 8, 3)]
+        if fma:
+            shapes = [(64, 32, 4, 4), (128, 32, 8, 3)]
+            shapes += [(128, 16, 4, 4)] if name == "bwd_da" else []
         return [_config(w, s, **{wide: bo, "BLOCK_M": bm}) for bo, bm, w, s in shapes]
     raise ValueError(f"unknown kernel {name!r}; expected one of {KERNEL_NAMES}")
 
 
-def _accumulator_regs(name: str, blocks: dict, num_warps: int, BLOCK_R: int) -> int:
-    """fp32 accumulator registers per thread."""
+def _register_estimate(name, blocks, num_warps, BLOCK_R, fma, dropout) -> int:
+    """32-bit registers per thread held by a config's large tiles: the fp32 accumulator,
+    the dropout words when a kernel makes the mask, and on the FMA path the operands."""
+    threads = 32 * num_warps
     if name in ("fwd", "bwd_dx"):
-        elems = blocks["BLOCK_M"] * (
-            blocks.get("BLOCK_N", 0) if name == "fwd" else blocks["BLOCK_K"]
-        )
+        out = blocks["BLOCK_N"] if name == "fwd" else blocks["BLOCK_K"]
+        loop = blocks["BLOCK_K"] if name == "fwd" else blocks["BLOCK_N"]
+        acc, mask = blocks["BLOCK_M"] * out, blocks["BLOCK_M"] * out
+        operands = (blocks["BLOCK_M"] + out) * loop
     elif name == "shrink":
-        elems = blocks["BLOCK_M"] * BLOCK_R
+        acc, mask = blocks["BLOCK_M"] * BLOCK_R, blocks["BLOCK_M"] * blocks["BLOCK_K"]
+        operands = (blocks["BLOCK_M"] + BLOCK_R) * blocks["BLOCK_K"]
     elif name == "bwd_dy":
-        # G, plus dB's partial when fused (R <= 16)
         fused = BLOCK_R <= _FUSED_DB_MAX_R
-        elems = (dy_block_m(BLOCK_R) + (blocks["BLOCK_N"] if fused else 0)) * BLOCK_R
+        rows = dy_block_m(BLOCK_R, fma)
+        acc = (rows + (blocks["BLOCK_N"] if fused else 0)) * BLOCK_R
+        mask, operands = 0, (rows + BLOCK_R) * blocks["BLOCK_N"]
     else:
-        elems = BLOCK_R * (blocks.get("BLOCK_Q") or blocks["BLOCK_P"])
-    return elems // (32 * num_warps)
+        wide = blocks.get("BLOCK_Q") or blocks["BLOCK_P"]
+        acc, mask = BLOCK_R * wide, blocks["BLOCK_M"] * wide
+        operands = (BLOCK_R + wide) * blocks["BLOCK_M"]
+    regs = acc + (mask if dropout else 0) + (operands if fma else 0)
+    return regs // threads
 
 
-def _smem_estimate(name: str, blocks: dict, num_stages: int, elem: int, BLOCK_R: int) -> int:
+# Register budgets per thread for `_register_estimate`, set with the compile report
+# (benchmarks/compile_report.py): above them ptxas spills. Kernels that run Philox or
+# FMA dots next to their accumulator get less.
+_REGISTER_BUDGET = {"fwd": 128, "bwd_dx": 128, "shrink": 80, "bwd_dy": 96}
+_REGISTER_BUDGET |= {"bwd_da": 80, "bwd_db": 128}
+
+
+def _smem_estimate(name, blocks, num_stages, elem, BLOCK_R, fma) -> int:
     """Shared memory of the pipelined operand tiles in bytes (an estimate, for pruning):
     x-dtype tiles take `elem` bytes an element, adapter / U / G tiles up to 4."""
     if name in ("fwd", "bwd_dx"):
         out, loop = ("BLOCK_N", "BLOCK_K") if name == "fwd" else ("BLOCK_K", "BLOCK_N")
         main = (blocks["BLOCK_M"] + blocks[out]) * blocks[loop] * elem
         lora = (blocks["BLOCK_M"] + blocks[out]) * BLOCK_R * 4
-        return num_stages * max(main, lora)
+        return num_stages * main + lora
     if name == "shrink":
         return num_stages * blocks["BLOCK_K"] * (blocks["BLOCK_M"] * elem + BLOCK_R * 4)
     if name == "bwd_dy":
-        return num_stages * blocks["BLOCK_N"] * (dy_block_m(BLOCK_R) * elem + BLOCK_R * 4)
+        rows = dy_block_m(BLOCK_R, fma)
+        return num_stages * blocks["BLOCK_N"] * (rows * elem + BLOCK_R * 4)
     wide = blocks.get("BLOCK_Q") or blocks["BLOCK_P"]
     return num_stages * blocks["BLOCK_M"] * (BLOCK_R * 4 + wide * elem)
 
 
-def _fits(name, config, smem_limit: int, elem: int, BLOCK_R: int) -> bool:
-    # GEMM tiles take 128 accumulator registers per thread (the tutorial's 128x256 on 8
-    # warps); kernels that also run Philox or hold a second accumulator take 64.
-    regs = 128 if name in ("fwd", "bwd_dx", "bwd_db") else 64
-    if _accumulator_regs(name, config.kwargs, config.num_warps, BLOCK_R) > regs:
-        return False
-    smem = _smem_estimate(name, config.kwargs, config.num_stages, elem, BLOCK_R)
-    return smem <= smem_limit
+def kernel_configs(
+    name: str,
+    *,
+    capability: tuple,
+    smem_limit: int,
+    dtype: torch.dtype,
+    BLOCK_R: int,
+    INPUT_PRECISION: str = "ieee",
+    HAS_DROPOUT: bool = True,
+) -> list[triton.Config]:
+    """Autotune configs of kernel `name` for one launch: a GPU of `capability` with
+    `smem_limit` bytes of shared memory per block, operands of `dtype`, the launcher's
+    BLOCK_R, dot precision and dropout flag.
 
-
-def kernel_configs(name: str, smem_limit: int, dtype: torch.dtype, BLOCK_R: int):
-    """Autotune configs of kernel `name` for a device with `smem_limit` bytes of shared
-    memory per block, operands of `dtype` and the launcher's `BLOCK_R`.
-
-    The one source of truth for autotuning (keyed on M, N, K, R and the dtypes) and for
-    the ahead-of-time compile report (benchmarks/compile_report.py).
+    The one source of truth for autotuning (the autotuner prunes its list with this)
+    and for the ahead-of-time compile report (benchmarks/compile_report.py), which
+    checks every config it returns for spills and shared memory.
     """
     elem = torch.empty((), dtype=dtype).element_size()
-    configs = [c for c in _candidates(name, elem) if _fits(name, c, smem_limit, elem, BLOCK_R)]
+    fma = elem == 4 and INPUT_PRECISION == "ieee"
+    dropout = HAS_DROPOUT and name in ("shrink", "bwd_dx", "bwd_da")
+    budget = _REGISTER_BUDGET[name]
+    sm80 = tuple(capability) < (9, 0)
+    gemm = name in ("fwd", "bwd_dx")
+    if gemm and not fma and (dropout or (sm80 and (elem == 4 or name == "bwd_dx"))):
+        # The mask doubles dX's tile registers; sm_80's mma.sync holds operands in
+        # registers next to the accumulator (measured: dX and fp32 spill at 128).
+        budget = min(budget, 64)
+    configs = []
+    for config in _candidates(name, elem, fma):
+        regs = _register_estimate(name, config.kwargs, config.num_warps, BLOCK_R, fma, dropout)
+        smem = _smem_estimate(name, config.kwargs, config.num_stages, elem, BLOCK_R, fma)
+        if regs <= budget and smem <= smem_limit:
+            configs.append(config)
     if not configs:
         raise RuntimeError(
-            f"no config of {name} fits {smem_limit} B for {dtype}, R-block {BLOCK_R}"
+            f"no config of {name} fits: {dtype}, {INPUT_PRECISION}, R-block {BLOCK_R}, "
+            f"{smem_limit} B of shared memory"
         )
     return configs
 
@@ -687,42 +752,31 @@ _JIT_KERNELS = {
     "bwd_da": _lora_bwd_tn_kernel,
     "bwd_db": _lora_bwd_tn_kernel,
 }
+# Keyed on the problem sizes and on what changes the config list (Triton adds dtypes).
 _AUTOTUNE_KEYS = {
-    "shrink": ["M", "K", "R"],
-    "fwd": ["M", "N", "K", "R"],
-    "bwd_dy": ["M", "N", "R"],
-    "bwd_dx": ["M", "N", "K", "R"],
-    "bwd_da": ["M", "P", "Q"],
-    "bwd_db": ["M", "P", "Q"],
+    "shrink": ["M", "K", "R", "HAS_DROPOUT", "INPUT_PRECISION"],
+    "fwd": ["M", "N", "K", "R", "INPUT_PRECISION"],
+    "bwd_dy": ["M", "N", "R", "INPUT_PRECISION"],
+    "bwd_dx": ["M", "N", "K", "R", "HAS_DROPOUT", "INPUT_PRECISION"],
+    "bwd_da": ["M", "P", "Q", "HAS_DROPOUT", "INPUT_PRECISION"],
+    "bwd_db": ["M", "P", "Q", "INPUT_PRECISION"],
 }
-# Which launch argument carries the operand dtype and which the R-block, for pruning.
-_DTYPE_ARG = {
-    "shrink": "x",
-    "fwd": "x",
-    "bwd_dy": "dy",
-    "bwd_dx": "dy",
-    "bwd_da": "rhs",
-    "bwd_db": "lhs",
-}
-_BLOCK_R_ARG = {
-    "shrink": "BLOCK_R",
-    "fwd": "BLOCK_R",
-    "bwd_dy": "BLOCK_R",
-    "bwd_dx": "BLOCK_R",
-    "bwd_da": "BLOCK_P",
-    "bwd_db": "BLOCK_Q",
-}
+# The launch argument carrying the operand dtype, and the one carrying the R-block.
+_DTYPE_ARG = {"shrink": "x", "fwd": "x", "bwd_dy": "dy", "bwd_dx": "dy"}
+_DTYPE_ARG |= {"bwd_da": "rhs", "bwd_db": "lhs"}
+_BLOCK_R_ARG = {"shrink": "BLOCK_R", "fwd": "BLOCK_R", "bwd_dy": "BLOCK_R"}
+_BLOCK_R_ARG |= {"bwd_dx": "BLOCK_R", "bwd_da": "BLOCK_P", "bwd_db": "BLOCK_Q"}
 
 
 @functools.cache
-def _shared_memory_limit(device_index: int) -> int:
-    """Opt-in shared memory per block of a CUDA device, in bytes."""
+def _device_target(device_index: int) -> tuple[tuple[int, int], int]:
+    """(compute capability, opt-in shared memory per block in bytes) of a CUDA device."""
     props = torch.cuda.get_device_properties(device_index)
-    limit = getattr(props, "shared_memory_per_block_optin", 0)
-    if limit:
-        return int(limit)
     capability = (props.major, props.minor)
-    return SHARED_MEMORY_LIMIT.get(capability, 101376)  # 99 KB: sm_86, sm_89, sm_120
+    limit = getattr(props, "shared_memory_per_block_optin", 0)
+    if not limit:
+        limit = SHARED_MEMORY_LIMIT.get(capability, 101376)  # 99 KB: sm_86, sm_89, sm_120
+    return capability, int(limit)
 
 
 @functools.cache
@@ -735,20 +789,31 @@ def _config_key(config: triton.Config) -> tuple:
 
 
 @functools.cache
-def _tuned(name: str, smem_limit: int | None):
-    """Kernel `name` under triton.autotune for a device with `smem_limit` bytes of shared
-    memory per block (None: the interpreter, one small config)."""
+def _tuned(name: str, target: tuple | None):
+    """Kernel `name` under triton.autotune for a device `target` = (capability, shared
+    memory limit); None: the interpreter, one small config."""
     kernel = _JIT_KERNELS[name]
-    if smem_limit is None:
+    if target is None:
         return triton.autotune([_interpreter_config(name)], key=_AUTOTUNE_KEYS[name])(kernel)
+    capability, smem_limit = target
 
     def prune(configs, named_args, **kwargs):
-        dtype = named_args[_DTYPE_ARG[name]].dtype
-        allowed = kernel_configs(name, smem_limit, dtype, kwargs[_BLOCK_R_ARG[name]])
+        allowed = kernel_configs(
+            name,
+            capability=capability,
+            smem_limit=smem_limit,
+            dtype=named_args[_DTYPE_ARG[name]].dtype,
+            BLOCK_R=kwargs[_BLOCK_R_ARG[name]],
+            INPUT_PRECISION=kwargs["INPUT_PRECISION"],
+            HAS_DROPOUT=kwargs.get("HAS_DROPOUT", False),
+        )
         keys = {_config_key(c) for c in allowed}
         return [c for c in configs if _config_key(c) in keys]
 
-    configs = {_config_key(c): c for elem in (2, 4) for c in _candidates(name, elem)}
+    candidates = [
+        c for elem in (2, 4) for fma in (False, True) for c in _candidates(name, elem, fma)
+    ]
+    configs = {_config_key(c): c for c in candidates}
     return triton.autotune(
         list(configs.values()),
         key=_AUTOTUNE_KEYS[name],
@@ -837,11 +902,11 @@ def _dropout_args(dropout_p: float) -> tuple[bool, int, float]:
     return True, signed, reference.dropout_scale(dropout_p)
 
 
-def _device_smem(device: torch.device) -> int | None:
-    """The shared-memory limit that picks configs; None under the interpreter."""
+def _device(device: torch.device) -> tuple | None:
+    """(capability, shared memory limit) that picks configs; None under the interpreter."""
     if _INTERPRET:
         return None
-    return _shared_memory_limit(device.index if device.index is not None else 0)
+    return _device_target(device.index if device.index is not None else 0)
 
 
 def _target_programs(device: torch.device) -> int:
@@ -854,6 +919,8 @@ def _target_programs(device: torch.device) -> int:
 def _split(total: int, other_programs: int, align: int, target: int) -> tuple[int, int]:
     """(chunk, splits) cutting `total` into aligned chunks so that splits * other_programs
     reaches `target`."""
+    if total == 0:
+        return align, 1
     splits = max(1, min(math.ceil(target / max(other_programs, 1)), math.ceil(total / align)))
     chunk = math.ceil(math.ceil(total / splits) / align) * align
     return chunk, math.ceil(total / chunk)
@@ -893,11 +960,12 @@ def _forward_into(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, 
         return
     has_dropout, threshold, dropout_scale = _dropout_args(dropout_p)
     precision = _input_precision(x.dtype)
-    smem = _device_smem(x.device)
+    target = _device(x.device)
+    fma = x.dtype == torch.float32 and precision == "ieee"
 
-    BLOCK_R = block_r(R, _R_TILE_MAX)
+    BLOCK_R = r_tile_block(R, fma)
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(R, BLOCK_R))
-    wrap_triton(_tuned("shrink", smem))[grid](
+    wrap_triton(_tuned("shrink", target))[grid](
         x,
         lora_A,
         u,
@@ -920,7 +988,7 @@ def _forward_into(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, 
     if N == 0:
         return
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
-    wrap_triton(_tuned("fwd", smem))[grid](
+    wrap_triton(_tuned("fwd", target))[grid](
         x,
         weight,
         bias if bias is not None else y,
@@ -944,7 +1012,7 @@ def _forward_into(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, 
         y.stride(1),
         HAS_BIAS=bias is not None,
         INPUT_PRECISION=precision,
-        BLOCK_R=block_r(R, _R_STEP_MAX),
+        BLOCK_R=r_step_block(R),
     )
 
 
@@ -993,8 +1061,9 @@ def _backward_into(
     fused_db = need_lora and R <= _FUSED_DB_MAX_R
     has_dropout, threshold, dropout_scale = _dropout_args(dropout_p)
     precision = _input_precision(x.dtype)
-    smem = _device_smem(device)
-    target = _target_programs(device)
+    target = _device(device)
+    programs = _target_programs(device)
+    fma = x.dtype == torch.float32 and precision == "ieee"
     f32 = torch.float32
 
     if M == 0:
@@ -1007,18 +1076,18 @@ def _backward_into(
     # 3. One pass over dY: G (partials over N-chunks), dB, db and ds partials.
     g = None
     if need_g or grad_bias is not None:
-        BLOCK_R = block_r(R, _R_TILE_MAX)
-        BLOCK_M = dy_block_m(BLOCK_R)
+        BLOCK_R = r_tile_block(R, fma)
+        BLOCK_M = dy_block_m(BLOCK_R, fma)
         m_tiles = triton.cdiv(M, BLOCK_M)
         r_tiles = triton.cdiv(R, BLOCK_R)
-        n_chunk, n_split = _split(N, m_tiles * r_tiles, _N_CHUNK_ALIGN, target)
+        n_chunk, n_split = _split(N, m_tiles * r_tiles, _N_CHUNK_ALIGN, programs)
         g_part = _empty((n_split, M, R), f32, device) if need_g else u
         db_part = _empty((m_tiles, N, R), f32, device) if fused_db else u
         dbias_part = _empty((m_tiles, N), f32, device) if grad_bias is not None else u
         ds_part = u
         if grad_scaling is not None:
             ds_part = _empty((m_tiles * n_split * r_tiles,), f32, device)
-        wrap_triton(_tuned("bwd_dy", smem))[(m_tiles, n_split, r_tiles)](
+        wrap_triton(_tuned("bwd_dy", target))[(m_tiles, n_split, r_tiles)](
             grad_y,
             lora_B,
             u,
@@ -1060,7 +1129,7 @@ def _backward_into(
     # 4. dX = s D(G A) + dY W.
     if grad_x is not None and K > 0:
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"]),)
-        wrap_triton(_tuned("bwd_dx", smem))[grid](
+        wrap_triton(_tuned("bwd_dx", target))[grid](
             grad_y,
             weight,
             g,
@@ -1086,19 +1155,19 @@ def _backward_into(
             dropout_scale,
             HAS_DROPOUT=has_dropout,
             INPUT_PRECISION=precision,
-            BLOCK_R=block_r(R, _R_STEP_MAX),
+            BLOCK_R=r_step_block(R),
         )
 
     if not need_lora:
         return
     # 5. dA = s G^T D(X) (and dB = s dY^T U when not fused), split over M.
-    BLOCK_R = block_r(R, _R_TILE_MAX)
+    BLOCK_R = r_tile_block(R, fma)
     other = triton.cdiv(R, BLOCK_R) * triton.cdiv(K, 128)
-    m_chunk, m_split = _split(M, other, _M_CHUNK_ALIGN, target)
+    m_chunk, m_split = _split(M, other, _M_CHUNK_ALIGN, programs)
     if K > 0:
         da_part = _empty((m_split, R, K), f32, device)
         grid = lambda META: (triton.cdiv(R, BLOCK_R) * triton.cdiv(K, META["BLOCK_Q"]), m_split)
-        wrap_triton(_tuned("bwd_da", smem))[grid](
+        wrap_triton(_tuned("bwd_da", target))[grid](
             g,
             x,
             da_part,
@@ -1122,10 +1191,10 @@ def _backward_into(
         if N == 0:
             return
         other = triton.cdiv(N, 128) * triton.cdiv(R, BLOCK_R)
-        m_chunk, m_split = _split(M, other, _M_CHUNK_ALIGN, target)
+        m_chunk, m_split = _split(M, other, _M_CHUNK_ALIGN, programs)
         db_part = _empty((m_split, N, R), f32, device)
         grid = lambda META: (triton.cdiv(N, META["BLOCK_P"]) * triton.cdiv(R, BLOCK_R), m_split)
-        wrap_triton(_tuned("bwd_db", smem))[grid](
+        wrap_triton(_tuned("bwd_db", target))[grid](
             grad_y,
             u,
             db_part,

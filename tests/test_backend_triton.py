@@ -82,9 +82,9 @@ def make_inputs(
     else:
         x = rand(M, K)
     x.requires_grad_()
-    weight = rand(N, K, scale=K**-0.5)
+    weight = rand(N, K, scale=max(K, 1) ** -0.5)
     b = rand(N).requires_grad_() if bias else None
-    lora_A = rand(R, K, dt=lora_dtype, scale=K**-0.5).requires_grad_()
+    lora_A = rand(R, K, dt=lora_dtype, scale=max(K, 1) ** -0.5).requires_grad_()
     lora_B = rand(N, R, dt=lora_dtype, scale=R**-0.5).requires_grad_()
     if learnable_s:
         s = torch.tensor(0.75, device=DEVICE, requires_grad=True)
@@ -373,6 +373,29 @@ def test_empty_input_returns_empty_output_and_zero_gradients_without_launching(l
     assert x.grad.shape == x.shape
     for t in (b, lora_A, lora_B, s):
         assert torch.equal(t.grad, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("K,N", [(0, 12), (20, 0)], ids=["K0", "N0"])
+def test_zero_features_match_reference(K, N):
+    """Called as ops (lora_linear's reshape of x rejects K = 0 before any backend runs)."""
+    M, R, p = 9, 3, 0.1
+    x, weight, b, lora_A, lora_B, s = make_inputs(M, K, N, R, torch.float32)
+    seed = torch.tensor(5, dtype=torch.int64, device=DEVICE)
+    grad_y = torch.randn(M, N, device=DEVICE)
+    y, u = torch.ops.lora_kernels.triton_forward(x, weight, b, lora_A, lora_B, s, p, seed)
+    grads = torch.ops.lora_kernels.triton_backward(
+        grad_y, x, weight, lora_A, lora_B, s, p, seed, u, True, True, True, True
+    )
+    if K > 0:
+        y_ref, (gx, gb, gA, gB, gs) = run_reference(
+            x, weight, b, lora_A, lora_B, s, p, seed, grad_y
+        )
+    else:  # (the reference's reshape rejects K = 0 too) U = 0, so Y = b and dB = ds = 0
+        y_ref, gb = b.detach().double().expand(M, N), grad_y.double().sum(0)
+        gx, gA = torch.zeros(M, 0).double(), torch.zeros(R, 0).double()
+        gB, gs = torch.zeros(N, R).double(), torch.zeros(()).double()
+    for out, ref in zip((y, *grads), (y_ref, gx, gA, gB, gs, gb), strict=True):
+        assert out.shape == ref.shape and torch.allclose(out.double().cpu(), ref)
 
 
 def test_backward_keeps_only_x_u_and_the_seed():
