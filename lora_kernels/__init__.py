@@ -1,16 +1,46 @@
 """Fused kernels for LoRA fine-tuning: Y = X W^T + b + s * (dropout(X) A^T) B^T."""
 
 from .backends import BACKENDS, available_backends
+from .layer import LoRALinear
+from .model import (
+    apply_lora,
+    count_parameters,
+    load_lora_state_dict,
+    lora_disabled,
+    lora_layers,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge_lora,
+    remove_lora,
+    set_lora_enabled,
+)
 from .ops import lora_linear
+from .peft_compat import PatchReport, load_adapter, patch_peft, save_adapter, unpatch_peft
 from .reference import dropout_keep_mask, lora_linear_reference
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "LoRALinear",
+    "PatchReport",
     "__version__",
+    "apply_lora",
     "available_backends",
+    "count_parameters",
     "dropout_keep_mask",
+    "load_adapter",
+    "load_lora_state_dict",
+    "lora_disabled",
+    "lora_layers",
     "lora_linear",
     "lora_linear_reference",
+    "lora_state_dict",
+    "mark_only_lora_as_trainable",
+    "merge_lora",
+    "patch_peft",
+    "remove_lora",
+    "save_adapter",
+    "set_lora_enabled",
+    "unpatch_peft",
 ]

@@ -40,7 +40,12 @@ def torch_forward(
     keep = _keep_mask(x, dropout_p, seed)
     u = reference.apply_dropout(x.to(cdt), keep, dropout_p) @ lora_A.to(cdt).t()
     y = torch.nn.functional.linear(x, weight, bias)
-    y.addmm_((u * scaling).to(y.dtype), lora_B.t().to(y.dtype))
+    if y.dtype == cdt:
+        y.addmm_(u * scaling, lora_B.t().to(cdt))
+    else:
+        # In half precision s U alone may overflow where Y does not: form the sum in
+        # float32 and round once.
+        y = torch.addmm(y.to(cdt), u * scaling, lora_B.t().to(cdt)).to(x.dtype)
     return y, u
 
 
@@ -77,9 +82,9 @@ def torch_backward(
     grad_scaling = scaling.new_empty(0)
     grad_bias = x.new_empty(0)
     if need_grad_x:
-        grad_x = grad_y @ weight
         dropped_ga = reference.apply_dropout(g @ lora_A.to(cdt), keep, dropout_p)
-        grad_x += (scaling * dropped_ga).to(x.dtype)
+        # Summed in the branch dtype, rounded once (as the forward's LoRA term).
+        grad_x = ((grad_y @ weight).to(cdt) + scaling * dropped_ga).to(x.dtype)
     if need_grad_lora:
         dropped_x = reference.apply_dropout(x.to(cdt), keep, dropout_p)
         grad_A = (scaling * g.t() @ dropped_x).to(lora_A.dtype)

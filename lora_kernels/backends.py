@@ -70,7 +70,9 @@ def resolve_backend(device_type: str, requested: str | None = None) -> str:
     `requested` (or else the LORA_KERNELS_BACKEND environment variable) names one
     explicitly; it must be usable and serve the device, or this raises with the
     reason. Otherwise the best usable backend for the device is chosen, and a
-    warning says so when it is not the first preference.
+    warning says so when it is not the first preference. The chosen backend's ops
+    are loaded here: torch.compile runs this function eagerly (its result is a
+    constant), so the traced `backend_ops` lookup always finds them loaded.
     """
     if requested is None:
         requested = os.environ.get(ENV_VAR) or None
@@ -86,6 +88,7 @@ def resolve_backend(device_type: str, requested: str | None = None) -> str:
             raise RuntimeError(
                 f"lora_kernels backend {requested!r} does not run on {device_type} tensors"
             )
+        backend_ops(requested)
         return requested
     preference = _PREFERENCE.get(device_type, ("torch",))
     skipped = []
@@ -99,6 +102,7 @@ def resolve_backend(device_type: str, requested: str | None = None) -> str:
                     + "; ".join(skipped),
                     stacklevel=3,
                 )
+            backend_ops(name)
             return name
         skipped.append(f"{name!r} is not usable ({reason})")
     raise RuntimeError(f"no lora_kernels backend serves {device_type} tensors: {skipped}")

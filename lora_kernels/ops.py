@@ -44,19 +44,23 @@ def _check_tensor(name: str, t, ndim: int | None = None) -> None:
         raise ValueError(f"{name} must be {ndim}-D, got shape {_shape(t)}")
 
 
-def check_dropout_p(dropout_p) -> float:
-    """dropout_p as a float in [0, 1), or a ValueError/TypeError naming it."""
+def check_dropout_p(dropout_p, name: str = "dropout_p") -> float:
+    """dropout_p as a float in [0, 1), or a TypeError/ValueError naming the argument."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+        raise TypeError(
+            f"{name} must be a float in [0, 1), got {dropout_p!r} ({type(dropout_p).__name__})"
+        )
     if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+        raise ValueError(f"{name} must be a float in [0, 1), got {dropout_p!r}")
     return float(dropout_p)
 
 
 def _check_arguments(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> float:
     _check_tensor("x", x)
     if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (its last is in_features)")
+        raise ValueError(
+            "x must have at least one dimension (its last is in_features), got a 0-dim tensor"
+        )
     _check_tensor("weight", weight, ndim=2)
     _check_tensor("lora_A", lora_A, ndim=2)
     _check_tensor("lora_B", lora_B, ndim=2)
@@ -117,11 +121,16 @@ def _check_arguments(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> flo
 def _autocast(x, weight, bias, lora_A, lora_B):
     """Cast like nn.Linear under torch.autocast: every operand to the autocast dtype."""
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    autocast_device = torch.amp.is_autocast_available(device_type)
+    if not (autocast_device and torch.is_autocast_enabled(device_type)):
         return x, weight, bias, lora_A, lora_B
     dtype = torch.get_autocast_dtype(device_type)
-    cast = [t if t is None else t.to(dtype) for t in (x, weight, bias, lora_A, lora_B)]
-    return tuple(cast)
+
+    def cast(t):
+        is_float = isinstance(t, torch.Tensor) and t.dtype in _FLOAT_DTYPES
+        return t.to(dtype) if is_float else t  # anything else is refused by the checks
+
+    return tuple(cast(t) for t in (x, weight, bias, lora_A, lora_B))
 
 
 def lora_linear(
@@ -153,21 +162,30 @@ def lora_linear(
         [*, N] in x's dtype. Gradients flow to x, bias, lora_A, lora_B and scaling.
         A weight that requires grad is served by a plain composition of ATen ops.
     """
+    # Under autocast, operands of mixed dtypes are legal (nn.Linear accepts them):
+    # cast first, then check what the kernels will see.
+    if isinstance(x, torch.Tensor) and x.dtype in _FLOAT_DTYPES:
+        x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
     p = _check_arguments(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {training!r} ({type(training).__name__})")
     if backend is not None:
         backends._check_name(backend)
-    x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
     if not training:
         p = 0.0
     K = x.shape[-1]
     N = weight.shape[0]
-    x2d = x.reshape(-1, K)
+    # Not reshape(-1, K): with K == 0 the -1 could be any M.
+    x2d = x.reshape(math.prod(x.shape[:-1]), K)
     branch_dtype = torch.promote_types(x.dtype, torch.float32)
     # No draw from the generator when there is no dropout: eval runs leave RNG alone.
     seed = draw_seed(x.device) if p > 0 else torch.zeros((), dtype=torch.int64, device=x.device)
 
     if weight.requires_grad:
         # dW is outside the fused kernels (W is frozen by design); compose plain ops.
+        # A backend asked for by name must still be usable, as for a frozen weight.
+        if backend is not None:
+            backends.resolve_backend(x.device.type, backend)
         y = reference.lora_linear_reference(
             x2d, weight, bias, lora_A, lora_B, scaling, p, seed=seed
         )

@@ -19,6 +19,8 @@ and the keep mask is Philox4x32-10 (Salmon et al., SC'11; the same generator as
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Philox4x32 round multipliers and Weyl key increments (Random123).
@@ -136,8 +138,8 @@ def lora_linear_reference(
     adapters on a bf16 layer compute the branch in float32, as peft does).
     """
     K = x.shape[-1]
-    x2d = x.reshape(-1, K)
-    M = x2d.shape[0]
+    M = math.prod(x.shape[:-1])  # not reshape(-1, K): with K == 0 the -1 is ambiguous
+    x2d = x.reshape(M, K)
     p = dropout_p if training else 0.0
     keep = dropout_keep_mask(seed, M, K, p, x.device) if p > 0 else None
     base = torch.nn.functional.linear(x2d, weight, bias)

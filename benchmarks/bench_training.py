@@ -1,0 +1,437 @@
+#!/usr/bin/env python
+"""Training benchmark: a Llama-shaped model with LoRA on all its linear layers.
+
+A `LlamaForCausalLM` built from a transformers `LlamaConfig` (tiny on a CPU, larger on
+a GPU; no download), LoRA on q/k/v/o/gate/up/down projections, trained with AdamW on
+the same synthetic batches by:
+
+- ``peft``: `peft.get_peft_model` (adapters float32, as peft makes them);
+- ``peft+patch``: the same peft model after `lora_kernels.patch_peft` (issue 5), when
+  the installed lora_kernels has it;
+- ``apply_lora``: `lora_kernels.apply_lora` on the same base weights.
+
+Every provider starts from identical base weights and identical adapters (peft's
+initial A and B are copied into the others) and sees the same batches; the steps of
+all providers are interleaved so a noisy machine slows them alike. Reports the median
+step time (p20-p80), tokens/s, memory (peak allocated on a GPU; on a CPU the
+activation bytes autograd saves for one step, parameters excluded), and the loss
+after N steps, which must agree across providers (exactly up to rounding when
+dropout is 0; with dropout, peft's masks differ from lora_kernels', so only
+peft+patch and apply_lora are held to each other and peft is compared loosely).
+
+    python benchmarks/bench_training.py               # tiny model, CPU: seconds
+    python benchmarks/bench_training.py --steps 50 --dropout 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+try:
+    import lora_kernels
+except ImportError:  # a checkout run without `pip install -e .` or PYTHONPATH
+    sys.path.insert(0, str(REPO))
+    import lora_kernels
+
+from bench_lora_linear import (  # noqa: E402
+    device_name,
+    device_slug,
+    git_commit,
+    quantile,
+    upsert_csv,
+    versions,
+)
+
+from lora_kernels.memory import saved_activations  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SIZES = {
+    # Llama-3 proportions (GQA 4:1, intermediate 3.5x hidden), scaled to the device.
+    "tiny": dict(
+        hidden_size=256,
+        intermediate_size=896,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=2048,
+    ),
+    "small": dict(
+        hidden_size=1024,
+        intermediate_size=3584,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=16384,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32768,
+    ),
+}
+CSV_KEY = ("device", "size", "batch", "seq", "rank", "dropout", "dtype", "provider")
+CSV_COLUMNS = (
+    "date",
+    *CSV_KEY,
+    "steps",
+    "step_ms",
+    "step_p20_ms",
+    "step_p80_ms",
+    "tokens_per_s",
+    "vs_peft",
+    "memory_bytes",
+    "memory_kind",
+    "loss_first",
+    "loss_last",
+    "loss_agrees",
+    "trainable",
+    "total",
+    "threads",
+    "torch",
+    "triton",
+    "peft",
+    "transformers",
+    "commit",
+)
+
+
+def build_base(size: str, dtype, device, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        **SIZES[size],
+        max_position_embeddings=4096,
+        use_cache=False,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype)
+
+
+def make_batches(n, batch, seq, vocab, device, seed):
+    """Learnable synthetic text: each row counts up by a row-specific stride mod vocab."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        start = torch.randint(vocab, (batch, 1), generator=g)
+        stride = torch.randint(1, 8, (batch, 1), generator=g)
+        out.append(((start + stride * torch.arange(seq)) % vocab).to(device))
+    return out
+
+
+def peft_model(base, rank, alpha, dropout):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=TARGETS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_peft_model(base, config)
+
+
+def peft_adapters(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module path in the base model: (A, B)} of a peft model's default adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    prefix = "base_model.model."
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            out[name.removeprefix(prefix)] = (
+                module.lora_A["default"].weight.detach().clone(),
+                module.lora_B["default"].weight.detach().clone(),
+            )
+    return out
+
+
+def build_providers(args, device, dtype):
+    """{name: model} with identical base weights and adapters, and {name: why skipped}."""
+    base = build_base(args.size, dtype, device, args.seed)
+    models, skipped, notes = {}, {}, {}
+
+    torch.manual_seed(args.seed + 1)
+    models["peft"] = peft_model(copy.deepcopy(base), args.rank, args.alpha, args.dropout)
+    init = peft_adapters(models["peft"])
+
+    if hasattr(lora_kernels, "patch_peft"):
+        patched = peft_model(copy.deepcopy(base), args.rank, args.alpha, args.dropout)
+        _copy_into_peft(patched, init)
+        report = lora_kernels.patch_peft(patched)
+        notes["peft+patch"] = f"patch_peft report: {report}"
+        models["peft+patch"] = patched
+    else:
+        skipped["peft+patch"] = (
+            "lora_kernels.patch_peft does not exist in this checkout yet (issue 5)"
+        )
+
+    if hasattr(lora_kernels, "apply_lora"):
+        model = copy.deepcopy(base)
+        lora_kernels.apply_lora(
+            model, args.rank, args.alpha, dropout=args.dropout, target_modules=TARGETS
+        )
+        _copy_into_lora_kernels(model, init)
+        models["apply_lora"] = model
+    else:
+        skipped["apply_lora"] = (
+            "lora_kernels.apply_lora does not exist in this checkout yet (issue 2)"
+        )
+    for model in models.values():
+        model.train()
+    return models, skipped, notes
+
+
+def _copy_into_peft(model, init) -> None:
+    from peft.tuners.lora import LoraLayer
+
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            key = name.removeprefix("base_model.model.")
+            if isinstance(module, LoraLayer) and key in init:
+                module.lora_A["default"].weight.copy_(init[key][0])
+                module.lora_B["default"].weight.copy_(init[key][1])
+
+
+def _copy_into_lora_kernels(model, init) -> None:
+    layers = dict(lora_kernels.lora_layers(model))
+    missing = set(init) ^ set(layers)
+    if missing:
+        raise RuntimeError(f"peft and apply_lora adapted different modules: {sorted(missing)}")
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.lora_A.copy_(init[name][0])
+            layer.lora_B.copy_(init[name][1])
+
+
+def count(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def memory_of_step(model, batch, device) -> tuple[int, str]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        model(input_ids=batch, labels=batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, "peak allocated above the model"
+    loss, saved = saved_activations(
+        lambda: model(input_ids=batch, labels=batch).loss, exclude=list(model.parameters())
+    )
+    del loss
+    return saved.bytes, "activations saved for backward"
+
+
+def train(models, batches, args, device, progress=None):
+    """Interleaved AdamW steps; returns {name: (step seconds list, losses list)}."""
+    opts = {
+        name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=args.lr)
+        for name, m in models.items()
+    }
+    times = {name: [] for name in models}
+    losses = {name: [] for name in models}
+    names = list(models)
+    # The same RNG stream for every provider's step (dropout masks/seeds drawn alike).
+    rng_states = {name: torch.random.get_rng_state() for name in names}
+    for step, batch in enumerate(batches):
+        order = names[step % len(names) :] + names[: step % len(names)]
+        for name in order:
+            model, opt = models[name], opts[name]
+            torch.random.set_rng_state(rng_states[name])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+            losses[name].append(loss.item())
+            rng_states[name] = torch.random.get_rng_state()
+        if progress is not None:
+            progress.update(1)
+    return times, losses
+
+
+def agreement(losses, dtype, dropout) -> dict[str, str]:
+    """Per provider: does the loss after N steps agree with the reference provider's?
+
+    Without dropout every provider computes the same function: the reference is peft
+    and the tolerance is rounding. With dropout, peft's masks (torch's dropout) differ
+    from lora_kernels' (Philox from a seed), so peft is held only loosely (10%) to
+    apply_lora, the reference, while peft+patch must match apply_lora to rounding.
+    """
+    tol = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2}[dtype]
+    names = list(losses)
+    ref = "apply_lora" if dropout > 0 and "apply_lora" in losses else names[0]
+    out = {}
+    for name in names:
+        if name == ref:
+            out[name] = "reference"
+            continue
+        limit = 0.1 if (dropout > 0 and name == "peft") else tol
+        rel = abs(losses[name][-1] - losses[ref][-1]) / abs(losses[ref][-1])
+        verdict = "yes" if rel <= limit else "NO"
+        out[name] = f"{verdict} (rel {rel:.1e} vs {ref}, limit {limit:g})"
+    return out
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="LoRA training benchmark on a Llama-shaped model")
+    ap.add_argument("--size", choices=sorted(SIZES), help="default: tiny on CPU, 1b on GPU")
+    ap.add_argument("--batch", type=int, help="default: 4 on CPU, 4 on GPU")
+    ap.add_argument("--seq", type=int, help="default: 128 on CPU, 1024 on GPU")
+    ap.add_argument("--steps", type=int, default=20, help="AdamW steps per provider")
+    ap.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--alpha", type=float, default=32.0)
+    ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp32 on CPU, bf16 on GPU")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", choices=("cpu", "cuda"))
+    ap.add_argument("--csv", type=Path, help="default: results/<device>_training.csv")
+    ap.add_argument("--no-csv", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    args.size = args.size or ("1b" if gpu else "tiny")
+    args.batch = args.batch or 4
+    args.seq = args.seq or (1024 if gpu else 128)
+    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+    if args.steps <= args.warmup:
+        print("--steps must exceed --warmup", file=sys.stderr)
+        return 2
+
+    from tqdm import tqdm
+
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device": device_name(device),
+        "threads": "" if gpu else torch.get_num_threads(),
+        "commit": git_commit(),
+        **versions(),
+    }
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError as error:
+        print(f"transformers is needed for the training benchmark: {error}", file=sys.stderr)
+        return 2
+
+    models, skipped, notes = build_providers(args, device, dtype)
+    batches = make_batches(
+        args.steps, args.batch, args.seq, SIZES[args.size]["vocab_size"], device, args.seed
+    )
+    memory = {name: memory_of_step(m, batches[0], device) for name, m in models.items()}
+    with tqdm(total=args.steps, desc="training steps", file=sys.stderr) as progress:
+        times, losses = train(models, batches, args, device, progress)
+    agree = agreement(losses, dtype, args.dropout)
+
+    tokens = args.batch * args.seq
+    cfg = SIZES[args.size]
+    print(f"# LoRA training benchmark on {env['device']}")
+    print()
+    print(
+        f"Llama-shaped model '{args.size}' from a LlamaConfig ({cfg['num_hidden_layers']} layers, "
+        f"hidden {cfg['hidden_size']}, intermediate {cfg['intermediate_size']}, "
+        f"{cfg['num_attention_heads']}/{cfg['num_key_value_heads']} heads, vocab "
+        f"{cfg['vocab_size']}), {DTYPE_NAMES[dtype]}, batch {args.batch} x seq {args.seq}; "
+        f"LoRA R={args.rank}, alpha={args.alpha:g}, dropout={args.dropout:g} "
+        f"on {', '.join(TARGETS)}; "
+        f"AdamW lr={args.lr:g}, {args.steps} steps (first {args.warmup} untimed)."
+    )
+    print(
+        f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
+        f"commit {env['commit']}, {env['date']}"
+        + (f", {env['threads']} threads" if env["threads"] else "")
+        + ". Steps of all providers interleaved; ratios from the same run."
+    )
+    for name, why in skipped.items():
+        print(f"Skipped {name}: {why}")
+    for name, note in notes.items():
+        print(f"{name}: {note}")
+    print()
+    print(
+        "| provider | step ms (p20-p80) | tokens/s | vs peft | "
+        f"{'peak memory MiB' if gpu else 'saved activations MiB'} | loss first | "
+        f"loss after {args.steps} | agrees |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    peft_median = None
+    for name in models:
+        vals = sorted(times[name][args.warmup :])
+        med, p20, p80 = (quantile(vals, q) for q in (0.5, 0.2, 0.8))
+        if name == "peft":
+            peft_median = med
+        vs_peft = med / peft_median if peft_median else math.nan
+        trainable, total = count(models[name])
+        row = {
+            **env,
+            "size": args.size,
+            "batch": args.batch,
+            "seq": args.seq,
+            "rank": args.rank,
+            "dropout": args.dropout,
+            "dtype": DTYPE_NAMES[dtype],
+            "provider": name,
+            "steps": args.steps,
+            "step_ms": 1e3 * med,
+            "step_p20_ms": 1e3 * p20,
+            "step_p80_ms": 1e3 * p80,
+            "tokens_per_s": tokens / med,
+            "vs_peft": vs_peft,
+            "memory_bytes": memory[name][0],
+            "memory_kind": memory[name][1],
+            "loss_first": losses[name][0],
+            "loss_last": losses[name][-1],
+            "loss_agrees": agree[name],
+            "trainable": trainable,
+            "total": total,
+        }
+        rows.append(row)
+        print(
+            f"| {name} | {1e3 * med:.1f} ({1e3 * p20:.1f}-{1e3 * p80:.1f}) | "
+            f"{tokens / med:.0f} | {vs_peft:.2f}x | {memory[name][0] / 2**20:.1f} | "
+            f"{losses[name][0]:.4f} | {losses[name][-1]:.4f} | {agree[name]} |"
+        )
+    print()
+    if not args.no_csv:
+        path = args.csv or HERE / "results" / f"{device_slug(env['device'])}_training.csv"
+        upsert_csv(path, rows, key=CSV_KEY, columns=CSV_COLUMNS)
+        print(f"Rows upserted into {path}")
+    if any(v.startswith("NO") for v in agree.values()):
+        print("LOSSES DISAGREE across providers", file=sys.stderr)
+        return 1
+    return 0
+
+
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+if __name__ == "__main__":
+    sys.exit(main())

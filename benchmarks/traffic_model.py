@@ -1,0 +1,256 @@
+"""A traffic/FLOP model of each benchmarked provider: a model, not a measurement.
+
+Each provider is written down as the passes (kernel launches) its design makes, each
+with the FLOPs it does and the bytes it must move through device memory (every
+operand read once, every output written once; caches ignored). A predicted time is
+the roofline sum over passes, sum(max(flops / rate, bytes / bandwidth)), with the
+datasheet rates of a device below. It is a lower bound that ignores launch gaps and
+GEMM efficiency; its use is the ratio between providers of the same shape, and the
+byte count of each design. Philox integer work is added to the compute time of the
+pass that generates the mask, not overlapped with its tensor-core work (conservative).
+
+Notation as in the design notes: X [M, K], W [N, K], A [R, K], B [N, R], U [M, R].
+`e` is bytes per element of X and W, `a` of the adapters (float32 by default, as
+peft creates them), `c` of the LoRA branch where a composition promotes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# H100 SXM5 datasheet values (NVIDIA H100 Tensor Core GPU datasheet): dense tensor-core
+# rates without sparsity, and HBM3 bandwidth. float32 GEMMs are taken at the non-tensor
+# float32 rate because torch's default (allow_tf32=False) keeps them off TF32.
+H100_SXM_DATASHEET = {
+    "name": "H100 SXM5 (datasheet)",
+    "bandwidth": 3.35e12,  # bytes/s
+    "mma": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, torch.float32: 66.9e12},
+    # Integer instruction rate for Philox, the design notes' estimate (not datasheet).
+    "int_ops": 16e12,
+}
+
+# One Philox4x32-10 call: 10 rounds of about 6 integer instructions (design notes).
+PHILOX_OPS_PER_CALL = 60
+# The pure-PyTorch generator in lora_kernels.reference runs ~300 int64 elementwise ops
+# over M*K/4 counters; counted once with a TorchDispatchMode over dropout_keep_mask
+# (inputs + outputs of every aten op): about 1200 bytes per mask element.
+TORCH_PHILOX_BYTES_PER_ELEMENT = 1200
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One kernel launch of a design: what it computes, FLOPs, bytes, GEMM dtype."""
+
+    name: str
+    flops: float = 0.0
+    bytes: float = 0.0
+    mma_dtype: torch.dtype | None = None  # GEMM flops run at this dtype's tensor rate
+    int_ops: float = 0.0  # integer instructions (Philox)
+
+
+def _nbytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _gemm(name, m, n, k, dtype, extra_bytes=0.0, read_out=False):
+    """[m, k] @ [k, n] -> [m, n], all in `dtype` (read_out: accumulates into the output)."""
+    b = _nbytes(dtype)
+    traffic = b * (m * k + k * n + m * n * (2 if read_out else 1)) + extra_bytes
+    return Pass(name, 2.0 * m * n * k, traffic, dtype)
+
+
+def _ew(name, nbytes, int_ops=0.0):
+    return Pass(name, 0.0, nbytes, None, int_ops)
+
+
+def _philox_ops(M, K):
+    return PHILOX_OPS_PER_CALL * M * ((K + 3) // 4)
+
+
+def linear_passes(mode, M, K, N, R, p, dtype, adapter_dtype, bias):
+    """Frozen nn.Linear: one GEMM forward, one (dX) backward."""
+    e = _nbytes(dtype)
+    fwd = [_gemm("Y = X W^T (+b)", M, N, K, dtype, extra_bytes=e * N if bias else 0)]
+    bwd = [_gemm("dX = dY W", M, K, N, dtype)]
+    return _by_mode(mode, fwd, bwd)
+
+
+def peft_passes(mode, M, K, N, R, p, dtype, adapter_dtype, bias):
+    """peft lora.Linear: result + lora_B(lora_A(dropout(x.to(a)))) * s, then .to(e)."""
+    e, a = _nbytes(dtype), _nbytes(adapter_dtype)
+    c = _nbytes(torch.promote_types(dtype, adapter_dtype))
+    mk, mn = M * K, M * N
+    fwd = [_gemm("Y0 = X W^T (+b)", M, N, K, dtype, extra_bytes=e * N if bias else 0)]
+    if e != a:
+        fwd.append(_ew("X.to(adapter dtype)", (e + a) * mk))
+    if p > 0:
+        # native_dropout writes the dropped copy and a bool mask.
+        fwd.append(_ew("dropout(X): copy + bool mask", (2 * a + 1) * mk, _philox_ops(M, K)))
+    fwd += [
+        _gemm("U = Xd A^T", M, R, K, adapter_dtype),
+        _gemm("V = U B^T", M, N, R, adapter_dtype),
+        _ew("V * s", 2 * a * mn),
+        _ew("Y0 + V (promotes)", (e + a + c) * mn),
+    ]
+    if c != e:
+        fwd.append(_ew(".to(x dtype)", (c + e) * mn))
+    bwd = []
+    if c != e:
+        bwd.append(_ew("grad .to(promoted)", (e + c) * mn))
+        bwd.append(_ew("grad of Y0 .to(x dtype)", (c + e) * mn))
+    bwd += [
+        _ew("grad * s", 2 * a * mn),
+        _gemm("dB = G^T U", N, R, M, adapter_dtype),
+        _gemm("dU = G B", M, R, N, adapter_dtype),
+        _gemm("dA = dU^T Xd", R, K, M, adapter_dtype),
+        _gemm("dXd = dU A", M, K, R, adapter_dtype),
+    ]
+    if p > 0:
+        bwd.append(_ew("dropout backward (reads mask)", (2 * a + 1) * mk))
+    if e != a:
+        bwd.append(_ew("grad .to(x dtype)", (a + e) * mk))
+    bwd += [_gemm("dX0 = dY W", M, K, N, dtype), _ew("dX = dX0 + dXl", 3 * e * mk)]
+    return _by_mode(mode, fwd, bwd)
+
+
+def unsloth_passes(mode, M, K, N, R, p, dtype, adapter_dtype, bias):
+    """Unsloth-style: out = X W^T; out.addmm_(X @ A^T, B^T, alpha=s); adapters cast to e."""
+    e = _nbytes(dtype)
+    fwd = [
+        _gemm("Y = X W^T (+b)", M, N, K, dtype, extra_bytes=e * N if bias else 0),
+        _gemm("XA = X A^T", M, R, K, dtype),
+        _gemm("Y += s XA B^T (addmm_)", M, N, R, dtype, read_out=True),
+    ]
+    bwd = [
+        _gemm("dXA = s dY B", M, R, N, dtype),
+        _gemm("dB = s dY^T XA", N, R, M, dtype),
+        _gemm("dXl = dXA A", M, K, R, dtype),
+        _gemm("dA = dXA^T X", R, K, M, dtype),
+        _gemm("dX0 = dY W", M, K, N, dtype),
+        _ew("dX = dX0 + dXl", 3 * e * M * K),
+    ]
+    return _by_mode(mode, fwd, bwd)
+
+
+def fused_passes(mode, M, K, N, R, p, dtype, adapter_dtype, bias):
+    """The fused Triton design (design notes): 2 launches forward, 3 backward."""
+    e, a = _nbytes(dtype), _nbytes(adapter_dtype)
+    mask = _philox_ops(M, K) if p > 0 else 0.0
+    mk, mn, mr = M * K, M * N, M * R
+    fwd = [
+        Pass("shrink U = D(X) A^T", 2.0 * mk * R, e * mk + a * R * K + 4 * mr, dtype, mask),
+        Pass(
+            "Y = X W^T + b + s U B^T",
+            2.0 * mn * K + 2.0 * mn * R,
+            e * (mk + N * K + mn) + 4 * mr + a * N * R + (e * N if bias else 0),
+            dtype,
+        ),
+    ]
+    bwd = [
+        Pass("G = dY B, dB = s dY^T U", 4.0 * mn * R, e * mn + 2 * a * N * R + 8 * mr, dtype),
+        Pass(
+            "dX = dY W + s D(G A)",
+            2.0 * mk * N + 2.0 * mk * R,
+            e * (mn + N * K + mk) + 4 * mr + a * R * K,
+            dtype,
+            mask,
+        ),
+        Pass("dA = s G^T D(X)", 2.0 * mk * R, 4 * mr + e * mk + a * R * K, dtype, mask),
+    ]
+    return _by_mode(mode, fwd, bwd)
+
+
+def cpp_passes(mode, M, K, N, R, p, dtype, adapter_dtype, bias):
+    """The C++ design (issue 4): ATen GEMMs with addmm_ accumulation + masked LoRA kernels."""
+    e, a = _nbytes(dtype), _nbytes(adapter_dtype)
+    mask = _philox_ops(M, K) if p > 0 else 0.0
+    mk, mr = M * K, M * R
+    fwd = [
+        Pass("shrink U = D(X) A^T", 2.0 * mk * R, e * mk + a * R * K + 4 * mr, dtype, mask),
+        _gemm("Y = X W^T (+b)", M, N, K, dtype, extra_bytes=e * N if bias else 0),
+        _gemm("Y += s U B^T (addmm_)", M, N, R, dtype, read_out=True),
+    ]
+    bwd = [
+        _gemm("G = dY B", M, R, N, dtype),
+        _gemm("dB = s dY^T U", N, R, M, dtype),
+        _gemm("dX = dY W", M, K, N, dtype),
+        Pass("dX += s D(G A)", 2.0 * mk * R, 2 * e * mk + 4 * mr + a * R * K, dtype, mask),
+        Pass("dA = s G^T D(X)", 2.0 * mk * R, 4 * mr + e * mk + a * R * K, dtype, mask),
+    ]
+    return _by_mode(mode, fwd, bwd)
+
+
+def torch_backend_passes(mode, M, K, N, R, p, dtype, adapter_dtype, bias):
+    """lora_kernels' "torch" backend: ATen composition, mask from the pure-PyTorch Philox."""
+    e = _nbytes(dtype)
+    cdt = torch.promote_types(dtype, torch.float32)
+    c = _nbytes(cdt)
+    mk, mn = M * K, M * N
+    philox = [_ew("keep mask (pure-PyTorch Philox)", TORCH_PHILOX_BYTES_PER_ELEMENT * mk)]
+    dropout = [_ew("x * keep", (2 * c + 1) * mk), _ew("* 1/(1-p)", 2 * c * mk)]
+    cast_x = [_ew("x.to(float32)", (e + c) * mk)] if c != e else []
+    fwd = (philox if p > 0 else []) + cast_x + (dropout if p > 0 else [])
+    fwd += [
+        _gemm("U = D(x) A^T", M, R, K, cdt),
+        _gemm("Y = X W^T (+b)", M, N, K, dtype, extra_bytes=e * N if bias else 0),
+        _gemm("Y += s U B^T (addmm_)", M, N, R, dtype, read_out=True),
+    ]
+    bwd = list(philox if p > 0 else [])
+    if c != e:
+        bwd.append(_ew("dY.to(float32)", (e + c) * mn))
+    bwd += [
+        _gemm("G = dY B", M, R, N, cdt),
+        _gemm("dX = dY W", M, K, N, dtype),
+        _gemm("G A", M, K, R, cdt),
+    ]
+    bwd += dropout if p > 0 else []
+    bwd.append(_ew("s * D(G A)", 2 * c * mk))
+    if c != e:
+        bwd.append(_ew(".to(x dtype)", (c + e) * mk))
+    bwd.append(_ew("dX +=", 3 * e * mk))
+    bwd += cast_x + (dropout if p > 0 else [])
+    bwd += [_gemm("dA = s G^T D(x)", R, K, M, cdt), _gemm("dB = s dY^T U", N, R, M, cdt)]
+    return _by_mode(mode, fwd, bwd)
+
+
+def _by_mode(mode, fwd, bwd):
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+# Which design each provider is modelled by.
+MODELS = {
+    "linear": linear_passes,
+    "peft": peft_passes,
+    "unsloth": unsloth_passes,
+    "lk-triton": fused_passes,
+    "lk-cuda": cpp_passes,
+    "lk-cpu": cpp_passes,
+    "lk-torch": torch_backend_passes,
+}
+
+
+def predict(passes: list[Pass], device: dict = H100_SXM_DATASHEET) -> float:
+    """Roofline time in seconds: per pass, max(compute time, memory time), summed."""
+    total = 0.0
+    for ps in passes:
+        compute = ps.int_ops / device["int_ops"]
+        if ps.flops:
+            compute += ps.flops / device["mma"][ps.mma_dtype or torch.float32]
+        total += max(compute, ps.bytes / device["bandwidth"])
+    return total
+
+
+def model(provider: str, mode: str, M, K, N, R, p, dtype, adapter_dtype, bias=False) -> dict:
+    """{'flops', 'bytes', 'h100_s', 'passes'} of a provider's design, or {} if unmodelled."""
+    fn = MODELS.get(provider)
+    if fn is None:
+        return {}
+    passes = fn(mode, M, K, N, R, p, dtype, adapter_dtype, bias)
+    return {
+        "flops": sum(ps.flops for ps in passes),
+        "bytes": sum(ps.bytes for ps in passes),
+        "h100_s": predict(passes),
+        "passes": passes,
+    }

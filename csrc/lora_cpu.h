@@ -1,0 +1,107 @@
+// The CPU kernels of the LoRA op: plain launchers over pointers, sizes and strides (no
+// torch includes). Implemented in lora_cpu_impl.h, compiled once per instruction set
+// (lora_cpu.cpp: baseline; lora_cpu_avx2.cpp; lora_cpu_avx512.cpp) and chosen at run
+// time from what the CPU supports.
+//
+// Operand conventions (M tokens, K the reduced/expanded width, R rank):
+// - x, out: storage dtype (float32, float64, bfloat16, float16), rows of unit stride,
+//   row stride ld*.
+// - packed operands: accumulation dtype (float32, or float64 for float64 storage),
+//   zero-padded as described at each argument (the op builds them; they are small).
+// - g, u, sums: accumulation dtype, row-major with the given row strides.
+#pragma once
+
+#include <stdint.h>
+
+namespace lora {
+namespace cpu {
+
+// Padding of the packed operands: K to a multiple of kPadK, R to a multiple of kPadR.
+constexpr int64_t kPadK = 64;
+constexpr int64_t kPadR = 16;
+
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
+
+// The dropout keep mask, as lora_kernels.reference.dropout_keep_mask defines it.
+struct Mask {
+  bool active;  // false: no dropout (every factor is 1)
+  uint64_t seed;
+  uint32_t threshold;  // floor(p * 2^32)
+  float scale;         // float32(1 / (1 - p))
+};
+
+// U[m, r] = sum_k D(X)[m, k] * at[k, r] for m < M, r < R.
+struct ShrinkArgs {
+  DType dtype;  // of x
+  int64_t M, K, R;
+  const void* x;
+  int64_t ldx;
+  const void* at;  // [round_up(K, kPadK), round_up(R, kPadR)] contiguous, zero-padded
+  void* u;         // accumulation dtype [M, ldu]
+  int64_t ldu;
+  Mask mask;
+  int num_threads;
+};
+
+// One pass over [M, K] that does either step or both, sharing the mask:
+//   expand (out != nullptr): out[m, k] = in[m, k] + s * keep * scale * sum_{r<R} g[m, r] a[r, k]
+//     with a [R, lda], lda >= round_up(K, kPadK), zero past column K; in = out (in
+//     place) when in is null
+//   reduce (sums != nullptr): sums[r, k] = sum_m g2[m, r] * D(X)[m, k] for r < R2
+// The reduction order over m is fixed by (M, K) alone, so the sums are identical for
+// any number of threads.
+struct ExpandReduceArgs {
+  DType dtype;  // of x and out
+  int64_t M, K;
+  // expand
+  void* out;
+  int64_t ldo;
+  const void* in;  // nullptr: out itself
+  int64_t ldi;
+  const void* g;
+  int64_t ldg;
+  const void* a;
+  int64_t lda;
+  int64_t R;
+  const void* s;  // accumulation dtype, one element
+  // reduce
+  const void* x;
+  int64_t ldx;
+  const void* g2;
+  int64_t ldg2;
+  int64_t R2;
+  void* sums;  // accumulation dtype [R2, ldsums]
+  int64_t ldsums;
+  Mask mask;
+  int num_threads;
+};
+
+void shrink(const ShrinkArgs& args);
+void expand_reduce(const ExpandReduceArgs& args);
+
+// keep[m, k] (1 or 0) for a [M, K] row-major uint8 buffer: the mask the kernels apply.
+void keep_mask(uint8_t* keep, int64_t M, int64_t K, const Mask& mask, int num_threads);
+
+// sum_i a[i] * b[i] of two float32 or float64 arrays (`dtype`), summed in float64 in
+// a fixed order, single-threaded.
+double dot(DType dtype, const void* a, const void* b, int64_t n);
+
+// The instruction set used: "avx512", "avx2" or "baseline". `request` "" keeps the
+// automatic choice; a name selects that variant if the CPU supports it (for tests).
+// Returns the variant in use after the call.
+const char* isa(const char* request);
+const char* best_isa();
+
+// Per-instruction-set entry points (lora_cpu_impl.h).
+struct Kernels {
+  const char* name;
+  void (*shrink)(const ShrinkArgs&);
+  void (*expand_reduce)(const ExpandReduceArgs&);
+  void (*keep_mask)(uint8_t*, int64_t, int64_t, const Mask&, int);
+};
+const Kernels* kernels_baseline();
+const Kernels* kernels_avx2();    // nullptr where not compiled
+const Kernels* kernels_avx512();  // nullptr where not compiled
+
+}  // namespace cpu
+}  // namespace lora

@@ -1,0 +1,27 @@
+// CPU kernels built for AVX2 (lora_cpu_impl.h under a target pragma); lora_cpu.cpp
+// uses them only on CPUs that support the instruction set.
+#include "lora_cpu.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+// The system headers first, under the default target.
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2,popcnt")
+#define LORA_CPU_NS avx2
+#define LORA_CPU_AVX2 1
+#include "lora_cpu_impl.h"
+#undef LORA_CPU_NS
+#pragma GCC pop_options
+
+const lora::cpu::Kernels* lora::cpu::kernels_avx2() { return &avx2::kTable; }
+#else
+// Other compilers and architectures: the baseline build only.
+const lora::cpu::Kernels* lora::cpu::kernels_avx2() { return nullptr; }
+#endif

@@ -1,0 +1,465 @@
+// The lora_kernels::cpp_* ops: schemas, argument checks, the forward/backward
+// orchestration (ATen GEMMs with in-place accumulation plus the custom steps), and the
+// CPU implementation. The CUDA implementation (lora_cuda.cpp) reuses the orchestration
+// with its own steps.
+//
+// Forward (T = x's dtype; float32 and float64 take the ATen path, bfloat16 and float16
+// the fp32-accumulating custom kernels for everything but the base GEMM):
+//   U = D(X) A^T              custom masked shrink (ATen mm when p == 0, float32/64)
+//   Y = X W^T + b             ATen addmm
+//   Y += U (s B)^T            ATen addmm_(beta=1), s on the small operand; custom expand
+//                             for 16-bit T
+// With p == 0 and M >= N, K the LoRA term folds into the weight instead:
+//   Y = X (W + s B A)^T + b   (one GEMM; W + s B A one pass of the custom expand)
+//
+// Backward:
+//   G = dY B                  ATen mm (custom shrink for 16-bit T)
+//   dX = dY W                 ATen mm (dY (W + s B A) when folded, p == 0)
+//   dX += s D(G A)            custom masked expand, in place, fused with
+//   dA = s G^T D(X)           the custom reduce over rows (same mask, one pass over X)
+//   [dB^T; db] = [U 1]^T dY   custom reduce over rows (one pass over dY)
+//   ds = sum(G * U)
+// The reductions over rows run in an order fixed by the shapes, so CPU results do not
+// depend on the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "lora_cpu.h"
+#include "lora_math.h"
+#include "lora_ops.h"
+
+namespace lora {
+namespace {
+
+const char* dtype_name(at::ScalarType t) { return c10::toString(t); }
+
+bool is_storage_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+void check_dropout_p(double dropout_p) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0,
+              "lora_kernels: dropout_p must satisfy 0 <= dropout_p < 1, got ", dropout_p);
+}
+
+void check_seed(const at::Tensor& seed, const at::Device& device) {
+  TORCH_CHECK(seed.dim() == 0 && seed.scalar_type() == at::kLong,
+              "lora_kernels: seed must be a 0-dim int64 tensor, got ", seed.dim(),
+              "-dim ", dtype_name(seed.scalar_type()));
+  TORCH_CHECK(seed.device() == device, "lora_kernels: seed must be on ", device,
+              " (the device of x), got ", seed.device());
+}
+
+// Shapes, dtypes and devices shared by forward and backward (docs/backends.md).
+void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+                  const at::Tensor& lora_B, const at::Tensor& scaling, double dropout_p,
+                  const at::Tensor& seed) {
+  TORCH_CHECK(x.dim() == 2, "lora_kernels: x must be 2-D [M, K], got ", x.dim(), "-D ",
+              x.sizes());
+  const auto t = x.scalar_type();
+  TORCH_CHECK(is_storage_dtype(t),
+              "lora_kernels: x must be float32, float64, bfloat16 or float16, got ",
+              dtype_name(t));
+  const int64_t K = x.size(1);
+  const at::Device device = x.device();
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K,
+              "lora_kernels: weight must be [N, K] with K = ", K, " (x's last dim), got ",
+              weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == t, "lora_kernels: weight must have x's dtype ",
+              dtype_name(t), ", got ", dtype_name(weight.scalar_type()));
+  const int64_t N = weight.size(0);
+  TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == K,
+              "lora_kernels: lora_A must be [R, K] with K = ", K, ", got ", lora_A.sizes());
+  const int64_t R = lora_A.size(0);
+  TORCH_CHECK(lora_B.dim() == 2 && lora_B.size(0) == N && lora_B.size(1) == R,
+              "lora_kernels: lora_B must be [N, R] = [", N, ", ", R, "], got ", lora_B.sizes());
+  TORCH_CHECK(lora_A.scalar_type() == t || lora_A.scalar_type() == at::kFloat,
+              "lora_kernels: lora_A must have x's dtype ", dtype_name(t), " or float32, got ",
+              dtype_name(lora_A.scalar_type()));
+  TORCH_CHECK(lora_B.scalar_type() == lora_A.scalar_type(),
+              "lora_kernels: lora_B must have lora_A's dtype ", dtype_name(lora_A.scalar_type()),
+              ", got ", dtype_name(lora_B.scalar_type()));
+  const auto acc = acc_dtype(t);
+  TORCH_CHECK(scaling.dim() == 0 && scaling.scalar_type() == acc,
+              "lora_kernels: scaling must be a 0-dim ", dtype_name(acc), " tensor, got ",
+              scaling.dim(), "-dim ", dtype_name(scaling.scalar_type()));
+  for (const auto& [name, tensor] :
+       {std::pair<const char*, const at::Tensor*>{"weight", &weight},
+        {"lora_A", &lora_A},
+        {"lora_B", &lora_B},
+        {"scaling", &scaling}}) {
+    TORCH_CHECK(tensor->device() == device, "lora_kernels: ", name, " must be on ", device,
+                " (the device of x), got ", tensor->device());
+  }
+  check_dropout_p(dropout_p);
+  check_seed(seed, device);
+}
+
+// x as the kernels read it: unit column stride (one contiguous copy otherwise).
+at::Tensor unit_column_stride(const at::Tensor& t) {
+  return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
+}
+
+// out += s * (a @ b) in place, s applied to the smaller operand rather than passed as
+// alpha: MKL's result for a general alpha depends on the thread count (it scales at a
+// point that depends on the partition), with alpha = 1 it does not. The 0-dim scaling is
+// never read on the host (no device sync, nothing data-dependent for torch.compile).
+void addmm_scaled_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                   const at::Tensor& scaling) {
+  if (a.numel() <= b.numel()) {
+    out.addmm_(a * scaling.to(a.scalar_type()), b);
+  } else {
+    out.addmm_(a, b * scaling.to(b.scalar_type()));
+  }
+}
+
+// Fold the LoRA term into the weight (p == 0, float32/64) when that costs less than
+// the R-wide GEMMs it replaces: the fold is one pass over [N, K], the term one over
+// [M, N] (forward) or [M, K] (backward).
+bool fold_lora(bool fast, const Dropout& d, int64_t M, int64_t N, int64_t K) {
+  return fast && !d.active() && M >= N && M >= K;
+}
+
+at::Tensor empty_grad(const at::Tensor& like, at::ScalarType dtype) {
+  return at::empty({0}, like.options().dtype(dtype));
+}
+
+}  // namespace
+
+void check_keep_mask_args(const at::Tensor& seed, int64_t M, int64_t K, double dropout_p) {
+  TORCH_CHECK(M >= 0 && K >= 0, "lora_kernels: M and K must be >= 0, got M = ", M, ", K = ", K);
+  check_dropout_p(dropout_p);
+  check_seed(seed, seed.device());
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                const c10::optional<at::Tensor>& bias,
+                                                const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                const at::Tensor& scaling, double dropout_p,
+                                                const at::Tensor& seed, const Steps& steps) {
+  check_common(x, weight, lora_A, lora_B, scaling, dropout_p, seed);
+  const auto t = x.scalar_type();
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "lora_kernels: bias must be [N] = [", N,
+                "], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == t, "lora_kernels: bias must have x's dtype ",
+                dtype_name(t), ", got ", dtype_name(bias->scalar_type()));
+    TORCH_CHECK(bias->device() == x.device(), "lora_kernels: bias must be on ", x.device(),
+                " (the device of x), got ", bias->device());
+  }
+  const Dropout d{dropout_p, seed};
+  const at::Tensor x2 = unit_column_stride(x);
+  // float32 / float64: every GEMM in ATen, in x's dtype (which is the accumulation dtype).
+  const bool fast = t == acc_dtype(t);
+  const auto linear = [&](const at::Tensor& w) {
+    return bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
+  };
+  if (fast) {
+    const at::Tensor A = lora_A.to(t), B = lora_B.to(t);
+    if (fold_lora(fast, d, M, N, K)) {
+      return {linear(steps.fold(weight, B, A, scaling)), at::mm(x2, A.t())};
+    }
+    at::Tensor u = d.active() ? steps.shrink(x2, lora_A, d) : at::mm(x2, A.t());
+    at::Tensor y = linear(weight);
+    addmm_scaled_(y, u, B.t(), scaling);
+    return {y, u};
+  }
+  at::Tensor u = steps.shrink(x2, lora_A, d);
+  at::Tensor y = linear(weight);
+  // y += s * U B^T, accumulated in fp32 and rounded to x's dtype once.
+  steps.expand_reduce(y, u, lora_B.t(), scaling, at::Tensor(), at::Tensor(), Dropout{0.0, seed});
+  return {y, u};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scaling,
+    double dropout_p, const at::Tensor& seed, const at::Tensor& u, bool need_grad_x,
+    bool need_grad_lora, bool need_grad_scaling, bool need_grad_bias, const Steps& steps) {
+  check_common(x, weight, lora_A, lora_B, scaling, dropout_p, seed);
+  const auto t = x.scalar_type();
+  const auto acc = acc_dtype(t);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lora_A.size(0);
+  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == M && grad_y.size(1) == N,
+              "lora_kernels: grad_y must be [M, N] = [", M, ", ", N, "], got ", grad_y.sizes());
+  TORCH_CHECK(grad_y.scalar_type() == t, "lora_kernels: grad_y must have x's dtype ",
+              dtype_name(t), ", got ", dtype_name(grad_y.scalar_type()));
+  TORCH_CHECK(u.dim() == 2 && u.size(0) == M && u.size(1) == R,
+              "lora_kernels: u must be [M, R] = [", M, ", ", R, "], got ", u.sizes());
+  TORCH_CHECK(u.scalar_type() == acc, "lora_kernels: u must be ", dtype_name(acc), ", got ",
+              dtype_name(u.scalar_type()));
+  for (const auto& [name, tensor] : {std::pair<const char*, const at::Tensor*>{"grad_y", &grad_y},
+                                     {"u", &u}}) {
+    TORCH_CHECK(tensor->device() == x.device(), "lora_kernels: ", name, " must be on ",
+                x.device(), " (the device of x), got ", tensor->device());
+  }
+  const Dropout d{dropout_p, seed};
+  const bool fast = t == acc;
+  const at::Tensor dy = unit_column_stride(grad_y);
+  const at::Tensor x2 = unit_column_stride(x);
+
+  at::Tensor grad_x = empty_grad(x, t);
+  at::Tensor grad_A = empty_grad(x, lora_A.scalar_type());
+  at::Tensor grad_B = empty_grad(x, lora_B.scalar_type());
+  at::Tensor grad_scaling = empty_grad(x, scaling.scalar_type());
+  at::Tensor grad_bias = empty_grad(x, t);
+
+  // G = dY B [M, R], accumulation dtype.
+  at::Tensor g;
+  const bool fold = fold_lora(fast, d, M, N, K);
+  if (need_grad_lora || need_grad_scaling || (need_grad_x && !fold)) {
+    g = fast ? at::mm(dy, lora_B.to(t)) : steps.shrink(dy, lora_B.t(), Dropout{0.0, seed});
+  }
+  if (need_grad_x) {
+    if (fold) {
+      grad_x = at::mm(dy, steps.fold(weight, lora_B, lora_A, scaling));
+      if (need_grad_lora) grad_A = steps.expand_reduce(at::Tensor(), g, lora_A, scaling, x2, g, d);
+    } else {
+      grad_x = at::mm(dy, weight);
+      // dX += s D(G A) and, sharing the pass over X and the mask, sums = G^T D(X).
+      grad_A = steps.expand_reduce(grad_x, g, lora_A, scaling, need_grad_lora ? x2 : at::Tensor(),
+                                   g, d);
+    }
+  } else if (need_grad_lora) {
+    grad_A = steps.expand_reduce(at::Tensor(), g, lora_A, scaling, x2, g, d);
+  }
+  if (need_grad_lora) grad_A = (grad_A * scaling).to(lora_A.scalar_type());
+  if (!grad_A.defined()) grad_A = empty_grad(x, lora_A.scalar_type());
+
+  // One pass over dY for dB^T = U^T dY and db = 1^T dY: sums [R (+1), N].
+  if (need_grad_lora || need_grad_bias) {
+    at::Tensor coeff;
+    if (need_grad_lora && need_grad_bias) {
+      coeff = at::cat({u, at::ones({M, 1}, u.options())}, 1);
+    } else if (need_grad_lora) {
+      coeff = u;
+    } else {
+      coeff = at::ones({M, 1}, u.options());
+    }
+    const at::Tensor sums =
+        steps.expand_reduce(at::Tensor(), at::Tensor(), at::Tensor(), scaling, dy, coeff,
+                            Dropout{0.0, seed});
+    if (need_grad_lora) {
+      grad_B = (sums.narrow(0, 0, R) * scaling).t().to(lora_B.scalar_type()).contiguous();
+    }
+    // A copy even when the dtype matches: the row is a view into sums.
+    if (need_grad_bias) grad_bias = sums[sums.size(0) - 1].to(t, /*non_blocking=*/false, /*copy=*/true);
+  }
+  if (need_grad_scaling) grad_scaling = steps.dot(g, u).to(scaling.scalar_type());
+  return {grad_x.contiguous(), grad_A, grad_B, grad_scaling, grad_bias};
+}
+
+namespace {
+
+// ---- CPU steps -------------------------------------------------------------------
+
+cpu::DType cpu_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return cpu::DType::kFloat32;
+    case at::kDouble:
+      return cpu::DType::kFloat64;
+    case at::kBFloat16:
+      return cpu::DType::kBFloat16;
+    case at::kHalf:
+      return cpu::DType::kFloat16;
+    default:
+      TORCH_CHECK(false, "lora_kernels: unsupported dtype ", dtype_name(t));
+  }
+}
+
+cpu::Mask cpu_mask(const Dropout& d) {
+  cpu::Mask mask{false, 0, 0u, 1.0f};
+  if (d.active()) {
+    const DropoutParams params = make_dropout_params(d.p);
+    mask.active = params.active;
+    mask.seed = static_cast<uint64_t>(d.seed.item<int64_t>());
+    mask.threshold = params.threshold;
+    mask.scale = params.scale;
+  }
+  return mask;
+}
+
+at::Tensor cpu_shrink(const at::Tensor& x, const at::Tensor& a, const Dropout& d) {
+  const int64_t M = x.size(0), K = x.size(1), R = a.size(0);
+  const auto acc = acc_dtype(x.scalar_type());
+  at::Tensor u = at::empty({M, R}, x.options().dtype(acc));
+  if (M == 0 || R == 0) return u;
+  // at = a^T, zero-padded to [round_up(K, kPadK), round_up(R, kPadR)].
+  const int64_t Kp = round_up(K, cpu::kPadK), Rv = round_up(R, cpu::kPadR);
+  at::Tensor a_t = at::zeros({Kp, Rv}, x.options().dtype(acc));
+  a_t.narrow(0, 0, K).narrow(1, 0, R).copy_(a.t());
+  cpu::ShrinkArgs args{};
+  args.dtype = cpu_dtype(x.scalar_type());
+  args.M = M;
+  args.K = K;
+  args.R = R;
+  args.x = x.data_ptr();
+  args.ldx = x.stride(0);
+  args.at = a_t.data_ptr();
+  args.u = u.data_ptr();
+  args.ldu = R;
+  args.mask = cpu_mask(d);
+  args.num_threads = at::get_num_threads();
+  cpu::shrink(args);
+  return u;
+}
+
+at::Tensor cpu_expand_reduce(const at::Tensor& out, const at::Tensor& g, const at::Tensor& a,
+                             const at::Tensor& scaling, const at::Tensor& x, const at::Tensor& g2,
+                             const Dropout& d) {
+  const at::Tensor& ref = out.defined() ? out : x;
+  const int64_t M = ref.size(0), K = ref.size(1);
+  const auto acc = acc_dtype(ref.scalar_type());
+  const auto opts = ref.options().dtype(acc);
+  cpu::ExpandReduceArgs args{};
+  args.dtype = cpu_dtype(ref.scalar_type());
+  args.M = M;
+  args.K = K;
+  at::Tensor a_packed, g_acc, s_acc, g2_acc, sums;
+  if (out.defined() && g.size(1) > 0) {
+    const int64_t R = g.size(1);
+    const int64_t Kp = round_up(K, cpu::kPadK);
+    a_packed = at::zeros({R, Kp}, opts);
+    a_packed.narrow(1, 0, K).copy_(a);
+    g_acc = g.to(acc).contiguous();
+    s_acc = scaling.to(acc).contiguous();
+    args.out = out.data_ptr();
+    args.ldo = out.stride(0);
+    args.g = g_acc.data_ptr();
+    args.ldg = R;
+    args.a = a_packed.data_ptr();
+    args.lda = Kp;
+    args.R = R;
+    args.s = s_acc.data_ptr();
+  }
+  if (x.defined()) {
+    const int64_t R2 = g2.size(1);
+    g2_acc = g2.to(acc).contiguous();
+    sums = at::empty({R2, K}, opts);
+    args.x = x.data_ptr();
+    args.ldx = x.stride(0);
+    args.g2 = g2_acc.data_ptr();
+    args.ldg2 = R2;
+    args.R2 = R2;
+    args.sums = sums.data_ptr();
+    args.ldsums = K;
+  }
+  args.mask = cpu_mask(d);
+  args.num_threads = at::get_num_threads();
+  if (args.out != nullptr || args.sums != nullptr) cpu::expand_reduce(args);
+  return sums;
+}
+
+at::Tensor cpu_dot(const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  const double v = cpu::dot(cpu_dtype(ac.scalar_type()), ac.data_ptr(), bc.data_ptr(), ac.numel());
+  return at::scalar_tensor(v, ac.options());
+}
+
+// W + s B A through the expand kernel, reading W and writing a new [N, K] (one pass).
+at::Tensor cpu_fold(const at::Tensor& weight, const at::Tensor& B, const at::Tensor& A,
+                    const at::Tensor& scaling) {
+  const at::Tensor w = unit_column_stride(weight);
+  const int64_t N = w.size(0), K = w.size(1), R = A.size(0);
+  const auto acc = acc_dtype(w.scalar_type());
+  at::Tensor out = at::empty({N, K}, w.options());
+  if (R == 0 || N == 0 || K == 0) return out.copy_(w);
+  const int64_t Kp = round_up(K, cpu::kPadK);
+  at::Tensor a_packed = at::zeros({R, Kp}, w.options().dtype(acc));
+  a_packed.narrow(1, 0, K).copy_(A);
+  const at::Tensor g_acc = B.to(acc).contiguous();
+  const at::Tensor s_acc = scaling.to(acc).contiguous();
+  cpu::ExpandReduceArgs args{};
+  args.dtype = cpu_dtype(w.scalar_type());
+  args.M = N;
+  args.K = K;
+  args.out = out.data_ptr();
+  args.ldo = K;
+  args.in = w.data_ptr();
+  args.ldi = w.stride(0);
+  args.g = g_acc.data_ptr();
+  args.ldg = R;
+  args.a = a_packed.data_ptr();
+  args.lda = Kp;
+  args.R = R;
+  args.s = s_acc.data_ptr();
+  args.mask = cpu_mask(Dropout{0.0, at::Tensor()});
+  args.num_threads = at::get_num_threads();
+  cpu::expand_reduce(args);
+  return out;
+}
+
+const Steps kCpuSteps{&cpu_shrink, &cpu_expand_reduce, &cpu_dot, &cpu_fold};
+
+std::tuple<at::Tensor, at::Tensor> cpu_forward(const at::Tensor& x, const at::Tensor& weight,
+                                               const c10::optional<at::Tensor>& bias,
+                                               const at::Tensor& lora_A,
+                                               const at::Tensor& lora_B,
+                                               const at::Tensor& scaling, double dropout_p,
+                                               const at::Tensor& seed) {
+  return lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, kCpuSteps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scaling,
+    double dropout_p, const at::Tensor& seed, const at::Tensor& u, bool need_grad_x,
+    bool need_grad_lora, bool need_grad_scaling, bool need_grad_bias) {
+  return lora_backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, u,
+                       need_grad_x, need_grad_lora, need_grad_scaling, need_grad_bias,
+                       kCpuSteps);
+}
+
+at::Tensor cpu_keep_mask(const at::Tensor& seed, int64_t M, int64_t K, double dropout_p) {
+  check_keep_mask_args(seed, M, K, dropout_p);
+  at::Tensor keep = at::empty({M, K}, seed.options().dtype(at::kBool));
+  if (M * K > 0) {
+    cpu::keep_mask(reinterpret_cast<uint8_t*>(keep.data_ptr<bool>()), M, K,
+                   cpu_mask(Dropout{dropout_p, seed}), at::get_num_threads());
+  }
+  return keep;
+}
+
+std::string cpu_isa(c10::string_view request) {
+  return cpu::isa(std::string(request).c_str());
+}
+
+}  // namespace
+}  // namespace lora
+
+// FRAGMENT: the lora_kernels namespace is shared with the ops other backends define
+// from Python; the cpp_* schemas below are declared here and only here.
+TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
+  m.def(
+      "cpp_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "Tensor scaling, float dropout_p, Tensor seed) -> (Tensor y, Tensor u)");
+  m.def(
+      "cpp_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
+      "Tensor scaling, float dropout_p, Tensor seed, Tensor u, bool need_grad_x, "
+      "bool need_grad_lora, bool need_grad_scaling, bool need_grad_bias) -> (Tensor grad_x, "
+      "Tensor grad_A, Tensor grad_B, Tensor grad_scaling, Tensor grad_bias)");
+  // The keep mask [M, K] (bool) the kernels apply, for tests against the reference.
+  m.def("cpp_keep_mask(Tensor seed, int M, int K, float dropout_p) -> Tensor");
+  // The CPU instruction set in use ("avx512", "avx2", "baseline"); a name selects that
+  // build where the CPU supports it, "auto" the automatic choice, "" only asks.
+  m.def("cpp_cpu_isa(str request) -> str", &lora::cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
+  m.impl("cpp_forward", &lora::cpu_forward);
+  m.impl("cpp_backward", &lora::cpu_backward);
+  m.impl("cpp_keep_mask", &lora::cpu_keep_mask);
+}
+
+// Importable as the Python module lora_kernels._C (importing it registers the ops).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,59 @@
+// The torch-facing side of the LoRA op, shared by the CPU (lora_ops.cpp) and CUDA
+// (lora_cuda.cpp) registrations: argument checks and the forward/backward
+// orchestration, written once over ATen GEMMs plus three device-specific steps.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace lora {
+
+// Dropout as the ops receive it: p (0 <= p < 1) and the 0-dim int64 seed tensor on the
+// input's device (read on the host only by the CPU steps).
+struct Dropout {
+  double p;
+  at::Tensor seed;
+  bool active() const { return p > 0.0; }
+};
+
+// The custom kernels of one device. `a` operands are [R, K] in any float dtype and any
+// strides (the steps pack them, they are small); x, out are [M, K] with unit column
+// stride; the result dtypes are the accumulation dtype of x (float32, or float64).
+struct Steps {
+  // U [M, R] = D(x) a^T, D with the mask of `d` (none when d.p == 0).
+  at::Tensor (*shrink)(const at::Tensor& x, const at::Tensor& a, const Dropout& d);
+  // One pass over [M, K]:
+  //   if out is defined:  out += scaling * D(g a)         (g [M, R], in place)
+  //   if x is defined:    returns sums [R2, K] = g2^T D(x)  (g2 [M, R2]); else undefined
+  at::Tensor (*expand_reduce)(const at::Tensor& out, const at::Tensor& g, const at::Tensor& a,
+                              const at::Tensor& scaling, const at::Tensor& x,
+                              const at::Tensor& g2, const Dropout& d);
+  // sum(a * b) of two [M, R] accumulation-dtype tensors, 0-dim, deterministic.
+  at::Tensor (*dot)(const at::Tensor& a, const at::Tensor& b);
+  // W + s B A [N, K] in W's dtype (float32/float64): the LoRA update folded into W.
+  at::Tensor (*fold)(const at::Tensor& weight, const at::Tensor& B, const at::Tensor& A,
+                     const at::Tensor& scaling);
+};
+
+std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                const c10::optional<at::Tensor>& bias,
+                                                const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                const at::Tensor& scaling, double dropout_p,
+                                                const at::Tensor& seed, const Steps& steps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scaling,
+    double dropout_p, const at::Tensor& seed, const at::Tensor& u, bool need_grad_x,
+    bool need_grad_lora, bool need_grad_scaling, bool need_grad_bias, const Steps& steps);
+
+// Checks for the keep-mask op (seed 0-dim int64, M, K >= 0, 0 <= p < 1).
+void check_keep_mask_args(const at::Tensor& seed, int64_t M, int64_t K, double dropout_p);
+
+// The accumulation dtype of storage dtype `t`: float64 for float64, else float32.
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace lora

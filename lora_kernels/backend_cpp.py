@@ -1,0 +1,290 @@
+"""The "cpu" and "cuda" backends: the C++/CUDA extension `lora_kernels._C` (csrc/).
+
+One extension registers `lora_kernels::cpp_forward` and `lora_kernels::cpp_backward`
+(schemas in docs/backends.md) with a CPU and, when built with CUDA, a CUDA
+implementation; the torch dispatcher picks by device. This module finds the
+extension (the installed `lora_kernels._C`, else a JIT build of csrc/ with ninja into
+a cache directory), adds the fake (meta) implementations and the autograd formula,
+and answers the three questions of the backend contract.
+
+Environment:
+    LORA_KERNELS_CACHE_DIR   where JIT builds go (default: $XDG_CACHE_HOME or
+                             ~/.cache, then lora_kernels/<hash of sources and flags>)
+    MAX_JOBS                 parallel compile jobs (ninja), as for any torch extension
+    TORCH_CUDA_ARCH_LIST     CUDA architectures (default: 8.0 and 9.0, plus PTX)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+# Sources of the extension; the CUDA ones are added only where both a CUDA build of
+# torch and nvcc are present.
+CPU_SOURCES = ("lora_ops.cpp", "lora_cpu.cpp", "lora_cpu_avx2.cpp", "lora_cpu_avx512.cpp")
+CUDA_SOURCES = ("lora_cuda.cpp", "lora_cuda.cu")
+HEADERS = ("philox.h", "lora_math.h", "lora_cpu.h", "lora_cpu_impl.h", "lora_ops.h", "lora_cuda.h")
+
+# The reason shown when a JIT build fails keeps the end of the compiler output.
+_MAX_REASON_CHARS = 4000
+
+_lock = threading.Lock()
+_status: tuple[bool, str] | None = None
+_registered = False
+
+
+def cuda_build_possible() -> tuple[bool, str]:
+    """Whether the CUDA sources can be compiled here: a CUDA torch and nvcc.
+
+    Decided from the installed torch and the toolkit, never from a visible GPU, so a
+    build machine without a GPU still builds the CUDA kernels.
+    """
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU-only build"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    nvcc = Path(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+    if nvcc is None or not (nvcc.exists() or shutil.which("nvcc")):
+        return False, "no CUDA toolkit found (nvcc; set CUDA_HOME)"
+    return True, f"CUDA {torch.version.cuda}, toolkit at {CUDA_HOME}"
+
+
+def cxx_flags() -> list[str]:
+    """Host compiler flags of the extension (setup.py uses the same)."""
+    flags = ["-O3"]
+    if sys.platform != "darwin":  # Apple clang has no -fopenmp; the loops then run serially
+        flags.append("-fopenmp")
+    return flags
+
+
+def ld_flags() -> list[str]:
+    return ["-fopenmp"] if sys.platform != "darwin" else []
+
+
+def nvcc_flags() -> list[str]:
+    """nvcc flags; sm_80 and sm_90 (+ PTX) unless TORCH_CUDA_ARCH_LIST says otherwise."""
+    flags = ["-O3"]
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        flags += [
+            "-gencode=arch=compute_80,code=sm_80",
+            "-gencode=arch=compute_90,code=sm_90",
+            "-gencode=arch=compute_90,code=compute_90",
+        ]
+    return flags
+
+
+def sources(with_cuda: bool, root: Path = _CSRC) -> list[str]:
+    names = CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())
+    return [str(root / name) for name in names]
+
+
+def _cache_root() -> Path:
+    explicit = os.environ.get("LORA_KERNELS_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lora_kernels"
+
+
+def _build_digest(with_cuda: bool) -> str:
+    h = hashlib.sha256()
+    for name in sorted(CPU_SOURCES + CUDA_SOURCES + HEADERS):
+        path = _CSRC / name
+        h.update(name.encode())
+        h.update(path.read_bytes() if path.exists() else b"<missing>")
+    key = (
+        torch.__version__,
+        str(torch.version.cuda),
+        sys.version,
+        str(with_cuda),
+        " ".join(cxx_flags() + ld_flags() + (nvcc_flags() if with_cuda else [])),
+        os.environ.get("TORCH_CUDA_ARCH_LIST", ""),
+    )
+    h.update(repr(key).encode())
+    return h.hexdigest()[:16]
+
+
+def _jit_build() -> str:
+    """Compile csrc/ with ninja into the cache and load it; returns the build folder."""
+    from torch.utils import cpp_extension
+
+    with_cuda, _ = cuda_build_possible()
+    name = f"lora_kernels_C_{_build_digest(with_cuda)}"
+    build_dir = _cache_root() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=name,
+        sources=sources(with_cuda),
+        extra_cflags=cxx_flags(),
+        extra_ldflags=ld_flags(),
+        extra_cuda_cflags=nvcc_flags() if with_cuda else None,
+        extra_include_paths=[str(_CSRC)],
+        build_directory=str(build_dir),
+        with_cuda=with_cuda,
+        is_python_module=False,
+        verbose=False,
+    )
+    return str(build_dir)
+
+
+def _short(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}".strip()
+    if len(text) > _MAX_REASON_CHARS:
+        text = "... " + text[-_MAX_REASON_CHARS:]
+    return text
+
+
+def _stale(installed: str) -> bool:
+    """Whether csrc/ (a source checkout) changed after the installed extension was built."""
+    try:
+        built = os.path.getmtime(installed)
+        return any(
+            (_CSRC / name).exists() and os.path.getmtime(_CSRC / name) > built
+            for name in CPU_SOURCES + CUDA_SOURCES + HEADERS
+        )
+    except OSError:
+        return False
+
+
+def _load_extension() -> tuple[bool, str]:
+    spec = importlib.util.find_spec("lora_kernels._C")
+    if spec is not None and spec.origin and _stale(spec.origin):
+        # An editable install whose csrc/ was edited since: build the current sources.
+        installed_error: BaseException = RuntimeError(f"{spec.origin} is older than csrc/")
+    else:
+        try:
+            importlib.import_module("lora_kernels._C")
+            return True, "installed extension lora_kernels._C"
+        except (ImportError, OSError) as error:
+            installed_error = error
+    if not (_CSRC / CPU_SOURCES[0]).exists():
+        return False, (
+            f"lora_kernels._C is not installed ({_short(installed_error)}) and the csrc/ "
+            "sources to build it are not there; reinstall with the extension "
+            "(pip install . --no-build-isolation)"
+        )
+    try:
+        build_dir = _jit_build()
+    except Exception as error:  # a compiler error makes the backend unusable, not the package
+        return False, f"building the C++ extension failed: {_short(error)}"
+    return True, f"C++ extension built from csrc/ with ninja in {build_dir}"
+
+
+def _backward_fake(grad_y, x, weight, lora_A, lora_B, scaling, p, seed, u, nx, nl, ns, nb):
+    def maybe(flag, shape, dtype):
+        return x.new_empty(shape if flag else (0,), dtype=dtype)
+
+    M, K = x.shape
+    N, R = lora_B.shape
+    return (
+        maybe(nx, (M, K), x.dtype),
+        maybe(nl, (R, K), lora_A.dtype),
+        maybe(nl, (N, R), lora_B.dtype),
+        maybe(ns, (), scaling.dtype),
+        maybe(nb, (N,), x.dtype),
+    )
+
+
+def _forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    u_dtype = torch.promote_types(x.dtype, torch.float32)
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(
+        x.shape[0], lora_A.shape[0], dtype=u_dtype
+    )
+
+
+def _keep_mask_fake(seed, M, K, dropout_p):
+    return seed.new_empty(M, K, dtype=torch.bool)
+
+
+def _register_python_side() -> None:
+    """Fake implementations and the autograd formula, once per process."""
+    global _registered
+    if _registered:
+        return
+    from ._autograd import register_lora_autograd
+
+    torch.library.register_fake("lora_kernels::cpp_forward")(_forward_fake)
+    torch.library.register_fake("lora_kernels::cpp_backward")(_backward_fake)
+    torch.library.register_fake("lora_kernels::cpp_keep_mask")(_keep_mask_fake)
+    ops = torch.ops.lora_kernels
+    register_lora_autograd(ops.cpp_forward.default, ops.cpp_backward.default)
+    _registered = True
+
+
+def extension_status() -> tuple[bool, str]:
+    """(loaded, how or why not): loads or builds the extension on the first call."""
+    global _status
+    with _lock:
+        if _status is None:
+            ok, how = _load_extension()
+            if ok:
+                try:
+                    _register_python_side()
+                except Exception as error:
+                    ok, how = False, f"registering the extension's ops failed: {_short(error)}"
+            _status = (ok, how)
+        return _status
+
+
+def _has_cuda_kernels() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("lora_kernels::cpp_forward", "CUDA")
+
+
+def availability(name: str) -> tuple[bool, str]:
+    """(usable on this machine, why not) for "cpu" or "cuda". Never raises."""
+    try:
+        ok, how = extension_status()
+        if not ok:
+            return False, how
+        if name == "cpu":
+            return True, f"{how}; CPU kernels: {cpu_isa()}"
+        if name == "cuda":
+            if not _has_cuda_kernels():
+                possible, why = cuda_build_possible()
+                reason = why if not possible else "the extension was built without CUDA sources"
+                return False, f"no CUDA kernels in the extension: {reason}"
+            if not torch.cuda.is_available():
+                return False, "the CUDA kernels are built, but no CUDA device is visible"
+            return True, how
+        return False, f"backend_cpp serves 'cpu' and 'cuda', not {name!r}"
+    except Exception as error:
+        return False, _short(error)
+
+
+def serves(name: str, device_type: str) -> bool:
+    """Whether backend `name` runs on tensors of this device type."""
+    return name == device_type and name in ("cpu", "cuda")
+
+
+def load(name: str):
+    """(forward_op, backward_op); call only after availability(name) said usable."""
+    ok, how = extension_status()
+    if not ok:
+        raise RuntimeError(f"lora_kernels backend {name!r} is not usable: {how}")
+    return torch.ops.lora_kernels.cpp_forward.default, torch.ops.lora_kernels.cpp_backward.default
+
+
+def keep_mask(seed: torch.Tensor, M: int, K: int, dropout_p: float) -> torch.Tensor:
+    """The keep mask [M, K] (bool) the kernels apply, for tests."""
+    extension_status()
+    return torch.ops.lora_kernels.cpp_keep_mask(seed, M, K, dropout_p)
+
+
+def cpu_isa(request: str = "") -> str:
+    """The CPU kernel build in use ("avx512", "avx2", "baseline").
+
+    `request` selects a build the CPU supports ("auto" restores the automatic choice);
+    tests use it to run every build this CPU can run.
+    """
+    extension_status()
+    return torch.ops.lora_kernels.cpp_cpu_isa(request)

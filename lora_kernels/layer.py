@@ -1,0 +1,369 @@
+"""`LoRALinear`: a drop-in wrapper of a frozen `nn.Linear` with a trainable LoRA adapter.
+
+The module owns the parameters and their life cycle (initialisation, merge, unmerge);
+the math runs in the functional op `lora_kernels.lora_linear`, which this module only
+calls. Shapes: K = in_features, N = out_features, R = rank.
+
+    Y = X W^T + b + s * (dropout(X) A^T) B^T,   A = lora_A [R, K], B = lora_B [N, R]
+
+Adapter dtype: float32 when the wrapped layer is float16 or bfloat16 (as peft does by
+default, `autocast_adapter_dtype=True`: half-precision adapters lose small updates),
+otherwise the layer's dtype. `layer.to(torch.bfloat16)` casts the adapter too, for
+those who want half-precision adapters. The adapter lives on the wrapped layer's device.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+from torch import nn
+
+from .backends import BACKENDS
+from .ops import check_dropout_p, lora_linear
+
+INITS = ("kaiming", "gaussian", "svd")
+
+
+def check_rank(rank) -> int:
+    """rank as an int >= 1, or a TypeError/ValueError naming it."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise TypeError(f"rank must be an int >= 1, got {rank!r} ({type(rank).__name__})")
+    if rank < 1:
+        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    return int(rank)
+
+
+def check_alpha(alpha) -> float:
+    """alpha as a finite float > 0, or a TypeError/ValueError naming it."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(
+            f"alpha must be a finite number > 0, got {alpha!r} ({type(alpha).__name__})"
+        )
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    return float(alpha)
+
+
+def check_init(init) -> str:
+    """init as one of INITS, or a ValueError naming it."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    return init
+
+
+def check_backend(backend) -> str | None:
+    """backend as None or a known backend name, or a ValueError naming it."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    return backend
+
+
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def adapter_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype LoRALinear gives lora_A, lora_B (and a learnable scaling)."""
+    if weight_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return weight_dtype
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where a delta, a merge or a residual is formed: float32, or float64 for float64.
+
+    The sum W + s B A is then rounded to W's dtype once.
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
+class LoRALinear(nn.Module):
+    """A frozen `nn.Linear` plus a trainable low-rank update, computed by `lora_linear`.
+
+    Args:
+        original_linear_layer: the `nn.Linear` (weight [N, K], bias [N] or None) to
+            wrap; it is kept as `original_linear` with requires_grad=False.
+        rank: R >= 1.
+        alpha: finite > 0; scaling = alpha / R (alpha / sqrt(R) with `use_rslora`).
+        dropout: probability p in [0, 1) of dropping an element of the LoRA branch's
+            input while training.
+        init: "kaiming" (A kaiming-uniform with a=sqrt(5), B zeros), "gaussian"
+            (A ~ N(0, std=1/R) as peft, B zeros) or "svd" (PiSSA, see
+            `reset_lora_parameters`).
+        use_rslora: scale by alpha / sqrt(R) (rank-stabilised LoRA).
+        learnable_scaling: make `scaling` a 0-dim `nn.Parameter` (adapter dtype) that
+            trains with A and B.
+        backend: backend name passed to `lora_linear`, or None for the automatic choice.
+
+    Input x [*, K] in the wrapped layer's dtype; output [*, N] in x's dtype. Gradients
+    of A, B (and a learnable scaling) come in their own dtype. Under `torch.autocast`
+    every operand is cast to the autocast dtype, as for `nn.Linear`.
+    """
+
+    def __init__(
+        self,
+        original_linear_layer: nn.Linear,
+        rank: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+        use_rslora: bool = False,
+        learnable_scaling: bool = False,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        if not isinstance(original_linear_layer, nn.Linear):
+            raise TypeError(
+                "original_linear_layer must be a torch.nn.Linear, got "
+                f"{type(original_linear_layer).__name__}"
+            )
+        self.rank = check_rank(rank)
+        self.alpha = check_alpha(alpha)
+        self.dropout = check_dropout_p(dropout, "dropout")
+        self.init = check_init(init)
+        self.use_rslora = _check_flag("use_rslora", use_rslora)
+        learnable_scaling = _check_flag("learnable_scaling", learnable_scaling)
+        self.backend = check_backend(backend)
+
+        self.in_features = original_linear_layer.in_features
+        self.out_features = original_linear_layer.out_features
+        if init == "svd" and self.rank > min(self.in_features, self.out_features):
+            raise ValueError(
+                f"init='svd' needs rank <= min(in_features, out_features) = "
+                f"{min(self.in_features, self.out_features)}, got rank={self.rank}"
+            )
+        # Frozen only once every argument passed: a refused call leaves the layer as it was.
+        self.original_linear = original_linear_layer
+        for p in self.original_linear.parameters():
+            p.requires_grad_(False)
+        weight = self.original_linear.weight
+
+        factory = {"device": weight.device, "dtype": adapter_dtype_for(weight.dtype)}
+        self.lora_A = nn.Parameter(torch.zeros(self.rank, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.rank, **factory))
+        s = self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        if learnable_scaling:
+            self.scaling = nn.Parameter(torch.tensor(s, **factory))
+        else:
+            self.scaling = s
+        # What init="svd" took out of the wrapped weight, s0 * B0 A0 = U_r S_r V_r^T as
+        # two thin factors (float32 or wider), so that reset and unwrap can put it back.
+        self.register_buffer("_svd_US", None, persistent=False)  # [N, R]
+        self.register_buffer("_svd_Vh", None, persistent=False)  # [R, K]
+        self._enabled = True
+        self._merged = False
+        self.reset_lora_parameters()
+
+    @property
+    def learnable_scaling(self) -> bool:
+        return isinstance(self.scaling, nn.Parameter)
+
+    @property
+    def merged(self) -> bool:
+        """True while the update s * B A is folded into `original_linear.weight`."""
+        return self._merged
+
+    @property
+    def enabled(self) -> bool:
+        """False makes forward return exactly the wrapped layer's output."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, flag: bool) -> None:
+        _check_flag("enabled", flag)
+        # A merged layer carries the update in its weight: disabling must take it out.
+        if not flag and self._merged:
+            self.unmerge()
+        self._enabled = flag
+
+    def _scaling_value(self) -> float:
+        if isinstance(self.scaling, torch.Tensor):
+            return self.scaling.detach().item()
+        return self.scaling
+
+    @torch.no_grad()
+    def _restore_svd_residual(self) -> None:
+        """Put back into the wrapped weight what init="svd" took out of it."""
+        if self._svd_US is None:
+            return
+        weight = self.original_linear.weight
+        cdt = _compute_dtype(weight.dtype)
+        restored = weight.to(cdt) + self._svd_US.to(cdt) @ self._svd_Vh.to(cdt)
+        weight.copy_(restored)
+        self._svd_US = None
+        self._svd_Vh = None
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        """Re-initialise lora_A and lora_B with `self.init`; the scaling is left as is.
+
+        Any earlier SVD residual is undone first, so after a reset the layer's output is
+        the original base layer's output (exactly for "kaiming" and "gaussian", where
+        B = 0; up to rounding for "svd").
+
+        "svd" (PiSSA, Meng et al. 2024, as peft's init_lora_weights="pissa"): with
+        W = U S V^T and the top-R triplets U_r [N, R], S_r [R], V_r^T [R, K],
+        A = sqrt(S_r) V_r^T / sqrt(s), B = U_r sqrt(S_r) / sqrt(s), and the frozen
+        weight becomes the residual W - s B A. Both factors train from step one while
+        the output is unchanged. The SVD runs in float32 (float64 for a float64 layer);
+        the residual is formed in float64 from the stored (rounded) A and B, so it
+        matches them up to one rounding to W's dtype.
+        """
+        if self._merged:
+            raise RuntimeError("reset_lora_parameters on a merged LoRALinear: unmerge() first")
+        self._restore_svd_residual()
+        if self.init == "kaiming":
+            # Kaiming-uniform with a=sqrt(5), nn.Linear's own init: bound = 1/sqrt(K).
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+        elif self.init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.rank)
+            nn.init.zeros_(self.lora_B)
+        else:
+            self._init_svd()
+
+    def _init_svd(self) -> None:
+        s = self._scaling_value()
+        if not (math.isfinite(s) and s > 0):
+            raise ValueError(f"init='svd' needs a finite scaling > 0, got {s!r}")
+        weight = self.original_linear.weight
+        cdt = _compute_dtype(weight.dtype)
+        U, S, Vh = torch.linalg.svd(weight.to(cdt), full_matrices=False)
+        R = self.rank
+        root = S[:R].sqrt()
+        self.lora_A.copy_((root[:, None] * Vh[:R]) / math.sqrt(s))
+        self.lora_B.copy_((U[:, :R] * root[None, :]) / math.sqrt(s))
+        # s B A from the stored (rounded) factors: what forward adds back to the residual.
+        self._svd_US = s * self.lora_B.to(cdt)
+        self._svd_Vh = self.lora_A.to(cdt).clone()
+        weight.copy_(weight.to(cdt) - self._svd_US @ self._svd_Vh)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [*, K] -> [*, N] in x's dtype; the base layer alone when disabled or merged."""
+        if not self._enabled or self._merged:
+            return self.original_linear(x)
+        return lora_linear(
+            x,
+            self.original_linear.weight,
+            self.original_linear.bias,
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            dropout_p=self.dropout,
+            training=self.training,
+            backend=self.backend,
+        )
+
+    @torch.no_grad()
+    def _delta(self, dtype: torch.dtype) -> torch.Tensor:
+        """s * B A [N, K] in `dtype`, from the current adapter."""
+        s = self.scaling.detach().to(dtype) if self.learnable_scaling else self.scaling
+        return s * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))
+
+    @torch.no_grad()
+    def _merged_weight(self) -> torch.Tensor:
+        """W + s B A in W's dtype, rounded once; refuses (like peft's safe_merge) when
+        the result is not finite."""
+        weight = self.original_linear.weight
+        cdt = _compute_dtype(weight.dtype)
+        merged = (weight.to(cdt) + self._delta(cdt)).to(weight.dtype)
+        if not torch.isfinite(merged).all():
+            bad = int((~torch.isfinite(merged)).sum())
+            raise ValueError(
+                f"merging the LoRA update into a {weight.dtype} weight of shape "
+                f"[{self.out_features}, {self.in_features}] gives {bad} non-finite "
+                "value(s) (a NaN/inf adapter or an overflow); the weight was left unchanged"
+            )
+        return merged
+
+    @torch.no_grad()
+    def merge_weights(self) -> nn.Linear:
+        """A new `nn.Linear` with weight W + s B A [N, K] and a copy of the bias.
+
+        Its output matches this layer's eval-mode output. The layer itself is not
+        changed. The new parameters have the wrapped layer's requires_grad (frozen).
+        """
+        weight = self.original_linear.weight
+        bias = self.original_linear.bias
+        merged = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        merged.weight.copy_(weight if self._merged else self._merged_weight())
+        merged.weight.requires_grad_(weight.requires_grad)
+        if bias is not None:
+            merged.bias.copy_(bias)
+            merged.bias.requires_grad_(bias.requires_grad)
+        return merged
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold s B A into `original_linear.weight` in place; forward then skips the branch.
+
+        Merging a merged layer warns and does nothing. A merge whose result is not
+        finite raises ValueError and leaves the weight untouched. While merged, A and
+        B get no gradient; call `unmerge()` before training further.
+        """
+        if self._merged:
+            warnings.warn("LoRALinear.merge(): already merged, nothing done", stacklevel=2)
+            return
+        if not self._enabled:
+            raise RuntimeError(
+                "LoRALinear.merge(): the adapter is disabled (enabled=False); enable it "
+                "before merging"
+            )
+        self.original_linear.weight.copy_(self._merged_weight())
+        self._merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take s B A back out of `original_linear.weight`.
+
+        Restores the weight within one rounding step of its dtype (the merge and the
+        unmerge each round once). Unmerging an unmerged layer warns and does nothing.
+        """
+        if not self._merged:
+            warnings.warn("LoRALinear.unmerge(): not merged, nothing done", stacklevel=2)
+            return
+        weight = self.original_linear.weight
+        cdt = _compute_dtype(weight.dtype)
+        weight.copy_(weight.to(cdt) - self._delta(cdt))
+        self._merged = False
+
+    @torch.no_grad()
+    def unwrap(self) -> nn.Linear:
+        """The wrapped `nn.Linear` holding its original weight, the adapter dropped.
+
+        Unmerges if merged and puts back what init="svd" took out of the weight. The
+        returned layer stays frozen. Discard this LoRALinear afterwards.
+        """
+        if self._merged:
+            self.unmerge()
+        self._restore_svd_residual()
+        return self.original_linear
+
+    def extra_repr(self) -> str:
+        text = (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, alpha={self.alpha:g}, dropout={self.dropout:g}, "
+            f"backend={self.backend!r}"
+        )
+        if self.init != "kaiming":
+            text += f", init={self.init!r}"
+        if self.use_rslora:
+            text += ", use_rslora=True"
+        if self.learnable_scaling:
+            text += ", learnable_scaling=True"
+        if self._merged:
+            text += ", merged=True"
+        if not self._enabled:
+            text += ", enabled=False"
+        return text

@@ -1,0 +1,419 @@
+"""Model-level helpers: put `LoRALinear` adapters into a model, switch, merge, save them.
+
+Module names are those of `model.named_modules()` ("layers.0.attn.q_proj"); the keys
+of `lora_state_dict` are the matching `model.state_dict()` keys of the adapter
+parameters ("layers.0.attn.q_proj.lora_A").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .layer import (
+    LoRALinear,
+    _check_flag,
+    check_alpha,
+    check_backend,
+    check_init,
+    check_rank,
+)
+from .ops import check_dropout_p
+
+ALL_LINEAR = "all-linear"
+# How many module names an error message lists before it says "and N more".
+_MAX_LISTED = 40
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:_MAX_LISTED])
+    if len(names) > _MAX_LISTED:
+        shown += f", ... and {len(names) - _MAX_LISTED} more"
+    return f"[{shown}]"
+
+
+def _matcher(argument: str, spec):
+    """A predicate name -> bool for target_modules / exclude_modules (peft's rules).
+
+    None or "all-linear" matches everything; any other string is a regex that must
+    match the whole name; a list/tuple/set of names matches a module whose full name
+    equals an entry or ends with "." + entry.
+    """
+    if spec is None or spec == ALL_LINEAR:
+        return lambda name: True
+    if isinstance(spec, str):
+        try:
+            pattern = re.compile(spec)
+        except re.error as error:
+            raise ValueError(f"{argument} is not a valid regex: {spec!r} ({error})") from None
+        return lambda name: pattern.fullmatch(name) is not None
+    if isinstance(spec, (list, tuple, set, frozenset)):
+        entries = list(spec)
+        for entry in entries:
+            if not isinstance(entry, str) or not entry:
+                raise TypeError(
+                    f"{argument} entries must be non-empty module names (str), got {entry!r}"
+                )
+        return lambda name: any(name == e or name.endswith("." + e) for e in entries)
+    raise TypeError(
+        f"{argument} must be None, {ALL_LINEAR!r}, a regex string or a list of module "
+        f"names, got {spec!r} ({type(spec).__name__})"
+    )
+
+
+def _inside(name: str, prefixes: set[str]) -> bool:
+    """Whether `name` is a strict descendant of a module named in `prefixes`."""
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in prefixes for i in range(1, len(parts)))
+
+
+def apply_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    target_modules: str | list[str] | None = None,
+    exclude_modules: str | list[str] | None = None,
+    init: str = "kaiming",
+    use_rslora: bool = False,
+    *,
+    learnable_scaling: bool = False,
+    backend: str | None = None,
+) -> nn.Module:
+    """Replace the matching `nn.Linear` modules of `model` in place by `LoRALinear`.
+
+    Args:
+        model: any module; its `nn.Linear` submodules are the candidates.
+        rank, alpha, dropout, init, use_rslora, learnable_scaling, backend: passed to
+            every `LoRALinear` (see there).
+        target_modules: None or "all-linear": every `nn.Linear` (unlike peft, the
+            output layer too: exclude it with `exclude_modules`); a list of names: a
+            module matches when its full name equals an entry or ends with
+            "." + entry; a string: a regex that must match the full name.
+        exclude_modules: same forms (None excludes nothing); matching modules are left
+            alone.
+
+    Everything but the adapters (old and new) is frozen. A `nn.Linear` shared under
+    several names gets one `LoRALinear`, placed at each of them. The model is checked
+    completely before it is changed: on error it is left as it was.
+
+    Raises:
+        ValueError: nothing matches (the message lists the linear modules seen), or an
+            explicit target is already a `LoRALinear`, or a bad rank/alpha/dropout/init.
+        TypeError: an explicit target is not an `nn.Linear` (it is named), or is the
+            `out_proj` of an `nn.MultiheadAttention` (which reads `out_proj.weight`
+            directly and would bypass the adapter), or `model` itself is an `nn.Linear`.
+
+    Returns:
+        `model`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, nn.Linear):
+        raise TypeError(
+            "apply_lora replaces submodules in place and cannot replace the model itself; "
+            "wrap a bare nn.Linear with LoRALinear(layer, ...) instead"
+        )
+    # Check every argument before the model is touched.
+    rank = check_rank(rank)
+    check_alpha(alpha)
+    check_dropout_p(dropout, "dropout")
+    check_init(init)
+    _check_flag("use_rslora", use_rslora)
+    _check_flag("learnable_scaling", learnable_scaling)
+    check_backend(backend)
+    explicit = target_modules is not None and target_modules != ALL_LINEAR
+    is_target = _matcher("target_modules", target_modules)
+    is_excluded = (
+        (lambda name: False)
+        if exclude_modules is None
+        else _matcher("exclude_modules", exclude_modules)
+    )
+
+    modules = list(model.named_modules(remove_duplicate=False))
+    lora_names = {name for name, m in modules if isinstance(m, LoRALinear)}
+    mha_out_proj = {id(m.out_proj) for _, m in modules if isinstance(m, nn.MultiheadAttention)}
+    linear_seen: list[str] = []
+    # id -> nn.Linear to wrap; a shared layer is wrapped at every name it is registered
+    # under, once one of them matches, so that one weight never behaves two ways.
+    targets: dict[int, nn.Linear] = {}
+    names_of: dict[int, list[str]] = {}
+    # The root cannot be replaced in place, and what a LoRALinear wraps is not a candidate.
+    modules = [(n, m) for n, m in modules if n and not _inside(n, lora_names)]
+    for name, module in modules:
+        names_of.setdefault(id(module), []).append(name)
+    skipped_mha: list[str] = []
+    for name, module in modules:
+        if isinstance(module, nn.Linear):
+            linear_seen.append(name)
+        if not is_target(name) or is_excluded(name):
+            continue
+        if isinstance(module, LoRALinear):
+            if explicit:
+                raise ValueError(
+                    f"target_modules matches {name!r}, which is already a LoRALinear; "
+                    "apply_lora wraps each nn.Linear once (remove_lora or merge_lora first)"
+                )
+            continue
+        if not isinstance(module, nn.Linear):
+            if explicit:
+                raise TypeError(
+                    f"target_modules matches {name!r}, a {type(module).__name__}; only "
+                    "torch.nn.Linear modules can take a LoRA adapter"
+                )
+            continue
+        if id(module) in mha_out_proj:
+            if explicit:
+                raise TypeError(
+                    f"target_modules matches {name!r}, the out_proj of an "
+                    "nn.MultiheadAttention, which uses out_proj.weight directly and would "
+                    "bypass the adapter"
+                )
+            skipped_mha.append(name)
+            continue
+        targets[id(module)] = module
+
+    if not targets:
+        raise ValueError(
+            f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) "
+            f"matches no nn.Linear to adapt; the nn.Linear modules of the model are "
+            f"{_listing(linear_seen)}"
+            + (
+                f" ({_listing(skipped_mha)} skipped: nn.MultiheadAttention reads "
+                "out_proj.weight directly)"
+                if skipped_mha
+                else ""
+            )
+        )
+    if skipped_mha:
+        warnings.warn(
+            f"apply_lora: left {_listing(skipped_mha)} without adapter: nn.MultiheadAttention "
+            "reads out_proj.weight directly, so a LoRA adapter there would be bypassed",
+            stacklevel=2,
+        )
+
+    if init == "svd":
+        for key, linear in targets.items():
+            if rank > min(linear.in_features, linear.out_features):
+                raise ValueError(
+                    "init='svd' needs rank <= min(in_features, out_features); "
+                    f"{names_of[key][0]!r} is [{linear.out_features}, {linear.in_features}], "
+                    f"got rank={rank}"
+                )
+
+    # Building a LoRALinear freezes its layer (and init="svd" rewrites the weight):
+    # build them all, undoing that if one fails, before the model changes.
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    built: list[tuple[LoRALinear, list[str]]] = []
+    try:
+        for key, linear in targets.items():
+            lora = LoRALinear(
+                linear,
+                rank=rank,
+                alpha=alpha,
+                dropout=dropout,
+                init=init,
+                use_rslora=use_rslora,
+                learnable_scaling=learnable_scaling,
+                backend=backend,
+            )
+            built.append((lora, names_of[key]))
+    except Exception:
+        for lora, _ in built:
+            lora.unwrap()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
+    for lora, names in built:
+        for name in names:
+            _replace(model, name, lora)
+    mark_only_lora_as_trainable(model)
+    return model
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """Yield (name, layer) for every `LoRALinear` in `model` (each layer once)."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def _lora_places(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """Every (name, layer) where a LoRALinear is registered, shared ones at each name."""
+    return [
+        (name, m)
+        for name, m in model.named_modules(remove_duplicate=False)
+        if isinstance(m, LoRALinear)
+    ]
+
+
+def set_lora_enabled(model: nn.Module, flag: bool) -> None:
+    """Turn every adapter of `model` on or off; off gives the base model's output.
+
+    Disabling a merged layer unmerges it first (see `LoRALinear.enabled`).
+    """
+    if not isinstance(flag, bool):
+        raise TypeError(f"flag must be a bool, got {flag!r} ({type(flag).__name__})")
+    for _, layer in lora_layers(model):
+        layer.enabled = flag
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: the base model's output inside, each layer's state restored after.
+
+    Layers merged on entry are unmerged (disabling needs it) and stay unmerged.
+    """
+    layers = [layer for _, layer in lora_layers(model)]
+    before = [layer.enabled for layer in layers]
+    try:
+        for layer in layers:
+            layer.enabled = False
+        yield model
+    finally:
+        for layer, flag in zip(layers, before, strict=True):
+            layer.enabled = flag
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold each adapter into its weight and put the plain `nn.Linear` back (peft's
+    merge_and_unload). Disabled adapters are merged too.
+
+    All or nothing: if one merge is refused (a non-finite result), the layers merged
+    so far are unmerged and the error is raised with the model unchanged.
+
+    Returns:
+        `model`, without any `LoRALinear`.
+    """
+    places = _lora_places(model)
+    layers = list({id(layer): layer for _, layer in places}.values())
+    merged_here: list[tuple[LoRALinear, bool]] = []
+    try:
+        for layer in layers:
+            if not layer.merged:
+                was_enabled = layer.enabled
+                layer.enabled = True
+                merged_here.append((layer, was_enabled))
+                layer.merge()
+    except Exception:
+        for layer, was_enabled in merged_here:
+            if layer.merged:
+                layer.unmerge()
+            layer.enabled = was_enabled
+        raise
+    for name, layer in places:
+        _replace(model, name, layer.original_linear)
+    return model
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Put the original `nn.Linear` layers back, adapters dropped (unmerged first, and
+    an SVD residual restored). The restored layers stay frozen.
+
+    Returns:
+        `model`, without any `LoRALinear`.
+    """
+    places = _lora_places(model)
+    originals = {id(layer): layer.unwrap() for _, layer in places}
+    for name, layer in places:
+        _replace(model, name, originals[id(layer)])
+    return model
+
+
+def _lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Adapter parameters by state_dict key: lora_A, lora_B and a learnable scaling."""
+    params = {}
+    for name, layer in lora_layers(model):
+        prefix = f"{name}." if name else ""
+        params[prefix + "lora_A"] = layer.lora_A
+        params[prefix + "lora_B"] = layer.lora_B
+        if layer.learnable_scaling:
+            params[prefix + "scaling"] = layer.scaling
+    return params
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
+    """Set requires_grad=True on the adapter parameters and False on all others.
+
+    Returns:
+        `model`.
+    """
+    trainable = {id(p) for p in _lora_parameters(model).values()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors only, keyed as in `model.state_dict()`.
+
+    "<module>.lora_A" [R, K], "<module>.lora_B" [N, R] and, for a learnable scaling,
+    "<module>.scaling" []. Like `state_dict()`, the tensors are detached views of the
+    parameters (clone them to keep a snapshot while training goes on).
+    """
+    return {key: p.detach() for key, p in _lora_parameters(model).items()}
+
+
+def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy adapter tensors from `lora_state_dict` output into `model`'s adapters.
+
+    Strict: the keys must be exactly those of `lora_state_dict(model)`, every value a
+    tensor of the parameter's shape (values are cast to the parameter's dtype and
+    device). Everything is checked before anything is copied. A model whose layers are
+    merged refuses (unmerge first: the merged weight holds the old adapter).
+
+    Raises:
+        ValueError: missing or unexpected keys (listed), a shape mismatch (naming the
+            key and both shapes), or a merged layer.
+        TypeError: a value that is not a tensor.
+    """
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+    params = _lora_parameters(model)
+    missing = sorted(set(params) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(params))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_listing(unexpected)}")
+        raise ValueError("load_lora_state_dict: " + "; ".join(parts))
+    for key, param in params.items():
+        value = state_dict[key]
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"state_dict[{key!r}] must be a tensor, got {type(value).__name__}")
+        if value.shape != param.shape:
+            raise ValueError(
+                f"state_dict[{key!r}] has shape {list(value.shape)}, but the model's "
+                f"{key} has shape {list(param.shape)}"
+            )
+    merged = [name for name, layer in lora_layers(model) if layer.merged]
+    if merged:
+        raise ValueError(
+            f"load_lora_state_dict: layers {_listing(merged)} are merged; unmerge them first"
+        )
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(state_dict[key])
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) numbers of parameter elements, shared parameters counted once."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total

@@ -1,0 +1,134 @@
+"""The benchmarks and the digits example run and produce their outputs.
+
+No timing assertions: speed figures belong in the benchmarks, not in tests. These
+check that the kernel benchmark's table, CSV and plots come out with finite ratios,
+that the traffic model counts what the design says, and that the digits example
+learns the new classes.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lora_kernels
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+def _run(args, tmp_path, timeout=300):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_kernel_benchmark_smoke_writes_table_csv_and_plots(tmp_path):
+    csv_path = tmp_path / "results" / "smoke.csv"
+    proc = _run(
+        [
+            str(BENCH / "bench_lora_linear.py"),
+            "--smoke",
+            "--reps",
+            "2",
+            "--max-reps",
+            "2",
+            "--min-time",
+            "0",
+            "--device",
+            "cpu",
+            "--csv",
+            str(csv_path),
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| provider |" in proc.stdout
+    assert "MODEL" in proc.stdout  # the model columns say what they are
+    with csv_path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    providers = {r["provider"] for r in rows}
+    assert {"linear", "peft", "unsloth", "lk-torch"} <= providers
+    # Unsloth-style has no dropout path: it appears at p = 0 only.
+    assert {float(r["p"]) for r in rows if r["provider"] == "unsloth"} == {0.0}
+    for r in rows:
+        assert r["device"] and r["torch"] and r["commit"] and r["date"]
+        for column in ("median_ms", "vs_floor", "vs_peft", "model_h100_vs_floor"):
+            value = float(r[column])
+            assert math.isfinite(value) and value > 0, (column, r)
+        assert float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
+        if r["provider"] != "linear":
+            assert int(r["saved_bytes"]) > 0
+        if float(r["p"]) == 0.0:
+            assert r["check"].startswith("ok"), r
+    modes = {(r["provider"], r["p"], r["mode"]) for r in rows}
+    assert len(modes) == len(rows)  # one row per key: upserted, not duplicated
+    assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
+    pngs = sorted(p.name for p in csv_path.parent.glob("*.png"))
+    assert "smoke_saved_bytes.png" in pngs and "smoke_speedup_fwd_bwd.png" in pngs
+
+
+def test_csv_upsert_replaces_rows_with_the_same_key(tmp_path):
+    bench = _load(BENCH / "bench_lora_linear.py", "bench_lora_linear")
+    path = tmp_path / "x.csv"
+    row = {k: "a" for k in bench.CSV_KEY}
+    bench.upsert_csv(path, [{**row, "median_ms": 1.0}, {**row, "mode": "b", "median_ms": 2.0}])
+    bench.upsert_csv(path, [{**row, "median_ms": 3.0}])
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["mode"], r["median_ms"]) for r in rows) == [("a", "3"), ("b", "2")]
+
+
+def test_traffic_model_counts_the_design():
+    tm = _load(BENCH / "traffic_model.py", "traffic_model")
+    M, K, N, R = 8192, 4096, 4096, 16
+    args = (M, K, N, R, 0.1, torch.bfloat16, torch.float32)
+    floor = tm.model("linear", "fwd+bwd", *args)
+    fused = tm.model("lk-triton", "fwd+bwd", *args)
+    peft = tm.model("peft", "fwd+bwd", *args)
+    # The floor: two GEMMs, X, W, Y and dY, W, dX each moved once.
+    assert floor["flops"] == 4 * M * N * K
+    assert floor["bytes"] == 2 * 2 * (M * K + N * K + M * N)
+    # The fused design's compulsory extra: X read twice more, dY once more (+ small).
+    extra = fused["bytes"] - floor["bytes"]
+    assert 2 * (2 * M * K + M * N) <= extra <= 1.05 * 2 * (2 * M * K + M * N)
+    assert floor["h100_s"] < fused["h100_s"] < peft["h100_s"]
+
+
+def test_digits_example_learns_8_and_9():
+    if not hasattr(lora_kernels, "apply_lora"):
+        pytest.skip("lora_kernels.apply_lora is not in this checkout yet (issue 2)")
+    example = _load(REPO / "examples" / "digits_lora.py", "digits_lora")
+    results = example.run()
+    assert results["base_acc_0_7"] >= 0.9
+    assert results["base_acc_8_9"] <= 0.1  # the base model never learned 8 and 9
+    for init in ("svd", "kaiming"):
+        assert results[init]["acc_8_9_after"] >= 0.9, (init, results[init])
+        assert 0 < results[init]["trainable_share"] < 0.2
