@@ -49,8 +49,10 @@ run on CPU tensors with one small config.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import threading
 
 import torch
 import triton
@@ -1246,6 +1248,11 @@ def dropout_keep_mask(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Ten
 # ---------------------------------------------------------------------------------------
 
 
+# The Triton interpreter keeps launch state in module globals: two threads launching at
+# once corrupt each other's results. Compiled launches on a GPU need no lock.
+_launch_guard = threading.Lock() if _INTERPRET else contextlib.nullcontext()
+
+
 @triton_op("lora_kernels::triton_forward", mutates_args=())
 def triton_forward(
     x: torch.Tensor,
@@ -1260,7 +1267,8 @@ def triton_forward(
     M = x.shape[0]
     y = _empty((M, weight.shape[0]), x.dtype, x.device)
     u = _empty((M, lora_A.shape[0]), torch.float32, x.device)
-    _forward_into(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, u)
+    with _launch_guard:
+        _forward_into(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, u)
     return y, u
 
 
@@ -1299,22 +1307,23 @@ def triton_backward(
     grad_B = buffer(need_grad_lora, (N, R), lora_B.dtype)
     grad_scaling = buffer(need_grad_scaling, (), scaling.dtype)
     grad_bias = buffer(need_grad_bias, (N,), x.dtype)
-    _backward_into(
-        grad_y,
-        x,
-        weight,
-        lora_A,
-        lora_B,
-        scaling,
-        dropout_p,
-        seed,
-        u,
-        grad_x if need_grad_x else None,
-        grad_A if need_grad_lora else None,
-        grad_B if need_grad_lora else None,
-        grad_scaling if need_grad_scaling else None,
-        grad_bias if need_grad_bias else None,
-    )
+    with _launch_guard:
+        _backward_into(
+            grad_y,
+            x,
+            weight,
+            lora_A,
+            lora_B,
+            scaling,
+            dropout_p,
+            seed,
+            u,
+            grad_x if need_grad_x else None,
+            grad_A if need_grad_lora else None,
+            grad_B if need_grad_lora else None,
+            grad_scaling if need_grad_scaling else None,
+            grad_bias if need_grad_bias else None,
+        )
     return grad_x, grad_A, grad_B, grad_scaling, grad_bias
 
 
