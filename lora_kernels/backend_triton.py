@@ -230,7 +230,12 @@ def _lora_fwd_kernel(
         p_b = b + o_r[:, None] * s_br + o_n[None, :] * s_bn
         b_u = tl.load(p_u, mask=m_m[:, None] & m_r[None, :], other=0.0)  # [BM, BR]
         b_b = tl.load(p_b, mask=m_r[:, None] & m_n[None, :], other=0.0)  # [BR, BN]
-        b_acc = _dot(_cast(b_u, dtype), _cast(b_b, dtype), b_acc, INPUT_PRECISION)
+        if dtype == tl.float16:
+            # U (fp32) can exceed fp16's 65504 where Y does not: keep this R-wide step
+            # in fp32 operands (R/K of the work, so the cost is small).
+            b_acc = _dot(b_u, b_b.to(tl.float32), b_acc, INPUT_PRECISION)
+        else:
+            b_acc = _dot(_cast(b_u, dtype), _cast(b_b, dtype), b_acc, INPUT_PRECISION)
     b_acc = b_acc * tl.load(scaling)
 
     # + X W^T
@@ -310,7 +315,11 @@ def _lora_bwd_dy_kernel(
             b_b = tl.load(p_b, mask=m_n[:, None] & m_r[None, :], other=0.0)  # [BN, BR]
             b_g = _dot(b_dy, _cast(b_b, dtype), b_g, INPUT_PRECISION)
         if COMPUTE_DB:
-            b_db = _dot(tl.trans(b_dy), _cast(b_u, dtype), None, INPUT_PRECISION)
+            if dtype == tl.float16:
+                # As in forward: U in fp16 could overflow; dB = dY^T U in fp32 operands.
+                b_db = _dot(tl.trans(b_dy).to(tl.float32), b_u, None, INPUT_PRECISION)
+            else:
+                b_db = _dot(tl.trans(b_dy), _cast(b_u, dtype), None, INPUT_PRECISION)
             p_db = db_part + (i_m * N + o_n[:, None]) * R + o_r[None, :]
             tl.store(p_db, b_db, mask=m_n[:, None] & m_r[None, :])
         if COMPUTE_DBIAS:
