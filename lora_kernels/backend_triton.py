@@ -87,6 +87,19 @@ def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _dot_fp32_range(a, b, acc):
+    """acc + a @ b on float32 operands, for fp16 layers whose U exceeds fp16's range.
+
+    TF32 keeps fp16's 10-bit mantissa with fp32's exponent, on the tensor cores; the
+    interpreter has no TF32 and computes it exactly.
+    """
+    if _INTERPRETER_BF16_FIX:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision="tf32")
+
+
+@triton.jit
 def _cast(x, dtype: tl.constexpr):
     """x.to(dtype), rounding to nearest even (also under the interpreter)."""
     if _INTERPRETER_BF16_FIX:
@@ -233,7 +246,7 @@ def _lora_fwd_kernel(
         if dtype == tl.float16:
             # U (fp32) can exceed fp16's 65504 where Y does not: keep this R-wide step
             # in fp32 operands (R/K of the work, so the cost is small).
-            b_acc = _dot(b_u, b_b.to(tl.float32), b_acc, INPUT_PRECISION)
+            b_acc = _dot_fp32_range(b_u, b_b.to(tl.float32), b_acc)
         else:
             b_acc = _dot(_cast(b_u, dtype), _cast(b_b, dtype), b_acc, INPUT_PRECISION)
     b_acc = b_acc * tl.load(scaling)
@@ -317,7 +330,7 @@ def _lora_bwd_dy_kernel(
         if COMPUTE_DB:
             if dtype == tl.float16:
                 # As in forward: U in fp16 could overflow; dB = dY^T U in fp32 operands.
-                b_db = _dot(tl.trans(b_dy).to(tl.float32), b_u, None, INPUT_PRECISION)
+                b_db = _dot_fp32_range(tl.trans(b_dy).to(tl.float32), b_u, None)
             else:
                 b_db = _dot(tl.trans(b_dy), _cast(b_u, dtype), None, INPUT_PRECISION)
             p_db = db_part + (i_m * N + o_n[:, None]) * R + o_r[None, :]
@@ -725,9 +738,16 @@ def kernel_configs(
     budget = _REGISTER_BUDGET[name]
     sm80 = tuple(capability) < (9, 0)
     gemm = name in ("fwd", "bwd_dx")
-    if gemm and not fma and (dropout or (sm80 and (elem == 4 or name == "bwd_dx"))):
+    # fp16 runs the rank step on fp32 operands (U may exceed fp16's range): more registers.
+    wide_rank_step = dtype == torch.float16 and name == "fwd"
+    if (
+        gemm
+        and not fma
+        and (dropout or (sm80 and (elem == 4 or name == "bwd_dx" or wide_rank_step)))
+    ):
         # The mask doubles dX's tile registers; sm_80's mma.sync holds operands in
-        # registers next to the accumulator (measured: dX and fp32 spill at 128).
+        # registers next to the accumulator (measured: dX, fp32 and fp16's fp32 rank
+        # step spill at 128).
         budget = min(budget, 64)
     configs = []
     for config in _candidates(name, elem, fma):
