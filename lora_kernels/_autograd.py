@@ -31,6 +31,23 @@ def _check_first_order(*grads: torch.Tensor) -> None:
         )
 
 
+def backward_fake(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, u, nx, nl, ns, nb):
+    """The backward op's outputs as the contract shapes them (every backend's fake)."""
+
+    def maybe(flag, shape, dtype):
+        return x.new_empty(shape if flag else (0,), dtype=dtype)
+
+    M, K = x.shape
+    N, R = lora_B.shape
+    return (
+        maybe(nx, (M, K), x.dtype),
+        maybe(nl, (R, K), lora_A.dtype),
+        maybe(nl, (N, R), lora_B.dtype),
+        maybe(ns, (), scaling.dtype),
+        maybe(nb, (N,), x.dtype),
+    )
+
+
 def register_lora_autograd(forward_op, backward_op) -> None:
     """Make `forward_op` differentiable through `backward_op` (schemas in docs/backends.md)."""
 

@@ -180,21 +180,6 @@ def _load_extension() -> tuple[bool, str]:
     return True, f"C++ extension built from csrc/ with ninja in {build_dir}"
 
 
-def _backward_fake(grad_y, x, weight, lora_A, lora_B, scaling, p, seed, u, nx, nl, ns, nb):
-    def maybe(flag, shape, dtype):
-        return x.new_empty(shape if flag else (0,), dtype=dtype)
-
-    M, K = x.shape
-    N, R = lora_B.shape
-    return (
-        maybe(nx, (M, K), x.dtype),
-        maybe(nl, (R, K), lora_A.dtype),
-        maybe(nl, (N, R), lora_B.dtype),
-        maybe(ns, (), scaling.dtype),
-        maybe(nb, (N,), x.dtype),
-    )
-
-
 def _forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     u_dtype = torch.promote_types(x.dtype, torch.float32)
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(
@@ -211,10 +196,10 @@ def _register_python_side() -> None:
     global _registered
     if _registered:
         return
-    from ._autograd import register_lora_autograd
+    from ._autograd import backward_fake, register_lora_autograd
 
     torch.library.register_fake("lora_kernels::cpp_forward")(_forward_fake)
-    torch.library.register_fake("lora_kernels::cpp_backward")(_backward_fake)
+    torch.library.register_fake("lora_kernels::cpp_backward")(backward_fake)
     torch.library.register_fake("lora_kernels::cpp_keep_mask")(_keep_mask_fake)
     ops = torch.ops.lora_kernels
     register_lora_autograd(ops.cpp_forward.default, ops.cpp_backward.default)

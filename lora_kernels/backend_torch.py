@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._autograd import register_lora_autograd
+from ._autograd import backward_fake, register_lora_autograd
 
 
 def _keep_mask(x: torch.Tensor, dropout_p: float, seed: torch.Tensor) -> torch.Tensor | None:
@@ -96,20 +96,7 @@ def torch_backward(
     return grad_x.contiguous(), grad_A, grad_B, grad_scaling, grad_bias
 
 
-@torch_backward.register_fake
-def _(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, u, nx, nl, ns, nb):
-    def maybe(flag, shape, dtype):
-        return x.new_empty(shape if flag else (0,), dtype=dtype)
-
-    M, K = x.shape
-    N, R = lora_B.shape
-    return (
-        maybe(nx, (M, K), x.dtype),
-        maybe(nl, (R, K), lora_A.dtype),
-        maybe(nl, (N, R), lora_B.dtype),
-        maybe(ns, (), scaling.dtype),
-        maybe(nb, (N,), x.dtype),
-    )
+torch_backward.register_fake(backward_fake)
 
 
 register_lora_autograd(torch_forward, torch_backward)

@@ -60,7 +60,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import reference
-from ._autograd import register_lora_autograd
+from ._autograd import backward_fake, register_lora_autograd
 
 # The kernels were decorated for the interpreter iff this was set when they were defined.
 _INTERPRET = bool(triton.knobs.runtime.interpret)
@@ -1356,20 +1356,7 @@ def triton_backward(
     return grad_x, grad_A, grad_B, grad_scaling, grad_bias
 
 
-@triton_backward.register_fake
-def _(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, u, nx, nl, ns, nb):
-    def maybe(flag, shape, dtype):
-        return x.new_empty(shape if flag else (0,), dtype=dtype)
-
-    M, K = x.shape
-    N, R = lora_B.shape
-    return (
-        maybe(nx, (M, K), x.dtype),
-        maybe(nl, (R, K), lora_A.dtype),
-        maybe(nl, (N, R), lora_B.dtype),
-        maybe(ns, (), scaling.dtype),
-        maybe(nb, (N,), x.dtype),
-    )
+triton_backward.register_fake(backward_fake)
 
 
 register_lora_autograd(triton_forward, triton_backward)
