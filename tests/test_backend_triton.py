@@ -30,8 +30,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() and not bt._INTERPRET 
 REPO = Path(__file__).resolve().parents[1]
 
 # ||out - ref|| / ||ref|| against float64, by x's dtype. Measured under the interpreter:
-# fp32 ~1e-7, fp16 ~3e-4, bf16 ~2.5e-3 (one rounding of the output, plus the adapter,
-# U and G tiles rounded to x's dtype on the way into the tensor cores).
+# fp32 ~1e-7, fp16 ~3e-4, bf16 ~2.5e-3 (one rounding of the output, plus float32 adapter
+# tiles rounded to x's dtype in the shrink and dY B; on a GPU the TF32 rank-R steps add
+# rounding at fp16's precision).
 REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 6e-3}
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
