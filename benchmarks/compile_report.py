@@ -90,7 +90,7 @@ class KernelSpec:
     constexprs: dict = field(default_factory=dict)
 
 
-def kernel_specs(block_r: int, fma: bool, dropout: bool) -> dict:
+def kernel_specs(block_r: int, fma: bool, dropout: bool, rank_tf32: bool) -> dict:
     """The kernels as the launchers call them for contiguous operands."""
     return {
         "shrink": KernelSpec(
@@ -104,7 +104,7 @@ def kernel_specs(block_r: int, fma: bool, dropout: bool) -> dict:
             {"x": "x", "w": "x", "bias": "x", "u": "fp32", "b": "lora", "y": "x"}
             | {"scaling": "fp32"},
             {"s_xk", "s_wk", "s_ur", "s_br", "s_yn"},
-            {"HAS_BIAS": True, "BLOCK_R": block_r},
+            {"HAS_BIAS": True, "RANK_TF32": rank_tf32, "BLOCK_R": block_r},
         ),
         "bwd_dy": KernelSpec(
             bt._lora_bwd_dy_kernel,
@@ -117,6 +117,7 @@ def kernel_specs(block_r: int, fma: bool, dropout: bool) -> dict:
                 "COMPUTE_DB": block_r <= bt._FUSED_DB_MAX_R,
                 "COMPUTE_DS": True,
                 "COMPUTE_DBIAS": True,
+                "RANK_TF32": rank_tf32,
                 "BLOCK_M": bt.dy_block_m(block_r, fma),
                 "BLOCK_R": block_r,
             },
@@ -126,19 +127,21 @@ def kernel_specs(block_r: int, fma: bool, dropout: bool) -> dict:
             {"dy": "x", "w": "x", "g": "fp32", "a": "lora", "dx": "x", "scaling": "fp32"}
             | {"seed": "i64"},
             {"s_dyn", "s_wk", "s_gr", "s_ak", "s_dxk"},
-            {"HAS_DROPOUT": dropout, "BLOCK_R": block_r},
+            {"HAS_DROPOUT": dropout, "RANK_TF32": rank_tf32, "BLOCK_R": block_r},
         ),
         "bwd_da": KernelSpec(
             bt._lora_bwd_tn_kernel,
             {"lhs": "fp32", "rhs": "x", "c_part": "fp32", "seed": "i64"},
             {"s_lp", "s_rq"},
-            {"HAS_DROPOUT": dropout, "DOT_LHS_DTYPE": False, "BLOCK_P": block_r},
+            {"HAS_DROPOUT": dropout, "DOT_LHS_DTYPE": False, "BLOCK_P": block_r}
+            | {"RANK_TF32": rank_tf32},
         ),
         "bwd_db": KernelSpec(
             bt._lora_bwd_tn_kernel,
             {"lhs": "x", "rhs": "fp32", "c_part": "fp32", "seed": "i64"},
             {"s_lp", "s_rq"},
-            {"HAS_DROPOUT": False, "DOT_LHS_DTYPE": True, "BLOCK_Q": block_r},
+            {"HAS_DROPOUT": False, "DOT_LHS_DTYPE": True, "BLOCK_Q": block_r}
+            | {"RANK_TF32": rank_tf32},
         ),
         "sum_partials": KernelSpec(
             bt._sum_partials_kernel,
@@ -266,7 +269,8 @@ def compile_one(name, spec, case, config, target, block_r, dropout, shared_limit
         dropout=("p>0" if dropout else "p=0") if name in _DROPOUT_KERNELS else "",
         block_r=block_r,
         config=" ".join(f"{k}={v}" for k, v in config.kwargs.items())
-        + f" w{config.num_warps} s{config.num_stages}",
+        + f" w{config.num_warps} s{config.num_stages}"
+        + (f" r{config.maxnreg}" if config.maxnreg else ""),
         target=TARGET_NAMES[target],
     )
     start = time.perf_counter()
@@ -278,7 +282,11 @@ def compile_one(name, spec, case, config, target, block_r, dropout, shared_limit
             compiled = triton.compile(
                 source,
                 target=GPUTarget("cuda", target[0] * 10 + target[1], 32),
-                options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+                options={
+                    "num_warps": config.num_warps,
+                    "num_stages": config.num_stages,
+                    **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
+                },
             )
         row.regs, row.spill_bytes = _resource_usage(log.getvalue(), compiled.asm["cubin"])
         row.shared = int(compiled.metadata.shared)
@@ -312,7 +320,8 @@ def plan(quick: bool, kernels: tuple | None):
                 flags = (True, False) if name in _DROPOUT_KERNELS and not quick else (True,)
                 for block_r in values[-1:] if quick else values:
                     for dropout in flags:
-                        spec = kernel_specs(block_r, fma, dropout)[name]
+                        rank_tf32 = case.x != torch.float32
+                        spec = kernel_specs(block_r, fma, dropout, rank_tf32)[name]
                         configs = configs_for(name, target, case, block_r, dropout)
                         for config in configs[:1] if quick else configs:
                             yield name, spec, case, config, target, block_r, dropout
@@ -320,7 +329,7 @@ def plan(quick: bool, kernels: tuple | None):
 
 _HEADER = ("kernel", "dtypes", "drop", "R-blk", "config", "target", "regs", "spill")
 _HEADER += ("shared", "mma")
-_WIDTHS = (13, 18, 4, 5, 48, 6, 4, 5, 7, 5)
+_WIDTHS = (13, 18, 4, 5, 53, 6, 4, 5, 7, 5)
 
 
 def print_header() -> None:

@@ -30,12 +30,14 @@ Where this departs from the plan of the design notes, and why:
   buffers, never with atomics: gradients are bit-reproducible run to run.
 
 Numerics:
-- The rank-R products (s U B^T, G A, dY^T U, G^T D(X)) run on the tensor cores in x's
-  dtype: with float32 adapters and half-precision x, the adapter, U and G tiles are
-  rounded to x's dtype on load (no float32 copy of x is ever made); every product
-  accumulates in float32. float32 x uses TF32 exactly when
-  `torch.backends.cuda.matmul.allow_tf32` is set, else IEEE fp32 dots (FMA, no tensor
-  cores; smaller tiles).
+- Every product accumulates in fp32. The big GEMMs and the shrink run on the tensor
+  cores in x's dtype (float32 adapter tiles are rounded to it on load; no float32 copy
+  of x is ever made), and so does G = dY B. The rank-R products that meet the fp32 U or
+  G (s U B^T, G A, dY^T U, G^T D(X)) run in fp32 on TF32 tensor cores when x is half
+  precision: fp32's range, so s U or G beyond fp16's maximum does not overflow where the
+  float32 reference does not, at fp16's 10 mantissa bits. float32 x uses TF32 exactly
+  when `torch.backends.cuda.matmul.allow_tf32` is set, else IEEE fp32 dots (FMA, no
+  tensor cores, smaller tiles).
 - Dropout enters as a select (`where(keep, x, 0)`), never as a multiply by 1 / (1 - p)
   in half precision: the scale multiplies the float32 accumulator.
 - All offsets are int64 (program ids and column offsets are cast before they meet a
@@ -87,16 +89,19 @@ def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _dot_fp32_range(a, b, acc):
-    """acc + a @ b on float32 operands, for fp16 layers whose U exceeds fp16's range.
+def _lora_dot(
+    a, b, acc, dtype: tl.constexpr, RANK_TF32: tl.constexpr, INPUT_PRECISION: tl.constexpr
+):
+    """acc + a @ b for a rank-R product with an fp32 operand (U, G, float32 adapters).
 
-    TF32 keeps fp16's 10-bit mantissa with fp32's exponent, on the tensor cores; the
-    interpreter has no TF32 and computes it exactly.
+    With half-precision x (RANK_TF32) it runs in fp32 on TF32 tensor cores: the half
+    operand widens exactly, U and G keep fp32's range (s U or G beyond fp16's maximum
+    do not overflow) and TF32 keeps fp16's 10 mantissa bits. With float32 x it is an
+    fp32 dot at torch's TF32 setting (INPUT_PRECISION).
     """
-    if _INTERPRETER_BF16_FIX:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision="tf32")
+    if RANK_TF32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
+    return _dot(_cast(a, dtype), _cast(b, dtype), acc, INPUT_PRECISION)
 
 
 @triton.jit
@@ -215,6 +220,7 @@ def _lora_fwd_kernel(
     s_ym,
     s_yn,
     HAS_BIAS: tl.constexpr,
+    RANK_TF32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -243,12 +249,7 @@ def _lora_fwd_kernel(
         p_b = b + o_r[:, None] * s_br + o_n[None, :] * s_bn
         b_u = tl.load(p_u, mask=m_m[:, None] & m_r[None, :], other=0.0)  # [BM, BR]
         b_b = tl.load(p_b, mask=m_r[:, None] & m_n[None, :], other=0.0)  # [BR, BN]
-        if dtype == tl.float16:
-            # U (fp32) can exceed fp16's 65504 where Y does not: keep this R-wide step
-            # in fp32 operands (R/K of the work, so the cost is small).
-            b_acc = _dot_fp32_range(b_u, b_b.to(tl.float32), b_acc)
-        else:
-            b_acc = _dot(_cast(b_u, dtype), _cast(b_b, dtype), b_acc, INPUT_PRECISION)
+        b_acc = _lora_dot(b_u, b_b, b_acc, dtype, RANK_TF32, INPUT_PRECISION)
     b_acc = b_acc * tl.load(scaling)
 
     # + X W^T
@@ -290,6 +291,7 @@ def _lora_bwd_dy_kernel(
     COMPUTE_DB: tl.constexpr,
     COMPUTE_DS: tl.constexpr,
     COMPUTE_DBIAS: tl.constexpr,
+    RANK_TF32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -328,11 +330,7 @@ def _lora_bwd_dy_kernel(
             b_b = tl.load(p_b, mask=m_n[:, None] & m_r[None, :], other=0.0)  # [BN, BR]
             b_g = _dot(b_dy, _cast(b_b, dtype), b_g, INPUT_PRECISION)
         if COMPUTE_DB:
-            if dtype == tl.float16:
-                # As in forward: U in fp16 could overflow; dB = dY^T U in fp32 operands.
-                b_db = _dot_fp32_range(tl.trans(b_dy).to(tl.float32), b_u, None)
-            else:
-                b_db = _dot(tl.trans(b_dy), _cast(b_u, dtype), None, INPUT_PRECISION)
+            b_db = _lora_dot(tl.trans(b_dy), b_u, None, dtype, RANK_TF32, INPUT_PRECISION)
             p_db = db_part + (i_m * N + o_n[:, None]) * R + o_r[None, :]
             tl.store(p_db, b_db, mask=m_n[:, None] & m_r[None, :])
         if COMPUTE_DBIAS:
@@ -374,6 +372,7 @@ def _lora_bwd_dx_kernel(
     threshold,
     dropout_scale,
     HAS_DROPOUT: tl.constexpr,
+    RANK_TF32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -403,7 +402,7 @@ def _lora_bwd_dx_kernel(
         p_a = a + o_r[:, None] * s_ar + o_k[None, :] * s_ak
         b_g = tl.load(p_g, mask=m_m[:, None] & m_r[None, :], other=0.0)  # [BM, BR]
         b_a = tl.load(p_a, mask=m_r[:, None] & m_k[None, :], other=0.0)  # [BR, BK]
-        b_acc = _dot(_cast(b_g, dtype), _cast(b_a, dtype), b_acc, INPUT_PRECISION)
+        b_acc = _lora_dot(b_g, b_a, b_acc, dtype, RANK_TF32, INPUT_PRECISION)
     b_acc = b_acc * tl.load(scaling)
     if HAS_DROPOUT:
         b_threshold = threshold.to(tl.uint32, bitcast=True)
@@ -441,6 +440,7 @@ def _lora_bwd_tn_kernel(
     threshold,
     HAS_DROPOUT: tl.constexpr,
     DOT_LHS_DTYPE: tl.constexpr,
+    RANK_TF32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -482,7 +482,7 @@ def _lora_bwd_tn_kernel(
         if HAS_DROPOUT:
             b_keep = _keep_mask(b_seed, b_threshold, o_m, i_q * BLOCK_Q, Q, BLOCK_M, BLOCK_Q)
             b_r = tl.where(b_keep, b_r, 0.0)
-        b_acc = _dot(tl.trans(_cast(b_l, dtype)), _cast(b_r, dtype), b_acc, INPUT_PRECISION)
+        b_acc = _lora_dot(tl.trans(b_l), b_r, b_acc, dtype, RANK_TF32, INPUT_PRECISION)
 
     p_c = c_part + (i_s * P + o_p[:, None]) * Q + o_q[None, :]
     tl.store(p_c, b_acc, mask=m_p[:, None] & m_q[None, :])
@@ -607,8 +607,8 @@ def launch_block_r_values(name: str, fma: bool) -> tuple:
     return values
 
 
-def _config(num_warps, num_stages, **blocks) -> triton.Config:
-    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+def _config(num_warps, num_stages, maxnreg=None, **blocks) -> triton.Config:
+    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
 
 
 def _candidates(name: str, elem: int, fma: bool) -> list[triton.Config]:
@@ -647,7 +647,7 @@ def _candidates(name: str, elem: int, fma: bool) -> list[triton.Config]:
             shapes = [(128, 32, 8, 3), (32, 32, 4, 4), (64, 16, 4, 4)]
         return [_config(w, s, BLOCK_M=bm, BLOCK_K=bk) for bm, bk, w, s in shapes]
     if name == "bwd_dy":
-        shapes = [(64, 8, 3), (128, 8, 3), (32, 4, 4)] if half else [(32, 8, 3), (16, 4, 3)]
+        shapes = [(64, 8, 4), (128, 8, 3), (32, 4, 4)] if half else [(32, 8, 3), (16, 4, 3)]
         if fma:
             shapes = [(32, 4, 3), (16, 4, 4)]
         return [_config(w, s, BLOCK_N=bn) for bn, w, s in shapes]
@@ -661,7 +661,10 @@ def _candidates(name: str, elem: int, fma: bool) -> list[triton.Config]:
         if fma:
             shapes = [(64, 32, 4, 4), (128, 32, 8, 3)]
             shapes += [(128, 16, 4, 4)] if name == "bwd_da" else []
-        return [_config(w, s, **{wide: bo, "BLOCK_M": bm}) for bo, bm, w, s in shapes]
+        # maxnreg: without a .maxnreg the ptxas of Triton 3.9 (CUDA 13) holds these
+        # kernels to 64-128 registers for occupancy and spills a few bytes in some
+        # variants; with it ptxas takes what the tile needs (checked by the report).
+        return [_config(w, s, 255, **{wide: bo, "BLOCK_M": bm}) for bo, bm, w, s in shapes]
     raise ValueError(f"unknown kernel {name!r}; expected one of {KERNEL_NAMES}")
 
 
@@ -735,22 +738,18 @@ def kernel_configs(
     elem = torch.empty((), dtype=dtype).element_size()
     fma = elem == 4 and INPUT_PRECISION == "ieee"
     dropout = HAS_DROPOUT and name in ("shrink", "bwd_dx", "bwd_da")
-    budget = _REGISTER_BUDGET[name]
     sm80 = tuple(capability) < (9, 0)
-    gemm = name in ("fwd", "bwd_dx")
-    # fp16 runs the rank step on fp32 operands (U may exceed fp16's range): more registers.
-    wide_rank_step = dtype == torch.float16 and name == "fwd"
-    if (
-        gemm
-        and not fma
-        and (dropout or (sm80 and (elem == 4 or name == "bwd_dx" or wide_rank_step)))
-    ):
-        # The mask doubles dX's tile registers; sm_80's mma.sync holds operands in
-        # registers next to the accumulator (measured: dX, fp32 and fp16's fp32 rank
-        # step spill at 128).
-        budget = min(budget, 64)
     configs = []
     for config in _candidates(name, elem, fma):
+        budget = _REGISTER_BUDGET[name]
+        if name in ("fwd", "bwd_dx") and not fma:
+            # dX's mask doubles its tile's registers; sm_80's mma.sync holds operand
+            # fragments in registers beside the accumulator, which leaves room for a
+            # 128-register accumulator only in the tutorial's 8-warp half-precision
+            # forward tile (measured with the compile report).
+            narrow = elem == 4 or config.num_warps == 4 or name == "bwd_dx"
+            if dropout or (sm80 and narrow):
+                budget = 64
         regs = _register_estimate(name, config.kwargs, config.num_warps, BLOCK_R, fma, dropout)
         smem = _smem_estimate(name, config.kwargs, config.num_stages, elem, BLOCK_R, fma)
         if regs <= budget and smem <= smem_limit:
@@ -857,6 +856,16 @@ def _tuned(name: str, target: tuple | None):
 # ---------------------------------------------------------------------------------------
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# Triton's interpreter keeps global state while a kernel runs and is not thread-safe:
+# under it, one op at a time (compiled kernels need no lock).
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def _one_at_a_time():
+    """The interpreter's lock under TRITON_INTERPRET=1, else a no-op context."""
+    return _INTERPRETER_LOCK if _INTERPRET else contextlib.nullcontext()
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -993,6 +1002,7 @@ def _forward_into(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, 
     precision = _input_precision(x.dtype)
     target = _device(x.device)
     fma = x.dtype == torch.float32 and precision == "ieee"
+    rank_tf32 = x.dtype != torch.float32
 
     BLOCK_R = r_tile_block(R, fma)
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(R, BLOCK_R))
@@ -1043,6 +1053,7 @@ def _forward_into(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, 
         y.stride(1),
         HAS_BIAS=bias is not None,
         INPUT_PRECISION=precision,
+        RANK_TF32=rank_tf32,
         BLOCK_R=r_step_block(R),
     )
 
@@ -1095,6 +1106,7 @@ def _backward_into(
     target = _device(device)
     programs = _target_programs(device)
     fma = x.dtype == torch.float32 and precision == "ieee"
+    rank_tf32 = x.dtype != torch.float32
     f32 = torch.float32
 
     if M == 0:
@@ -1141,6 +1153,7 @@ def _backward_into(
             COMPUTE_DS=grad_scaling is not None,
             COMPUTE_DBIAS=grad_bias is not None,
             INPUT_PRECISION=precision,
+            RANK_TF32=rank_tf32,
             BLOCK_M=BLOCK_M,
             BLOCK_R=BLOCK_R,
         )
@@ -1186,6 +1199,7 @@ def _backward_into(
             dropout_scale,
             HAS_DROPOUT=has_dropout,
             INPUT_PRECISION=precision,
+            RANK_TF32=rank_tf32,
             BLOCK_R=r_step_block(R),
         )
 
@@ -1215,6 +1229,7 @@ def _backward_into(
             HAS_DROPOUT=has_dropout,
             DOT_LHS_DTYPE=False,
             INPUT_PRECISION=precision,
+            RANK_TF32=rank_tf32,
             BLOCK_P=BLOCK_R,
         )
         _sum_partials(da_part, grad_A, dropout_scale, scaling)
@@ -1242,6 +1257,7 @@ def _backward_into(
             HAS_DROPOUT=False,
             DOT_LHS_DTYPE=True,
             INPUT_PRECISION=precision,
+            RANK_TF32=rank_tf32,
             BLOCK_Q=BLOCK_R,
         )
         _sum_partials(db_part, grad_B, 1.0, scaling)
@@ -1257,9 +1273,10 @@ def _keep_mask_bytes(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tens
         return keep.fill_(1)
     if M > 0 and K > 0:
         grid = (triton.cdiv(M, _MASK_BLOCK_M), triton.cdiv(K, _MASK_BLOCK_K))
-        wrap_triton(_dropout_mask_kernel)[grid](
-            keep, seed, M, K, threshold, BLOCK_M=_MASK_BLOCK_M, BLOCK_K=_MASK_BLOCK_K
-        )
+        with _one_at_a_time():
+            wrap_triton(_dropout_mask_kernel)[grid](
+                keep, seed, M, K, threshold, BLOCK_M=_MASK_BLOCK_M, BLOCK_K=_MASK_BLOCK_K
+            )
     return keep
 
 
@@ -1277,11 +1294,6 @@ def dropout_keep_mask(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Ten
 # ---------------------------------------------------------------------------------------
 
 
-# The Triton interpreter keeps launch state in module globals: two threads launching at
-# once corrupt each other's results. Compiled launches on a GPU need no lock.
-_launch_guard = threading.Lock() if _INTERPRET else contextlib.nullcontext()
-
-
 @triton_op("lora_kernels::triton_forward", mutates_args=())
 def triton_forward(
     x: torch.Tensor,
@@ -1296,7 +1308,7 @@ def triton_forward(
     M = x.shape[0]
     y = _empty((M, weight.shape[0]), x.dtype, x.device)
     u = _empty((M, lora_A.shape[0]), torch.float32, x.device)
-    with _launch_guard:
+    with _one_at_a_time():
         _forward_into(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, u)
     return y, u
 
@@ -1336,7 +1348,7 @@ def triton_backward(
     grad_B = buffer(need_grad_lora, (N, R), lora_B.dtype)
     grad_scaling = buffer(need_grad_scaling, (), scaling.dtype)
     grad_bias = buffer(need_grad_bias, (N,), x.dtype)
-    with _launch_guard:
+    with _one_at_a_time():
         _backward_into(
             grad_y,
             x,

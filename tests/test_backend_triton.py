@@ -30,8 +30,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() and not bt._INTERPRET 
 REPO = Path(__file__).resolve().parents[1]
 
 # ||out - ref|| / ||ref|| against float64, by x's dtype. Measured under the interpreter:
-# fp32 ~1e-7, fp16 ~3e-4, bf16 ~2.5e-3 (one rounding of the output, plus the adapter,
-# U and G tiles rounded to x's dtype on the way into the tensor cores).
+# fp32 ~1e-7, fp16 ~3e-4, bf16 ~2.5e-3 (one rounding of the output, plus float32 adapter
+# tiles rounded to x's dtype in the shrink and dY B; on a GPU the TF32 rank-R steps add
+# rounding at fp16's precision).
 REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 6e-3}
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -523,6 +524,33 @@ def test_dynamo_traces_lora_linear_fullgraph_without_graph_break():
     assert torch.equal(y, layer(x))
     y.sum().backward()
     assert x.grad is not None and lora_A.grad is not None
+
+
+@pytest.mark.parametrize("name", bt.KERNEL_NAMES)
+def test_gpu_autotuner_prunes_to_kernel_configs(name):
+    """The GPU path's autotuner (built here without a GPU, never launched) prunes its
+    candidates to exactly `kernel_configs` for what a launcher passes."""
+    target = ((9, 0), bt.SHARED_MEMORY_LIMIT[(9, 0)])
+    tuner = bt._tuned(name, target)
+    assert tuner.early_config_prune is not None
+    for dtype, precision in [(torch.bfloat16, "ieee"), (torch.float32, "tf32")]:
+        for dropout in (False, True):
+            block = bt.r_step_block(64) if name in ("fwd", "bwd_dx") else bt.r_tile_block(64, False)
+            kwargs = {bt._BLOCK_R_ARG[name]: block, "INPUT_PRECISION": precision}
+            kwargs["HAS_DROPOUT"] = dropout
+            named = {bt._DTYPE_ARG[name]: torch.empty(0, dtype=dtype)}
+            pruned = tuner.early_config_prune(tuner.configs, named, **kwargs)
+            expected = bt.kernel_configs(
+                name,
+                capability=target[0],
+                smem_limit=target[1],
+                dtype=dtype,
+                BLOCK_R=block,
+                INPUT_PRECISION=precision,
+                HAS_DROPOUT=dropout,
+            )
+            keys = sorted(bt._config_key(c) for c in pruned)
+            assert keys == sorted(bt._config_key(c) for c in expected)
 
 
 # --------------------------------------------------------------------------------------
