@@ -38,14 +38,14 @@ def _module(name: str):
     return importlib.import_module(_MODULES[name])
 
 
-def _check_name(name: str, argument: str = "backend") -> None:
+def check_name(name: str, argument: str = "backend") -> None:
     if name not in BACKENDS:
         raise ValueError(f"{argument} must be one of {BACKENDS} or None, got {name!r}")
 
 
 def availability(name: str) -> tuple[bool, str]:
     """(usable, reason) for one backend; computed once per process."""
-    _check_name(name)
+    check_name(name)
     if name not in _availability:
         try:
             _availability[name] = _module(name).availability(name)
@@ -80,7 +80,7 @@ def resolve_backend(device_type: str, requested: str | None = None) -> str:
     else:
         argument = "backend"
     if requested is not None:
-        _check_name(requested, argument)
+        check_name(requested, argument)
         usable, reason = availability(requested)
         if not usable:
             raise RuntimeError(f"lora_kernels backend {requested!r} is not usable: {reason}")

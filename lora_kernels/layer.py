@@ -21,7 +21,7 @@ import warnings
 import torch
 from torch import nn
 
-from .backends import BACKENDS
+from . import backends
 from .ops import check_dropout_p, lora_linear
 
 INITS = ("kaiming", "gaussian", "svd")
@@ -56,8 +56,8 @@ def check_init(init) -> str:
 
 def check_backend(backend) -> str | None:
     """backend as None or a known backend name, or a ValueError naming it."""
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend is not None:
+        backends.check_name(backend)
     return backend
 
 

@@ -170,7 +170,7 @@ def lora_linear(
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {training!r} ({type(training).__name__})")
     if backend is not None:
-        backends._check_name(backend)
+        backends.check_name(backend)
     if not training:
         p = 0.0
     K = x.shape[-1]
