@@ -30,7 +30,10 @@ struct Mask {
   float scale;         // float32(1 / (1 - p))
 };
 
-// U[m, r] = sum_k D(X)[m, k] * at[k, r] for m < M, r < R.
+// One pass over [M, K]:
+//   U[m, r] = sum_k D(X)[m, k] * at[k, r] for m < M, r < R
+//   and, when sums != nullptr, sums[r, k] = sum_m g2[m, r] * D(X)[m, k] for r < R2
+// (the backward pass over dY: G = dY B with [dB^T; db] = [U 1]^T dY).
 struct ShrinkArgs {
   DType dtype;  // of x
   int64_t M, K, R;
@@ -41,15 +44,26 @@ struct ShrinkArgs {
   int64_t ldu;
   Mask mask;
   int num_threads;
+  // The keep mask packed one bit per element (bit k % 8 of byte [m, k / 8], row stride
+  // ldbits bytes), written here when not null and the mask is active.
+  void* keep_bits_out = nullptr;
+  int64_t ldbits = 0;
+  // reduce (optional)
+  const void* g2 = nullptr;
+  int64_t ldg2 = 0;
+  int64_t R2 = 0;
+  void* sums = nullptr;  // accumulation dtype [R2, ldsums]
+  int64_t ldsums = 0;
 };
 
 // One pass over [M, K] that does either step or both, sharing the mask:
 //   expand (out != nullptr): out[m, k] = in[m, k] + s * keep * scale * sum_{r<R} g[m, r] a[r, k]
 //     with a [R, lda], lda >= round_up(K, kPadK), zero past column K; in = out (in
-//     place) when in is null
+//     place) when in is null; ldi may be 0 (one row broadcast, e.g. the bias); with
+//     overwrite, out = s * keep * scale * sum_r g[m, r] a[r, k] and in is not read
 //   reduce (sums != nullptr): sums[r, k] = sum_m g2[m, r] * D(X)[m, k] for r < R2
-// The reduction order over m is fixed by (M, K) alone, so the sums are identical for
-// any number of threads.
+// The reduction order over m is fixed by M alone, so the sums are identical for any
+// number of threads.
 struct ExpandReduceArgs {
   DType dtype;  // of x and out
   int64_t M, K;
@@ -64,6 +78,7 @@ struct ExpandReduceArgs {
   int64_t lda;
   int64_t R;
   const void* s;  // accumulation dtype, one element
+  bool overwrite;
   // reduce
   const void* x;
   int64_t ldx;
@@ -73,6 +88,10 @@ struct ExpandReduceArgs {
   void* sums;  // accumulation dtype [R2, ldsums]
   int64_t ldsums;
   Mask mask;
+  // The packed keep mask (as ShrinkArgs writes it): read instead of generating the mask
+  // when not null.
+  const void* keep_bits = nullptr;
+  int64_t ldbits = 0;
   int num_threads;
 };
 

@@ -93,7 +93,7 @@ void fill(E* p, int64_t n, E v) {
 
 inline int num_threads_for(int requested) { return requested > 0 ? requested : 1; }
 
-#if defined(LORA_CPU_AVX2) || defined(LORA_CPU_AVX512)
+#if defined(LORA_CPU_AVX2)
 // Four rows of eight keep factors (word j of groups i..i+7) stored interleaved as
 // fac[4 * i + j], 32 floats.
 LORA_ALWAYS_INLINE void store_interleaved(float* o, __m256 a, __m256 b, __m256 c, __m256 d) {
@@ -114,9 +114,13 @@ LORA_ALWAYS_INLINE __m256 factors8(__m256i w, __m256i threshold, __m256 scale) {
 }
 #endif
 
-// fac[4 * i + j] = keep_factor(word j of Philox group g0 + i of row m), i < ng.
+// fac[4 * i + j] = keep_factor(word j of Philox group g0 + i of row m), i < ng. With
+// bits_out != nullptr, also the packed mask of the first nvalid of those elements: bit
+// e % 8 of bits_out[e / 8] for element 4 * g0 + e (g0 even, so bits_out[0] starts a byte
+// of the row), padding bits 0.
 LORA_ALWAYS_INLINE void mask_factors(float* fac, const Mask& mk, int64_t m, int64_t g0, int64_t ng,
-                                     int64_t gpr) {
+                                     int64_t gpr, uint8_t* bits_out = nullptr, int64_t nvalid = 0) {
+  int64_t packed = 0;  // elements whose bits are already written
   const uint32_t seed_lo = static_cast<uint32_t>(mk.seed);
   const uint32_t seed_hi = static_cast<uint32_t>(mk.seed >> 32);
   int64_t i = 0;
@@ -136,8 +140,6 @@ LORA_ALWAYS_INLINE void mask_factors(float* fac, const Mask& mk, int64_t m, int6
   }
   const uint64_t q0 = static_cast<uint64_t>(m) * static_cast<uint64_t>(gpr) +
                       static_cast<uint64_t>(g0);
-  const __m256i threshold = _mm256_set1_epi32(static_cast<int>(mk.threshold));
-  const __m256 scale = _mm256_set1_ps(mk.scale);
 #if defined(LORA_CPU_AVX512)
   const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i mul0 = _mm512_set1_epi64(kPhiloxM0), mul1 = _mm512_set1_epi64(kPhiloxM1);
@@ -162,16 +164,33 @@ LORA_ALWAYS_INLINE void mask_factors(float* fac, const Mask& mk, int64_t m, int6
       b1 = pb1;
       b3 = pb0;
     }
-    store_interleaved(fac + 4 * i, factors8(_mm512_cvtepi64_epi32(a0), threshold, scale),
-                      factors8(_mm512_cvtepi64_epi32(a1), threshold, scale),
-                      factors8(_mm512_cvtepi64_epi32(a2), threshold, scale),
-                      factors8(_mm512_cvtepi64_epi32(a3), threshold, scale));
-    store_interleaved(fac + 4 * i + 32, factors8(_mm512_cvtepi64_epi32(b0), threshold, scale),
-                      factors8(_mm512_cvtepi64_epi32(b1), threshold, scale),
-                      factors8(_mm512_cvtepi64_epi32(b2), threshold, scale),
-                      factors8(_mm512_cvtepi64_epi32(b3), threshold, scale));
+    // keep = (word >= threshold), unsigned; the words sit in the even dword lanes. The
+    // compares give k-masks; pext/pdep (scalar ports, idle during Philox) put the bits
+    // in element order (element 4 * group + word), and masked moves turn them into
+    // factors.
+    const __m512i threshold16 = _mm512_set1_epi32(static_cast<int>(mk.threshold));
+    const __m512i wa[4] = {a0, a1, a2, a3}, wb[4] = {b0, b1, b2, b3};
+    uint64_t bits = 0;
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t ka = _mm512_cmpge_epu32_mask(wa[j], threshold16);
+      const uint32_t kb = _mm512_cmpge_epu32_mask(wb[j], threshold16);
+      const uint64_t by_group = _pext_u32(ka, 0x5555u) | (_pext_u32(kb, 0x5555u) << 8);
+      bits |= _pdep_u64(by_group, 0x1111111111111111ull << j);
+    }
+    const __m512 scale16 = _mm512_set1_ps(mk.scale);
+    for (int v = 0; v < 4; ++v)
+      _mm512_storeu_ps(fac + 4 * i + 16 * v,
+                       _mm512_maskz_mov_ps(static_cast<__mmask16>(bits >> (16 * v)), scale16));
+    if (bits_out != nullptr) {
+      // The bits of padding elements (past nvalid, in the row's last group) are 0.
+      if (4 * i + 64 > nvalid) bits &= (uint64_t{1} << (nvalid - 4 * i)) - 1;
+      memcpy(bits_out + (4 * i) / 8, &bits, sizeof bits);
+      packed = 4 * i + 64;
+    }
   }
 #else
+  const __m256i threshold = _mm256_set1_epi32(static_cast<int>(mk.threshold));
+  const __m256 scale = _mm256_set1_ps(mk.scale);
   const __m256i lane = _mm256_set_epi64x(3, 2, 1, 0);
   const __m256i mul0 = _mm256_set1_epi64x(kPhiloxM0), mul1 = _mm256_set1_epi64x(kPhiloxM1);
   // Low 32-bit words of two 4 x 64-bit vectors as one vector of eight, in order.
@@ -217,6 +236,31 @@ LORA_ALWAYS_INLINE void mask_factors(float* fac, const Mask& mk, int64_t m, int6
     fac[4 * i + 2] = keep_factor(w.w[2], mk.threshold, mk.scale);
     fac[4 * i + 3] = keep_factor(w.w[3], mk.threshold, mk.scale);
   }
+  if (bits_out != nullptr) {
+    packed = packed < nvalid ? packed : nvalid;
+    for (int64_t e = packed; e < nvalid; e += 8) {
+      unsigned v = 0;
+      for (int64_t j = 0; j < 8 && e + j < nvalid; ++j) v |= (fac[e + j] != 0.0f ? 1u : 0u) << j;
+      bits_out[e / 8] = static_cast<uint8_t>(v);
+    }
+  }
+}
+
+// fac[e] = scale where bit e % 8 of bits[e / 8] is set, else 0, for e < n: the factors of
+// a packed mask saved by the forward (the same values mask_factors gives).
+LORA_ALWAYS_INLINE void factors_from_bits(float* fac, const uint8_t* bits, int64_t n, float scale) {
+  int64_t e = 0;
+#if defined(LORA_CPU_AVX512)
+  const __m512 scale16 = _mm512_set1_ps(scale);
+  for (; e + 64 <= n; e += 64) {
+    uint64_t word;
+    memcpy(&word, bits + e / 8, sizeof word);
+    for (int v = 0; v < 4; ++v)
+      _mm512_storeu_ps(fac + e + 16 * v,
+                       _mm512_maskz_mov_ps(static_cast<__mmask16>(word >> (16 * v)), scale16));
+  }
+#endif
+  for (; e < n; ++e) fac[e] = ((bits[e >> 3] >> (e & 7)) & 1u) != 0 ? scale : 0.0f;
 }
 
 // d[k] = D(x)[k] for k < nvalid and 0 for nvalid <= k < n; a null row reads as zeros.
@@ -233,114 +277,309 @@ LORA_ALWAYS_INLINE void load_row(acc* d, const T* x, int64_t nvalid, int64_t n, 
   for (; k < n; ++k) d[k] = acc(0);
 }
 
+// ---- Blocking ------------------------------------------------------------------------
+// The kernels walk [M, K] in blocks of kBlockRows rows x kChunk columns: the block's
+// scratch (keep factors, D(X) rows) stays in L1 and every step of the pass (expand,
+// reduce, shrink) reads it from there. Each block row is read left to right, so the
+// hardware prefetcher sees kBlockRows sequential streams.
+constexpr int64_t kBlockRows = 16;
+
+// Row chunks of a reduction: a function of M alone, never of the thread count, so the
+// order of the sums over m (within a block, then block by block, then chunk by chunk)
+// is the same for any number of threads.
+inline int64_t reduce_rows_per_chunk(int64_t M) {
+  const int64_t nchunks = max64(1, min64(16, M / 256));
+  return round_up(ceil_div(M, nchunks), kBlockRows);
+}
+
 // Rows of one shrink tile: one accumulator register per row (per vector of R).
 constexpr int kShrinkRows = 8;
 
-// U = D(X) at, tiles of kShrinkRows rows x one vector of R, the k loop innermost:
-//   c[i] += d[i][k] * at[k, r-vector]     (a broadcast multiply-add per row)
-// Rows are independent, so each row's result is the same for any split over threads.
-template <class T>
-void shrink_impl(const ShrinkArgs& p) {
-  using acc = typename AccOf<T>::type;
-  using V = typename Vec<acc>::type;
-  constexpr int VL = Vec<acc>::n;
+// part[i, r-vector] += sum_k rows[i][k] * at[k, r-vector] for i < MR, k < kc: the
+// k loop innermost, a broadcast multiply-add per row. Rows are independent, so each
+// row's result is the same for any split over threads.
+template <class V, class acc>
+LORA_ALWAYS_INLINE void shrink_tile(acc* part, int64_t Rv, const acc* const* rows, const acc* at,
+                                    int64_t kc) {
+  constexpr int VL = static_cast<int>(sizeof(V) / sizeof(acc));
   constexpr int MR = kShrinkRows;
-  const int64_t M = p.M, K = p.K, R = p.R;
-  const int64_t Kp = round_up(K, kPadK), Rv = round_up(R, kPadR);
-  const int64_t gpr = groups_per_row(K);
-  const int64_t ntiles = ceil_div(M, MR);
-  const T* x = static_cast<const T*>(p.x);
-  const acc* at = static_cast<const acc*>(p.at);
-  acc* u = static_cast<acc*>(p.u);
-  const Mask mk = p.mask;
-#pragma omp parallel num_threads(num_threads_for(p.num_threads))
-  {
-    Buffer<acc> d(MR * kChunk);
-    Buffer<acc> zeros(kChunk);
-    Buffer<float> fac(kChunk);
-    Buffer<acc> part(MR * Rv);
-    fill(zeros.p, kChunk, acc(0));
-#pragma omp for schedule(static)
-    for (int64_t tile = 0; tile < ntiles; ++tile) {
-      const int64_t m0 = tile * MR;
-      const int64_t nrows = min64(MR, M - m0);
-      fill(part.p, MR * Rv, acc(0));
-      for (int64_t k0 = 0; k0 < Kp; k0 += kChunk) {
-        const int64_t kc = min64(kChunk, Kp - k0);
-        const int64_t nvalid = min64(kc, K - k0);
-        // float32/float64 rows of a full block without dropout are read in place;
-        // otherwise D(X) is converted and masked into the scratch rows first.
-        const bool direct = Same<T, acc>::value && !mk.active && nvalid == kc;
-        const acc* rows[MR];
-        for (int64_t i = 0; i < MR; ++i) {
-          if (direct) {
-            rows[i] = i < nrows ? reinterpret_cast<const acc*>(x + (m0 + i) * p.ldx + k0) : zeros.p;
-            continue;
-          }
-          const float* f = nullptr;
-          if (i < nrows && mk.active) {
-            mask_factors(fac.p, mk, m0 + i, k0 / 4, ceil_div(nvalid, 4), gpr);
-            f = fac.p;
-          }
-          load_row<T, acc>(d.p + i * kChunk, i < nrows ? x + (m0 + i) * p.ldx + k0 : nullptr,
-                           nvalid, kc, f);
-          rows[i] = d.p + i * kChunk;
-        }
-        for (int64_t r0 = 0; r0 < Rv; r0 += VL) {
-          V c[MR];
-          for (int i = 0; i < MR; ++i) c[i] = vload<V>(part.p + i * Rv + r0);
-          const acc* b = at + k0 * Rv + r0;
-          for (int64_t k = 0; k < kc; ++k) {
-            const V bv = vload<V>(b + k * Rv);
-            for (int i = 0; i < MR; ++i) c[i] += bv * rows[i][k];
-          }
-          for (int i = 0; i < MR; ++i) vstore(part.p + i * Rv + r0, c[i]);
-        }
+  for (int64_t r0 = 0; r0 < Rv; r0 += VL) {
+    V c[MR];
+    for (int i = 0; i < MR; ++i) c[i] = vload<V>(part + i * Rv + r0);
+    const acc* b = at + r0;
+    for (int64_t k = 0; k < kc; ++k) {
+      const V bv = vload<V>(b + k * Rv);
+      for (int i = 0; i < MR; ++i) c[i] += bv * rows[i][k];
+    }
+    for (int i = 0; i < MR; ++i) vstore(part + i * Rv + r0, c[i]);
+  }
+}
+
+// racc[r, k + j] += sum_{i < nrows} gb[i, r] * rows[i][k + j] for r < RB, j < CV vectors:
+// the RB x CV sums stay in registers over the block's rows (one load of D(X) per CV
+// vectors feeds RB * CV multiply-adds), and reach memory once per block.
+template <int RB, int CV, class V, class acc>
+LORA_ALWAYS_INLINE void reduce_tile(acc* racc, int64_t ldr, const acc* const* rows, int64_t nrows,
+                                    const acc* gb, int64_t ldgb, int64_t k) {
+  constexpr int VL = static_cast<int>(sizeof(V) / sizeof(acc));
+  V c[RB][CV];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < CV; ++j) c[r][j] = V{} ;
+  for (int64_t i = 0; i < nrows; ++i) {
+    V d[CV];
+    for (int j = 0; j < CV; ++j) d[j] = vload<V>(rows[i] + k + j * VL);
+    const acc* gi = gb + i * ldgb;
+    for (int r = 0; r < RB; ++r) {
+      const acc gr = gi[r];
+      for (int j = 0; j < CV; ++j) c[r][j] += d[j] * gr;
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < CV; ++j) {
+      acc* o = racc + r * ldr + k + j * VL;
+      vstore(o, vload<V>(o) + c[r][j]);
+    }
+}
+
+// The reduce step of one block: racc[r, 0:kc] += sum_i gb[i, r] * rows[i][0:kc], r < R2.
+template <class V, class acc>
+LORA_ALWAYS_INLINE void reduce_block(acc* racc, int64_t ldr, const acc* const* rows,
+                                     int64_t nrows, const acc* gb, int64_t R2, int64_t kc) {
+  constexpr int VL = static_cast<int>(sizeof(V) / sizeof(acc));
+  constexpr int RB = 8;
+  int64_t r0 = 0;
+  for (; r0 + RB <= R2; r0 += RB)
+    for (int64_t k = 0; k < kc; k += 2 * VL)
+      reduce_tile<RB, 2, V, acc>(racc + r0 * ldr, ldr, rows, nrows, gb + r0, R2, k);
+  // The last R2 % 8 coefficients (the bias's column of ones, or a rank not a multiple
+  // of 8) one at a time, four vectors wide.
+  for (; r0 < R2; ++r0)
+    for (int64_t k = 0; k < kc; k += 4 * VL)
+      reduce_tile<1, 4, V, acc>(racc + r0 * ldr, ldr, rows, nrows, gb + r0, R2, k);
+}
+
+// Rows and vectors of one expand tile.
+constexpr int kTileRows = 4;
+constexpr int kTileVecs = 4;
+
+// The expand step of kTileRows rows x one block of columns:
+//   t = sum_r g[m_i, r] a[r, k]  (registers), then out = in + s * factor * t
+// (or out = s * factor * t with overwrite). gb is [R][kTileRows]; in rows may have
+// stride 0 (a broadcast row, the bias).
+template <class T, class V, class acc>
+LORA_ALWAYS_INLINE void expand_rows(T* out, int64_t ldo, const T* in, int64_t ldi, bool overwrite,
+                                    const acc* gb, const acc* a, int64_t lda, int64_t R, acc s,
+                                    const float* fac, int64_t nrows, int64_t kc, int64_t nvalid,
+                                    acc* t) {
+  constexpr int VL = static_cast<int>(sizeof(V) / sizeof(acc));
+  constexpr int MR = kTileRows;
+  constexpr int NV = kTileVecs;
+  constexpr int TW = NV * VL;
+  for (int64_t kt = 0; kt < kc && kt < nvalid; kt += TW) {
+    V c[MR][NV];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NV; ++j) c[i][j] = V{};
+    for (int64_t r = 0; r < R; ++r) {
+      V av[NV];
+      for (int j = 0; j < NV; ++j) av[j] = vload<V>(a + r * lda + kt + j * VL);
+      for (int i = 0; i < MR; ++i) {
+        const acc gi = gb[r * MR + i];
+        for (int j = 0; j < NV; ++j) c[i][j] += av[j] * gi;
       }
-      for (int64_t i = 0; i < nrows; ++i)
-        for (int64_t r = 0; r < R; ++r) u[(m0 + i) * p.ldu + r] = part.p[i * Rv + r];
+    }
+    const int64_t nk = min64(TW, nvalid - kt);
+    for (int64_t i = 0; i < nrows; ++i) {
+      T* o = out + i * ldo + kt;
+      const T* src = in + i * ldi + kt;
+      const float* fi = fac != nullptr ? fac + i * kChunk + kt : nullptr;
+      if (Same<T, acc>::value && nk == TW) {
+        // The vector form of expand_elem(): o + s * (factor * t).
+        for (int j = 0; j < NV; ++j) {
+          V term = c[i][j];
+          if (fi != nullptr) {
+            V f;
+            for (int e = 0; e < VL; ++e) f[e] = static_cast<acc>(fi[j * VL + e]);
+            term = f * term;
+          }
+          const V base = overwrite ? V{} : vload<V>(reinterpret_cast<const acc*>(src) + j * VL);
+          vstore(reinterpret_cast<acc*>(o) + j * VL, overwrite ? s * term : base + s * term);
+        }
+        continue;
+      }
+      for (int j = 0; j < NV; ++j) vstore(t + j * VL, c[i][j]);
+      for (int64_t k = 0; k < nk; ++k) {
+        const float f = fi != nullptr ? fi[k] : 1.0f;
+        const acc base = overwrite ? acc(0) : to_acc(src[k]);
+        o[k] = Store<T>::from(overwrite ? s * (static_cast<acc>(f) * t[k])
+                                        : expand_elem<acc>(base, s, f, t[k]));
+      }
     }
   }
 }
 
-// Rows and vectors of one expand / reduce tile.
-constexpr int kTileRows = 4;
-constexpr int kTileVecs = 4;
-
-// Row chunks of the reduction: a function of (M, K) only, never of the thread count.
-inline int64_t reduce_chunks(int64_t M, int64_t nkb) {
-  const int64_t want = ceil_div(32, nkb);
-  return max64(1, min64(want, M / 256));
+// The rows of one block as the reduce and shrink steps read them: float32/float64 rows
+// of a full column block without dropout in place, otherwise D(X) converted and masked
+// into the scratch d (zero past column nvalid).
+template <class T, class acc>
+LORA_ALWAYS_INLINE void block_rows(const acc** rows, acc* d, const T* x, int64_t ldx,
+                                   int64_t nrows, int64_t kc, int64_t nvalid, const float* fac) {
+  const bool direct = Same<T, acc>::value && fac == nullptr && nvalid == kc;
+  for (int64_t i = 0; i < nrows; ++i) {
+    if (direct) {
+      rows[i] = reinterpret_cast<const acc*>(x + i * ldx);
+    } else {
+      load_row<T, acc>(d + i * kChunk, x + i * ldx, nvalid, kc,
+                       fac != nullptr ? fac + i * kChunk : nullptr);
+      rows[i] = d + i * kChunk;
+    }
+  }
 }
 
-// The fused expand / reduce pass (see ExpandReduceArgs). A task is (row chunk, column
-// block); inside it, tiles of kTileRows rows x kTileVecs vectors:
-//   expand: c[i][j] = sum_r g[m_i, r] a[r, k_j]  (registers), then one update of out
-//   reduce: sums_chunk[r, k_j] += sum_i g2[m_i, r] d[i][k_j]  (d in registers)
+// The keep factors of one block (kChunk floats per row), or nullptr without dropout:
+// read from the packed mask `bits_in` where given, else generated (and packed into
+// `bits_out` where given). Packed rows have stride ldbits bytes.
+LORA_ALWAYS_INLINE const float* block_factors(float* fac, const Mask& mk, int64_t m0,
+                                              int64_t nrows, int64_t k0, int64_t nvalid,
+                                              int64_t gpr, const uint8_t* bits_in,
+                                              uint8_t* bits_out, int64_t ldbits) {
+  if (!mk.active) return nullptr;
+  for (int64_t i = 0; i < nrows; ++i) {
+    const int64_t row = (m0 + i) * ldbits + k0 / 8;
+    if (bits_in != nullptr) {
+      factors_from_bits(fac + i * kChunk, bits_in + row, nvalid, mk.scale);
+    } else {
+      mask_factors(fac + i * kChunk, mk, m0 + i, k0 / 4, ceil_div(nvalid, 4), gpr,
+                   bits_out != nullptr ? bits_out + row : nullptr, nvalid);
+    }
+  }
+  return fac;
+}
+
+// Sums of each row chunk: written straight to `sums` with one chunk, otherwise staged
+// and added in chunk order at the end (the order fixed by the shapes).
+template <class acc>
+struct ChunkSums {
+  int64_t nchunks, R2, K, Kp;
+  acc* sums;
+  int64_t ldsums;
+  Buffer<acc> staging;
+  ChunkSums(int64_t nchunks_, int64_t R2_, int64_t K_, int64_t Kp_, acc* sums_, int64_t ld)
+      : nchunks(nchunks_), R2(R2_), K(K_), Kp(Kp_), sums(sums_), ldsums(ld),
+        staging(nchunks_ > 1 ? nchunks_ * R2_ * Kp_ : 1) {}
+  void store(int64_t chunk, const acc* racc) {
+    if (nchunks > 1) {
+      memcpy(staging.p + chunk * R2 * Kp, racc, sizeof(acc) * R2 * Kp);
+    } else {
+      for (int64_t r = 0; r < R2; ++r) memcpy(sums + r * ldsums, racc + r * Kp, sizeof(acc) * K);
+    }
+  }
+  // Inside the parallel region (a worksharing loop over r).
+  void finish() {
+    if (nchunks <= 1) return;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R2; ++r) {
+      acc* dst = sums + r * ldsums;
+      for (int64_t k = 0; k < K; ++k) dst[k] = staging.p[r * Kp + k];
+      for (int64_t c = 1; c < nchunks; ++c) {
+        const acc* src = staging.p + (c * R2 + r) * Kp;
+        for (int64_t k = 0; k < K; ++k) dst[k] += src[k];
+      }
+    }
+  }
+};
+
+template <class acc>
+void zero_sums(acc* sums, int64_t R2, int64_t K, int64_t ldsums) {
+  for (int64_t r = 0; r < R2; ++r)
+    for (int64_t k = 0; k < K; ++k) sums[r * ldsums + k] = acc(0);
+}
+
+// U = D(X) at and, in the same pass over X, sums = g2^T D(X) when requested.
+template <class T>
+void shrink_impl(const ShrinkArgs& p) {
+  using acc = typename AccOf<T>::type;
+  using V = typename Vec<acc>::type;
+  const int64_t M = p.M, K = p.K, R = p.R, R2 = p.R2;
+  const bool do_reduce = p.sums != nullptr;
+  acc* sums = static_cast<acc*>(p.sums);
+  if (M <= 0 || K <= 0) {
+    if (do_reduce) zero_sums(sums, R2, K, p.ldsums);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t r = 0; r < R; ++r) static_cast<acc*>(p.u)[m * p.ldu + r] = acc(0);
+    return;
+  }
+  const int64_t Kp = round_up(K, kPadK), Rv = round_up(R > 0 ? R : 1, kPadR);
+  const int64_t gpr = groups_per_row(K);
+  const int64_t rows_per_chunk = do_reduce ? reduce_rows_per_chunk(M) : 4 * kBlockRows;
+  const int64_t nchunks = ceil_div(M, rows_per_chunk);
+  const T* x = static_cast<const T*>(p.x);
+  const acc* at = static_cast<const acc*>(p.at);
+  const acc* g2 = static_cast<const acc*>(p.g2);
+  acc* u = static_cast<acc*>(p.u);
+  const Mask mk = p.mask;
+  ChunkSums<acc> chunk_sums(do_reduce ? nchunks : 1, R2, K, Kp, sums, p.ldsums);
+#pragma omp parallel num_threads(num_threads_for(p.num_threads))
+  {
+    Buffer<acc> d(kBlockRows * kChunk);
+    Buffer<acc> zeros(kChunk);
+    Buffer<float> fac(kBlockRows * kChunk);
+    Buffer<acc> part(kBlockRows * Rv);
+    Buffer<acc> racc(do_reduce ? R2 * Kp : 1);
+    Buffer<acc> gb2(do_reduce ? kBlockRows * (R2 > 0 ? R2 : 1) : 1);
+    fill(zeros.p, kChunk, acc(0));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t chunk = 0; chunk < nchunks; ++chunk) {
+      const int64_t m_end = min64(M, (chunk + 1) * rows_per_chunk);
+      if (do_reduce) fill(racc.p, R2 * Kp, acc(0));
+      for (int64_t m0 = chunk * rows_per_chunk; m0 < m_end; m0 += kBlockRows) {
+        const int64_t nrows = min64(kBlockRows, m_end - m0);
+        fill(part.p, kBlockRows * Rv, acc(0));
+        if (do_reduce)
+          for (int64_t i = 0; i < nrows; ++i)
+            for (int64_t r = 0; r < R2; ++r) gb2.p[i * R2 + r] = g2[(m0 + i) * p.ldg2 + r];
+        for (int64_t k0 = 0; k0 < Kp; k0 += kChunk) {
+          const int64_t kc = min64(kChunk, Kp - k0);
+          const int64_t nvalid = min64(kc, K - k0);
+          const float* f = block_factors(fac.p, mk, m0, nrows, k0, nvalid, gpr, nullptr,
+                                         static_cast<uint8_t*>(p.keep_bits_out), p.ldbits);
+          const acc* rows[kBlockRows];
+          block_rows<T, acc>(rows, d.p, x + m0 * p.ldx + k0, p.ldx, nrows, kc, nvalid, f);
+          for (int64_t i = nrows; i < kBlockRows; ++i) rows[i] = zeros.p;
+          if (R > 0)
+            for (int64_t i0 = 0; i0 < kBlockRows; i0 += kShrinkRows)
+              if (i0 < nrows)
+                shrink_tile<V, acc>(part.p + i0 * Rv, Rv, rows + i0, at + k0 * Rv, kc);
+          if (do_reduce) reduce_block<V, acc>(racc.p + k0, Kp, rows, nrows, gb2.p, R2, kc);
+        }
+        for (int64_t i = 0; i < nrows; ++i)
+          for (int64_t r = 0; r < R; ++r) u[(m0 + i) * p.ldu + r] = part.p[i * Rv + r];
+      }
+      if (do_reduce) chunk_sums.store(chunk, racc.p);
+    }
+    if (do_reduce) chunk_sums.finish();
+  }
+}
+
+// The fused expand / reduce pass (see ExpandReduceArgs). Tasks are row chunks; inside
+// one, blocks of kBlockRows rows x kChunk columns share one set of keep factors
+// between the expand (in tiles of kTileRows rows) and the reduce.
 template <class T>
 void expand_reduce_impl(const ExpandReduceArgs& p) {
   using acc = typename AccOf<T>::type;
   using V = typename Vec<acc>::type;
-  constexpr int VL = Vec<acc>::n;
   constexpr int MR = kTileRows;
-  constexpr int NV = kTileVecs;
-  constexpr int TW = NV * VL;  // tile width in columns; divides kPadK and kChunk
   const int64_t M = p.M, K = p.K, R = p.R, R2 = p.R2;
   const int64_t Kp = round_up(K, kPadK);
-  const int64_t nkb = ceil_div(Kp, kChunk);
   const int64_t gpr = groups_per_row(K);
-  const bool do_expand = p.out != nullptr && R > 0;
+  const bool do_expand = p.out != nullptr;
   const bool do_reduce = p.sums != nullptr;
   acc* sums = static_cast<acc*>(p.sums);
   if (M <= 0 || K <= 0 || (!do_expand && !do_reduce)) {
-    if (do_reduce)
-      for (int64_t r = 0; r < R2; ++r)
-        for (int64_t k = 0; k < K; ++k) sums[r * p.ldsums + k] = acc(0);
+    if (do_reduce) zero_sums(sums, R2, K, p.ldsums);
     return;
   }
-  int64_t nchunks = do_reduce ? reduce_chunks(M, nkb) : ceil_div(M, 64);
-  const int64_t rows_per_chunk = round_up(ceil_div(M, nchunks), MR);
-  nchunks = ceil_div(M, rows_per_chunk);
+  const int64_t rows_per_chunk = do_reduce ? reduce_rows_per_chunk(M) : 4 * kBlockRows;
+  const int64_t nchunks = ceil_div(M, rows_per_chunk);
   T* out = static_cast<T*>(p.out);
   const T* in = p.in != nullptr ? static_cast<const T*>(p.in) : out;
   const int64_t ldi = p.in != nullptr ? p.ldi : p.ldo;
@@ -350,136 +589,55 @@ void expand_reduce_impl(const ExpandReduceArgs& p) {
   const acc* a = static_cast<const acc*>(p.a);
   const acc s = do_expand ? *static_cast<const acc*>(p.s) : acc(0);
   const Mask mk = p.mask;
-  // Partial sums of each row chunk, added in chunk order at the end.
-  const bool staged = do_reduce && nchunks > 1;
-  Buffer<acc> staging(staged ? nchunks * R2 * Kp : 1);
+  ChunkSums<acc> chunk_sums(do_reduce ? nchunks : 1, R2, K, Kp, sums, p.ldsums);
 #pragma omp parallel num_threads(num_threads_for(p.num_threads))
   {
-    Buffer<float> fac(MR * kChunk);
-    Buffer<float> fzeros(kChunk);
-    Buffer<acc> d(MR * kChunk);
-    Buffer<acc> zeros(kChunk);
-    Buffer<acc> t(MR * TW);
-    fill(fzeros.p, kChunk, 0.0f);
-    fill(zeros.p, kChunk, acc(0));
-    Buffer<acc> racc(do_reduce ? R2 * kChunk : 1);
-    Buffer<acc> gb(MR * (R > 0 ? R : 1));
-    Buffer<acc> gb2(MR * (R2 > 0 ? R2 : 1));
+    Buffer<float> fac(kBlockRows * kChunk);
+    Buffer<acc> d(kBlockRows * kChunk);
+    Buffer<acc> t(kTileVecs * Vec<acc>::n);
+    Buffer<acc> racc(do_reduce ? R2 * Kp : 1);
+    Buffer<acc> gb(kBlockRows * (R > 0 ? R : 1));
+    Buffer<acc> gb2(kBlockRows * (R2 > 0 ? R2 : 1));
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < nchunks * nkb; ++task) {
-      const int64_t chunk = task / nkb, kb = task % nkb;
-      const int64_t k0 = kb * kChunk;
-      const int64_t kc = min64(kChunk, Kp - k0);
-      const int64_t nvalid = min64(kc, K - k0);
-      const int64_t m_begin = chunk * rows_per_chunk;
-      const int64_t m_end = min64(M, m_begin + rows_per_chunk);
-      if (do_reduce) fill(racc.p, R2 * kChunk, acc(0));
-      for (int64_t m0 = m_begin; m0 < m_end; m0 += MR) {
-        const int64_t nrows = min64(MR, m_end - m0);
-        if (mk.active)
-          for (int64_t i = 0; i < nrows; ++i)
-            mask_factors(fac.p + i * kChunk, mk, m0 + i, k0 / 4, ceil_div(nvalid, 4), gpr);
+    for (int64_t chunk = 0; chunk < nchunks; ++chunk) {
+      const int64_t m_end = min64(M, (chunk + 1) * rows_per_chunk);
+      if (do_reduce) fill(racc.p, R2 * Kp, acc(0));
+      for (int64_t m0 = chunk * rows_per_chunk; m0 < m_end; m0 += kBlockRows) {
+        const int64_t nrows = min64(kBlockRows, m_end - m0);
         if (do_expand) {
-          // gb is [R][MR]: the MR coefficients of one r side by side.
-          for (int64_t r = 0; r < R; ++r)
-            for (int64_t i = 0; i < MR; ++i)
-              gb.p[r * MR + i] = i < nrows ? g[(m0 + i) * p.ldg + r] : acc(0);
-          for (int64_t kt = 0; kt < kc; kt += TW) {
-            V c[MR][NV] = {};
-            const acc* ar = a + k0 + kt;
-            for (int64_t r = 0; r < R; ++r) {
-              V av[NV];
-              for (int j = 0; j < NV; ++j) av[j] = vload<V>(ar + r * p.lda + j * VL);
-              for (int i = 0; i < MR; ++i) {
-                const acc gi = gb.p[r * MR + i];
-                for (int j = 0; j < NV; ++j) c[i][j] += av[j] * gi;
-              }
-            }
-            for (int i = 0; i < MR; ++i)
-              for (int j = 0; j < NV; ++j) vstore(t.p + i * TW + j * VL, c[i][j]);
-            const int64_t nk = min64(TW, nvalid - kt);
-            for (int64_t i = 0; i < nrows; ++i) {
-              T* o = out + (m0 + i) * p.ldo + k0 + kt;
-              const T* src = in + (m0 + i) * ldi + k0 + kt;
-              const acc* ti = t.p + i * TW;
-              if (mk.active) {
-                const float* fi = fac.p + i * kChunk + kt;
-                for (int64_t k = 0; k < nk; ++k)
-                  o[k] = Store<T>::from(expand_elem<acc>(to_acc(src[k]), s, fi[k], ti[k]));
-              } else {
-                for (int64_t k = 0; k < nk; ++k)
-                  o[k] = Store<T>::from(expand_elem<acc>(to_acc(src[k]), s, 1.0f, ti[k]));
-              }
-            }
-          }
+          // gb holds, per tile of MR rows, [R][MR]: the MR coefficients of one r side by side.
+          for (int64_t i0 = 0; i0 < kBlockRows; i0 += MR)
+            for (int64_t r = 0; r < R; ++r)
+              for (int64_t i = 0; i < MR; ++i)
+                gb.p[i0 * R + r * MR + i] = i0 + i < nrows ? g[(m0 + i0 + i) * p.ldg + r] : acc(0);
         }
-        if (do_reduce) {
-          // float32 / float64 rows of a full block are read in place, D(X) = X * factor
-          // formed in registers (float32 only: the factors are float32); otherwise D(X)
-          // is converted and masked into the scratch rows first.
-          const bool direct = Same<T, acc>::value && nvalid == kc &&
-                              (!mk.active || Same<acc, float>::value);
-          const acc* rows[MR];
-          const float* frows[MR];
-          for (int64_t i = 0; i < MR; ++i) {
-            for (int64_t r = 0; r < R2; ++r)
-              gb2.p[r * MR + i] = i < nrows ? g2[(m0 + i) * p.ldg2 + r] : acc(0);
-            if (direct) {
-              rows[i] = i < nrows ? reinterpret_cast<const acc*>(x + (m0 + i) * p.ldx + k0) : zeros.p;
-              frows[i] = i < nrows ? fac.p + i * kChunk : fzeros.p;
-            } else {
-              load_row<T, acc>(d.p + i * kChunk, i < nrows ? x + (m0 + i) * p.ldx + k0 : nullptr,
-                               nvalid, kc, mk.active ? fac.p + i * kChunk : nullptr);
-              rows[i] = d.p + i * kChunk;
-              frows[i] = nullptr;
+        if (do_reduce)
+          for (int64_t i = 0; i < nrows; ++i)
+            for (int64_t r = 0; r < R2; ++r) gb2.p[i * R2 + r] = g2[(m0 + i) * p.ldg2 + r];
+        for (int64_t k0 = 0; k0 < Kp; k0 += kChunk) {
+          const int64_t kc = min64(kChunk, Kp - k0);
+          const int64_t nvalid = min64(kc, K - k0);
+          const float* f = block_factors(fac.p, mk, m0, nrows, k0, nvalid, gpr,
+                                         static_cast<const uint8_t*>(p.keep_bits), nullptr,
+                                         p.ldbits);
+          if (do_expand) {
+            for (int64_t i0 = 0; i0 < nrows; i0 += MR) {
+              expand_rows<T, V, acc>(out + (m0 + i0) * p.ldo + k0, p.ldo, in + (m0 + i0) * ldi + k0,
+                                     ldi, p.overwrite, gb.p + i0 * R, a + k0, p.lda, R, s,
+                                     f != nullptr ? f + i0 * kChunk : nullptr,
+                                     min64(MR, nrows - i0), kc, nvalid, t.p);
             }
           }
-          const bool scale_rows = direct && mk.active;
-          for (int64_t kt = 0; kt < kc; kt += TW) {
-            V dv[MR][NV];
-            for (int i = 0; i < MR; ++i)
-              for (int j = 0; j < NV; ++j) dv[i][j] = vload<V>(rows[i] + kt + j * VL);
-            if (scale_rows) {
-              // The same product as dropout_elem(): x * factor, in float32.
-              for (int i = 0; i < MR; ++i)
-                for (int j = 0; j < NV; ++j)
-                  dv[i][j] *= vload<V>(reinterpret_cast<const acc*>(frows[i] + kt + j * VL));
-            }
-            for (int64_t r = 0; r < R2; ++r) {
-              acc* pr = racc.p + r * kChunk + kt;
-              const acc* gr = gb2.p + r * MR;
-              for (int j = 0; j < NV; ++j) {
-                V sv = vload<V>(pr + j * VL);
-                for (int i = 0; i < MR; ++i) sv += dv[i][j] * gr[i];
-                vstore(pr + j * VL, sv);
-              }
-            }
+          if (do_reduce) {
+            const acc* rows[kBlockRows];
+            block_rows<T, acc>(rows, d.p, x + m0 * p.ldx + k0, p.ldx, nrows, kc, nvalid, f);
+            reduce_block<V, acc>(racc.p + k0, Kp, rows, nrows, gb2.p, R2, kc);
           }
         }
       }
-      if (do_reduce) {
-        if (staged) {
-          acc* dst = staging.p + chunk * R2 * Kp + k0;
-          for (int64_t r = 0; r < R2; ++r)
-            for (int64_t k = 0; k < kc; ++k) dst[r * Kp + k] = racc.p[r * kChunk + k];
-        } else {
-          for (int64_t r = 0; r < R2; ++r)
-            for (int64_t k = 0; k < nvalid; ++k)
-              sums[r * p.ldsums + k0 + k] = racc.p[r * kChunk + k];
-        }
-      }
+      if (do_reduce) chunk_sums.store(chunk, racc.p);
     }
-    if (staged) {
-#pragma omp for schedule(static)
-      for (int64_t r = 0; r < R2; ++r) {
-        acc* dst = sums + r * p.ldsums;
-        for (int64_t k = 0; k < K; ++k) dst[k] = staging.p[r * Kp + k];
-        for (int64_t c = 1; c < nchunks; ++c) {
-          const acc* src = staging.p + (c * R2 + r) * Kp;
-          for (int64_t k = 0; k < K; ++k) dst[k] += src[k];
-        }
-      }
-    }
+    if (do_reduce) chunk_sums.finish();
   }
 }
 
@@ -502,7 +660,7 @@ void keep_mask_impl(uint8_t* keep, int64_t M, int64_t K, const Mask& mk, int num
 }
 
 void shrink_entry(const ShrinkArgs& p) {
-  if (p.M <= 0 || p.R <= 0) return;
+  if (p.sums == nullptr && (p.M <= 0 || p.R <= 0)) return;
   switch (p.dtype) {
     case DType::kFloat32:
       shrink_impl<float>(p);

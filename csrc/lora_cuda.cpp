@@ -54,6 +54,13 @@ at::Tensor cuda_shrink(const at::Tensor& x, const at::Tensor& a, const Dropout& 
   C10_CUDA_CHECK(cuda::launch_shrink(cuda_dtype(x.scalar_type()), M, K, R, x.data_ptr(),
                                      x.stride(0), a_acc.data_ptr(), u.data_ptr(), device_mask(d),
                                      at::cuda::getCurrentCUDAStream()));
+  if (d.active() && d.keep_bits.defined()) {
+    // The packed mask for the forward's keep_bits output, by its own kernel; the CUDA
+    // backward steps regenerate the mask from the seed instead of reading it.
+    C10_CUDA_CHECK(cuda::launch_keep_bits(d.keep_bits.data_ptr<uint8_t>(), d.keep_bits.stride(0),
+                                          M, K, device_mask(d),
+                                          at::cuda::getCurrentCUDAStream()));
+  }
   return u;
 }
 
@@ -104,12 +111,10 @@ at::Tensor cuda_fold(const at::Tensor& weight, const at::Tensor& B, const at::Te
 
 const Steps kCudaSteps{&cuda_shrink, &cuda_expand_reduce, &cuda_dot, &cuda_fold};
 
-std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, const at::Tensor& weight,
-                                                const c10::optional<at::Tensor>& bias,
-                                                const at::Tensor& lora_A,
-                                                const at::Tensor& lora_B,
-                                                const at::Tensor& scaling, double dropout_p,
-                                                const at::Tensor& seed) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_forward(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scaling,
+    double dropout_p, const at::Tensor& seed) {
   const c10::cuda::CUDAGuard guard(x.device());
   return lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, kCudaSteps);
 }
@@ -117,12 +122,12 @@ std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scaling,
-    double dropout_p, const at::Tensor& seed, const at::Tensor& u, bool need_grad_x,
-    bool need_grad_lora, bool need_grad_scaling, bool need_grad_bias) {
+    double dropout_p, const at::Tensor& seed, const at::Tensor& u, const at::Tensor& keep_bits,
+    bool need_grad_x, bool need_grad_lora, bool need_grad_scaling, bool need_grad_bias) {
   const c10::cuda::CUDAGuard guard(x.device());
   return lora_backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, u,
-                       need_grad_x, need_grad_lora, need_grad_scaling, need_grad_bias,
-                       kCudaSteps);
+                       keep_bits, need_grad_x, need_grad_lora, need_grad_scaling,
+                       need_grad_bias, kCudaSteps);
 }
 
 at::Tensor cuda_keep_mask(const at::Tensor& seed, int64_t M, int64_t K, double dropout_p) {

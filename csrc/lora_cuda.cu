@@ -8,6 +8,9 @@
 //   reduce_kernel   S = G2^T D(X)       a thread per four columns x kReduceRanks ranks,
 //                                       rows in fixed chunks, chunks summed in order
 //   keep_mask_kernel                    the mask itself, for tests
+//   keep_bits_kernel                    the mask packed one bit per element, saved by
+//                                       the forward for backward (which, here,
+//                                       regenerates it from the seed all the same)
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -228,6 +231,31 @@ __global__ void __launch_bounds__(kThreads)
     if (4 * g + j < K) keep[m * K + 4 * g + j] = f[j] != 0.0f ? 1 : 0;
 }
 
+// The packed mask: a thread per byte (two Philox groups, eight elements) of
+// bits [M, ldbits], bit k % 8 of byte [m, k / 8] for keep[m, k], padding bits 0.
+__global__ void __launch_bounds__(kThreads)
+    keep_bits_kernel(uint8_t* __restrict__ bits, int64_t ldbits, int64_t M, int64_t K,
+                     DeviceMask mask) {
+  const int64_t gpr = groups_per_row(K);
+  const int64_t bytes_per_row = ceil_div(K, 8);
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (e >= M * bytes_per_row) return;
+  const int64_t m = e / bytes_per_row, b = e % bytes_per_row;
+  const MaskState ms = load_mask(mask);
+  unsigned v = 0;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t g = 2 * b + half;
+    if (4 * g >= K) break;
+    float f[4];
+    group_factors(ms, m, g, gpr, f);
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      if (4 * g + j < K && f[j] != 0.0f) v |= 1u << (4 * half + j);
+  }
+  bits[m * ldbits + b] = static_cast<uint8_t>(v);
+}
+
 int64_t reduce_chunks(int64_t M) { return ceil_div(M, kReduceRows); }
 
 template <class T>
@@ -343,6 +371,15 @@ cudaError_t launch_keep_mask(uint8_t* keep, int64_t M, int64_t K, DeviceMask mas
   if (n <= 0) return cudaSuccess;
   keep_mask_kernel<<<static_cast<unsigned>(ceil_div(n, kThreads)), kThreads, 0, stream>>>(
       keep, M, K, mask);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_keep_bits(uint8_t* bits, int64_t ldbits, int64_t M, int64_t K,
+                             DeviceMask mask, cudaStream_t stream) {
+  const int64_t n = M * ceil_div(K, 8);
+  if (n <= 0) return cudaSuccess;
+  keep_bits_kernel<<<static_cast<unsigned>(ceil_div(n, kThreads)), kThreads, 0, stream>>>(
+      bits, ldbits, M, K, mask);
   return cudaGetLastError();
 }
 

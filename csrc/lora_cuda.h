@@ -55,5 +55,10 @@ cudaError_t launch_reduce(DType dtype, int64_t M, int64_t K, int64_t R2, const v
 cudaError_t launch_keep_mask(uint8_t* keep, int64_t M, int64_t K, DeviceMask mask,
                              cudaStream_t stream);
 
+// bits[m, k / 8] bit k % 8 = keep[m, k], [M, ldbits] bytes (ldbits >= ceil(K / 8)),
+// padding bits 0: the packed mask of docs/backends.md (keep_bits).
+cudaError_t launch_keep_bits(uint8_t* bits, int64_t ldbits, int64_t M, int64_t K,
+                             DeviceMask mask, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace lora

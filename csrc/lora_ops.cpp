@@ -136,11 +136,10 @@ void check_keep_mask_args(const at::Tensor& seed, int64_t M, int64_t K, double d
   check_seed(seed, seed.device());
 }
 
-std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::Tensor& weight,
-                                                const c10::optional<at::Tensor>& bias,
-                                                const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                                const at::Tensor& scaling, double dropout_p,
-                                                const at::Tensor& seed, const Steps& steps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_forward(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scaling,
+    double dropout_p, const at::Tensor& seed, const Steps& steps) {
   check_common(x, weight, lora_A, lora_B, scaling, dropout_p, seed);
   const auto t = x.scalar_type();
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
@@ -152,7 +151,12 @@ std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::T
     TORCH_CHECK(bias->device() == x.device(), "lora_kernels: bias must be on ", x.device(),
                 " (the device of x), got ", bias->device());
   }
-  const Dropout d{dropout_p, seed};
+  // The mask packed one bit per element, filled by the shrink step and saved for
+  // backward (docs/backends.md); empty without dropout.
+  const at::Tensor keep_bits =
+      dropout_p > 0.0 ? at::empty({M, ceil_div(K, 8)}, x.options().dtype(at::kByte))
+                      : at::empty({0}, x.options().dtype(at::kByte));
+  const Dropout d{dropout_p, seed, dropout_p > 0.0 ? keep_bits : at::Tensor()};
   const at::Tensor x2 = unit_column_stride(x);
   // float32 / float64: every GEMM in ATen, in x's dtype (which is the accumulation dtype).
   const bool fast = t == acc_dtype(t);
@@ -162,25 +166,26 @@ std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::T
   if (fast) {
     const at::Tensor A = lora_A.to(t), B = lora_B.to(t);
     if (fold_lora(fast, d, M, N, K)) {
-      return {linear(steps.fold(weight, B, A, scaling)), at::mm(x2, A.t())};
+      return {linear(steps.fold(weight, B, A, scaling)), at::mm(x2, A.t()), keep_bits};
     }
     at::Tensor u = d.active() ? steps.shrink(x2, lora_A, d) : at::mm(x2, A.t());
     at::Tensor y = linear(weight);
     addmm_scaled_(y, u, B.t(), scaling);
-    return {y, u};
+    return {y, u, keep_bits};
   }
   at::Tensor u = steps.shrink(x2, lora_A, d);
   at::Tensor y = linear(weight);
   // y += s * U B^T, accumulated in fp32 and rounded to x's dtype once.
   steps.expand_reduce(y, u, lora_B.t(), scaling, at::Tensor(), at::Tensor(), Dropout{0.0, seed});
-  return {y, u};
+  return {y, u, keep_bits};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scaling,
-    double dropout_p, const at::Tensor& seed, const at::Tensor& u, bool need_grad_x,
-    bool need_grad_lora, bool need_grad_scaling, bool need_grad_bias, const Steps& steps) {
+    double dropout_p, const at::Tensor& seed, const at::Tensor& u, const at::Tensor& keep_bits,
+    bool need_grad_x, bool need_grad_lora, bool need_grad_scaling, bool need_grad_bias,
+    const Steps& steps) {
   check_common(x, weight, lora_A, lora_B, scaling, dropout_p, seed);
   const auto t = x.scalar_type();
   const auto acc = acc_dtype(t);
@@ -198,7 +203,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
     TORCH_CHECK(tensor->device() == x.device(), "lora_kernels: ", name, " must be on ",
                 x.device(), " (the device of x), got ", tensor->device());
   }
-  const Dropout d{dropout_p, seed};
+  TORCH_CHECK(keep_bits.scalar_type() == at::kByte && keep_bits.device() == x.device(),
+              "lora_kernels: keep_bits must be uint8 on ", x.device(), ", got ",
+              dtype_name(keep_bits.scalar_type()), " on ", keep_bits.device());
+  const bool saved_mask = dropout_p > 0.0 && keep_bits.numel() > 0;
+  if (saved_mask) {
+    TORCH_CHECK(keep_bits.dim() == 2 && keep_bits.size(0) == M &&
+                    keep_bits.size(1) == ceil_div(K, 8) && keep_bits.is_contiguous(),
+                "lora_kernels: keep_bits must be a contiguous [M, ceil(K / 8)] = [", M, ", ",
+                ceil_div(K, 8), "] (the forward's third output), got ", keep_bits.sizes());
+  }
+  const Dropout d{dropout_p, seed, saved_mask ? keep_bits : at::Tensor()};
   const bool fast = t == acc;
   const at::Tensor dy = unit_column_stride(grad_y);
   const at::Tensor x2 = unit_column_stride(x);
@@ -209,16 +224,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
   at::Tensor grad_scaling = empty_grad(x, scaling.scalar_type());
   at::Tensor grad_bias = empty_grad(x, t);
 
-  // G = dY B [M, R], accumulation dtype.
-  at::Tensor g;
+  // G = dY B [M, R] (accumulation dtype) and, from the same pass over dY, the sums
+  // [dB^T; db] = [U 1]^T dY [R (+1), N].
   const bool fold = fold_lora(fast, d, M, N, K);
-  if (need_grad_lora || need_grad_scaling || (need_grad_x && !fold)) {
-    g = fast ? at::mm(dy, lora_B.to(t)) : steps.shrink(dy, lora_B.t(), Dropout{0.0, seed});
+  const bool need_g = need_grad_lora || need_grad_scaling || (need_grad_x && !fold);
+  const bool need_dy_sums = need_grad_lora || need_grad_bias;
+  at::Tensor coeff;
+  if (need_grad_lora && need_grad_bias) {
+    coeff = at::cat({u, at::ones({M, 1}, u.options())}, 1);
+  } else if (need_grad_lora) {
+    coeff = u;
+  } else if (need_grad_bias) {
+    coeff = at::ones({M, 1}, u.options());
   }
+  const Dropout no_dropout{0.0, seed};
+  at::Tensor g, dy_sums;
+  if (need_g && need_dy_sums && steps.shrink_reduce != nullptr) {
+    std::tie(g, dy_sums) = steps.shrink_reduce(dy, lora_B.t(), coeff, no_dropout);
+  } else {
+    if (need_g) g = fast ? at::mm(dy, lora_B.to(t)) : steps.shrink(dy, lora_B.t(), no_dropout);
+    if (need_dy_sums) {
+      dy_sums = steps.expand_reduce(at::Tensor(), at::Tensor(), at::Tensor(), scaling, dy, coeff,
+                                    no_dropout);
+    }
+  }
+
   if (need_grad_x) {
     if (fold) {
       grad_x = at::mm(dy, steps.fold(weight, lora_B, lora_A, scaling));
       if (need_grad_lora) grad_A = steps.expand_reduce(at::Tensor(), g, lora_A, scaling, x2, g, d);
+    } else if (fast && steps.expand_new_reduce != nullptr) {
+      // dX = s D(G A) written once (sharing the mask with dA's pass over X), then the
+      // GEMM accumulates dY W onto it.
+      std::tie(grad_x, grad_A) =
+          steps.expand_new_reduce(x2, g, lora_A, scaling, need_grad_lora ? g : at::Tensor(), d);
+      grad_x.addmm_(dy, weight);
     } else {
       grad_x = at::mm(dy, weight);
       // dX += s D(G A) and, sharing the pass over X and the mask, sums = G^T D(X).
@@ -231,24 +271,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
   if (need_grad_lora) grad_A = (grad_A * scaling).to(lora_A.scalar_type());
   if (!grad_A.defined()) grad_A = empty_grad(x, lora_A.scalar_type());
 
-  // One pass over dY for dB^T = U^T dY and db = 1^T dY: sums [R (+1), N].
-  if (need_grad_lora || need_grad_bias) {
-    at::Tensor coeff;
-    if (need_grad_lora && need_grad_bias) {
-      coeff = at::cat({u, at::ones({M, 1}, u.options())}, 1);
-    } else if (need_grad_lora) {
-      coeff = u;
-    } else {
-      coeff = at::ones({M, 1}, u.options());
-    }
-    const at::Tensor sums =
-        steps.expand_reduce(at::Tensor(), at::Tensor(), at::Tensor(), scaling, dy, coeff,
-                            Dropout{0.0, seed});
-    if (need_grad_lora) {
-      grad_B = (sums.narrow(0, 0, R) * scaling).t().to(lora_B.scalar_type()).contiguous();
-    }
-    // A copy even when the dtype matches: the row is a view into sums.
-    if (need_grad_bias) grad_bias = sums[sums.size(0) - 1].to(t, /*non_blocking=*/false, /*copy=*/true);
+  if (need_grad_lora) {
+    grad_B = (dy_sums.narrow(0, 0, R) * scaling).t().to(lora_B.scalar_type()).contiguous();
+  }
+  // A copy even when the dtype matches: the row is a view into the sums.
+  if (need_grad_bias) {
+    grad_bias = dy_sums[dy_sums.size(0) - 1].to(t, /*non_blocking=*/false, /*copy=*/true);
   }
   if (need_grad_scaling) grad_scaling = steps.dot(g, u).to(scaling.scalar_type());
   return {grad_x.contiguous(), grad_A, grad_B, grad_scaling, grad_bias};
@@ -285,11 +313,18 @@ cpu::Mask cpu_mask(const Dropout& d) {
   return mask;
 }
 
-at::Tensor cpu_shrink(const at::Tensor& x, const at::Tensor& a, const Dropout& d) {
+// U = D(x) a^T and, when g2 is defined, sums = g2^T D(x) in the same pass.
+std::tuple<at::Tensor, at::Tensor> cpu_shrink_reduce(const at::Tensor& x, const at::Tensor& a,
+                                                     const at::Tensor& g2, const Dropout& d) {
   const int64_t M = x.size(0), K = x.size(1), R = a.size(0);
   const auto acc = acc_dtype(x.scalar_type());
   at::Tensor u = at::empty({M, R}, x.options().dtype(acc));
-  if (M == 0 || R == 0) return u;
+  at::Tensor g2_acc, sums;
+  if (g2.defined()) {
+    g2_acc = g2.to(acc).contiguous();
+    sums = at::empty({g2.size(1), K}, x.options().dtype(acc));
+  }
+  if ((M == 0 || R == 0) && !sums.defined()) return {u, sums};
   // at = a^T, zero-padded to [round_up(K, kPadK), round_up(R, kPadR)].
   const int64_t Kp = round_up(K, cpu::kPadK), Rv = round_up(R, cpu::kPadR);
   at::Tensor a_t = at::zeros({Kp, Rv}, x.options().dtype(acc));
@@ -306,13 +341,29 @@ at::Tensor cpu_shrink(const at::Tensor& x, const at::Tensor& a, const Dropout& d
   args.ldu = R;
   args.mask = cpu_mask(d);
   args.num_threads = at::get_num_threads();
+  if (args.mask.active && d.keep_bits.defined()) {
+    args.keep_bits_out = d.keep_bits.data_ptr();
+    args.ldbits = d.keep_bits.stride(0);
+  }
+  if (sums.defined()) {
+    args.g2 = g2_acc.data_ptr();
+    args.ldg2 = g2_acc.size(1);
+    args.R2 = g2_acc.size(1);
+    args.sums = sums.data_ptr();
+    args.ldsums = K;
+  }
   cpu::shrink(args);
-  return u;
+  return {u, sums};
 }
 
-at::Tensor cpu_expand_reduce(const at::Tensor& out, const at::Tensor& g, const at::Tensor& a,
-                             const at::Tensor& scaling, const at::Tensor& x, const at::Tensor& g2,
-                             const Dropout& d) {
+at::Tensor cpu_shrink(const at::Tensor& x, const at::Tensor& a, const Dropout& d) {
+  return std::get<0>(cpu_shrink_reduce(x, a, at::Tensor(), d));
+}
+
+// The expand / reduce pass; `overwrite`: out = s D(g a) without reading out.
+at::Tensor cpu_expand_reduce_impl(const at::Tensor& out, bool overwrite, const at::Tensor& g,
+                                  const at::Tensor& a, const at::Tensor& scaling,
+                                  const at::Tensor& x, const at::Tensor& g2, const Dropout& d) {
   const at::Tensor& ref = out.defined() ? out : x;
   const int64_t M = ref.size(0), K = ref.size(1);
   const auto acc = acc_dtype(ref.scalar_type());
@@ -322,7 +373,7 @@ at::Tensor cpu_expand_reduce(const at::Tensor& out, const at::Tensor& g, const a
   args.M = M;
   args.K = K;
   at::Tensor a_packed, g_acc, s_acc, g2_acc, sums;
-  if (out.defined() && g.size(1) > 0) {
+  if (out.defined()) {
     const int64_t R = g.size(1);
     const int64_t Kp = round_up(K, cpu::kPadK);
     a_packed = at::zeros({R, Kp}, opts);
@@ -337,8 +388,9 @@ at::Tensor cpu_expand_reduce(const at::Tensor& out, const at::Tensor& g, const a
     args.lda = Kp;
     args.R = R;
     args.s = s_acc.data_ptr();
+    args.overwrite = overwrite;
   }
-  if (x.defined()) {
+  if (x.defined() && g2.defined()) {
     const int64_t R2 = g2.size(1);
     g2_acc = g2.to(acc).contiguous();
     sums = at::empty({R2, K}, opts);
@@ -351,9 +403,28 @@ at::Tensor cpu_expand_reduce(const at::Tensor& out, const at::Tensor& g, const a
     args.ldsums = K;
   }
   args.mask = cpu_mask(d);
+  if (args.mask.active && d.keep_bits.defined()) {
+    args.keep_bits = d.keep_bits.data_ptr();
+    args.ldbits = d.keep_bits.stride(0);
+  }
   args.num_threads = at::get_num_threads();
   if (args.out != nullptr || args.sums != nullptr) cpu::expand_reduce(args);
   return sums;
+}
+
+at::Tensor cpu_expand_reduce(const at::Tensor& out, const at::Tensor& g, const at::Tensor& a,
+                             const at::Tensor& scaling, const at::Tensor& x, const at::Tensor& g2,
+                             const Dropout& d) {
+  return cpu_expand_reduce_impl(out, /*overwrite=*/false, g, a, scaling, x, g2, d);
+}
+
+std::tuple<at::Tensor, at::Tensor> cpu_expand_new_reduce(const at::Tensor& x, const at::Tensor& g,
+                                                         const at::Tensor& a,
+                                                         const at::Tensor& scaling,
+                                                         const at::Tensor& g2, const Dropout& d) {
+  at::Tensor out = at::empty({x.size(0), x.size(1)}, x.options());
+  at::Tensor sums = cpu_expand_reduce_impl(out, /*overwrite=*/true, g, a, scaling, x, g2, d);
+  return {out, sums};
 }
 
 at::Tensor cpu_dot(const at::Tensor& a, const at::Tensor& b) {
@@ -395,25 +466,24 @@ at::Tensor cpu_fold(const at::Tensor& weight, const at::Tensor& B, const at::Ten
   return out;
 }
 
-const Steps kCpuSteps{&cpu_shrink, &cpu_expand_reduce, &cpu_dot, &cpu_fold};
+const Steps kCpuSteps{&cpu_shrink,    &cpu_expand_reduce,    &cpu_dot,
+                      &cpu_fold,      &cpu_shrink_reduce,    &cpu_expand_new_reduce};
 
-std::tuple<at::Tensor, at::Tensor> cpu_forward(const at::Tensor& x, const at::Tensor& weight,
-                                               const c10::optional<at::Tensor>& bias,
-                                               const at::Tensor& lora_A,
-                                               const at::Tensor& lora_B,
-                                               const at::Tensor& scaling, double dropout_p,
-                                               const at::Tensor& seed) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_forward(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scaling,
+    double dropout_p, const at::Tensor& seed) {
   return lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, kCpuSteps);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scaling,
-    double dropout_p, const at::Tensor& seed, const at::Tensor& u, bool need_grad_x,
-    bool need_grad_lora, bool need_grad_scaling, bool need_grad_bias) {
+    double dropout_p, const at::Tensor& seed, const at::Tensor& u, const at::Tensor& keep_bits,
+    bool need_grad_x, bool need_grad_lora, bool need_grad_scaling, bool need_grad_bias) {
   return lora_backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, u,
-                       need_grad_x, need_grad_lora, need_grad_scaling, need_grad_bias,
-                       kCpuSteps);
+                       keep_bits, need_grad_x, need_grad_lora, need_grad_scaling,
+                       need_grad_bias, kCpuSteps);
 }
 
 at::Tensor cpu_keep_mask(const at::Tensor& seed, int64_t M, int64_t K, double dropout_p) {
@@ -438,11 +508,12 @@ std::string cpu_isa(c10::string_view request) {
 TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
   m.def(
       "cpp_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
-      "Tensor scaling, float dropout_p, Tensor seed) -> (Tensor y, Tensor u)");
+      "Tensor scaling, float dropout_p, Tensor seed) -> (Tensor y, Tensor u, Tensor keep_bits)");
   m.def(
       "cpp_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
-      "Tensor scaling, float dropout_p, Tensor seed, Tensor u, bool need_grad_x, "
-      "bool need_grad_lora, bool need_grad_scaling, bool need_grad_bias) -> (Tensor grad_x, "
+      "Tensor scaling, float dropout_p, Tensor seed, Tensor u, Tensor keep_bits, "
+      "bool need_grad_x, bool need_grad_lora, bool need_grad_scaling, bool need_grad_bias) "
+      "-> (Tensor grad_x, "
       "Tensor grad_A, Tensor grad_B, Tensor grad_scaling, Tensor grad_bias)");
   // The keep mask [M, K] (bool) the kernels apply, for tests against the reference.
   m.def("cpp_keep_mask(Tensor seed, int M, int K, float dropout_p) -> Tensor");

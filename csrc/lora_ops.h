@@ -10,10 +10,14 @@
 namespace lora {
 
 // Dropout as the ops receive it: p (0 <= p < 1) and the 0-dim int64 seed tensor on the
-// input's device (read on the host only by the CPU steps).
+// input's device (read on the host only by the CPU steps), and the mask packed one bit
+// per element, uint8 [M, ceil(K / 8)] (docs/backends.md, keep_bits): in forward the
+// shrink step fills it when defined; in backward the steps may read it instead of
+// generating the mask again (undefined: generate it from the seed).
 struct Dropout {
   double p;
   at::Tensor seed;
+  at::Tensor keep_bits = at::Tensor();
   bool active() const { return p > 0.0; }
 };
 
@@ -34,9 +38,23 @@ struct Steps {
   // W + s B A [N, K] in W's dtype (float32/float64): the LoRA update folded into W.
   at::Tensor (*fold)(const at::Tensor& weight, const at::Tensor& B, const at::Tensor& A,
                      const at::Tensor& scaling);
+  // Optional fused forms; nullptr: the orchestration composes the steps above instead.
+  // One pass over x: {U = D(x) a^T [M, R], sums = g2^T D(x) [R2, K]}.
+  std::tuple<at::Tensor, at::Tensor> (*shrink_reduce)(const at::Tensor& x, const at::Tensor& a,
+                                                      const at::Tensor& g2,
+                                                      const Dropout& d) = nullptr;
+  // One pass over [M, K]: {out = scaling * D(g a), a new tensor shaped like x, and, when
+  // g2 is defined, sums = g2^T D(x)}. A GEMM then accumulates onto out (beta = 1), so the
+  // LoRA term costs no read-modify-write pass of its own.
+  std::tuple<at::Tensor, at::Tensor> (*expand_new_reduce)(const at::Tensor& x, const at::Tensor& g,
+                                                          const at::Tensor& a,
+                                                          const at::Tensor& scaling,
+                                                          const at::Tensor& g2,
+                                                          const Dropout& d) = nullptr;
 };
 
-std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::Tensor& weight,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_forward(const at::Tensor& x,
+                                                            const at::Tensor& weight,
                                                 const c10::optional<at::Tensor>& bias,
                                                 const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                 const at::Tensor& scaling, double dropout_p,
@@ -45,8 +63,9 @@ std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scaling,
-    double dropout_p, const at::Tensor& seed, const at::Tensor& u, bool need_grad_x,
-    bool need_grad_lora, bool need_grad_scaling, bool need_grad_bias, const Steps& steps);
+    double dropout_p, const at::Tensor& seed, const at::Tensor& u, const at::Tensor& keep_bits,
+    bool need_grad_x, bool need_grad_lora, bool need_grad_scaling, bool need_grad_bias,
+    const Steps& steps);
 
 // Checks for the keep-mask op (seed 0-dim int64, M, K >= 0, 0 <= p < 1).
 void check_keep_mask_args(const at::Tensor& seed, int64_t M, int64_t K, double dropout_p);

@@ -1,7 +1,9 @@
 """The autograd formula of the op, attached once to every backend's forward op.
 
-What backward keeps (design notes, "What backward may keep"): x itself, U [M, R] and
-the seed. The frozen weight and the adapters are parameters, not activations. A
+What backward keeps (design notes, "What backward may keep"): x itself, U [M, R], the
+seed and, with dropout, the keep mask packed one bit per element (`keep_bits`, so
+backward reads the mask instead of generating it again). The frozen weight and the
+adapters are parameters, not activations. A
 backend's backward op gets flags for the gradients autograd asks for, so that a
 frozen first layer skips the dX GEMM and a frozen adapter skips dA and dB.
 """
@@ -16,10 +18,10 @@ _X, _WEIGHT, _BIAS, _A, _B, _SCALING, _P, _SEED = range(8)
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
-    _, u = output
-    ctx.save_for_backward(x, weight, lora_A, lora_B, scaling, seed, u)
+    _, u, keep_bits = output
+    ctx.save_for_backward(x, weight, lora_A, lora_B, scaling, seed, u, keep_bits)
     ctx.dropout_p = dropout_p
-    ctx.mark_non_differentiable(u)
+    ctx.mark_non_differentiable(u, keep_bits)
 
 
 def _check_first_order(*grads: torch.Tensor) -> None:
@@ -31,7 +33,25 @@ def _check_first_order(*grads: torch.Tensor) -> None:
         )
 
 
-def backward_fake(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, u, nx, nl, ns, nb):
+def keep_bits_shape(M: int, K: int, dropout_p: float) -> tuple[int, ...]:
+    """The shape of the forward's `keep_bits`: [M, ceil(K/8)] with dropout, else [0]."""
+    return (M, (K + 7) // 8) if dropout_p > 0.0 else (0,)
+
+
+def forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    """The forward op's outputs as the contract shapes them (every backend's fake)."""
+    M, K = x.shape
+    u_dtype = torch.promote_types(x.dtype, torch.float32)
+    return (
+        x.new_empty(M, weight.shape[0]),
+        x.new_empty(M, lora_A.shape[0], dtype=u_dtype),
+        x.new_empty(keep_bits_shape(M, K, dropout_p), dtype=torch.uint8),
+    )
+
+
+def backward_fake(
+    grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, u, keep_bits, nx, nl, ns, nb
+):
     """The backward op's outputs as the contract shapes them (every backend's fake)."""
 
     def maybe(flag, shape, dtype):
@@ -51,8 +71,8 @@ def backward_fake(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, u
 def register_lora_autograd(forward_op, backward_op) -> None:
     """Make `forward_op` differentiable through `backward_op` (schemas in docs/backends.md)."""
 
-    def backward(ctx, grad_y, grad_u):
-        x, weight, lora_A, lora_B, scaling, seed, u = ctx.saved_tensors
+    def backward(ctx, grad_y, grad_u, grad_keep_bits):
+        x, weight, lora_A, lora_B, scaling, seed, u, keep_bits = ctx.saved_tensors
         need = ctx.needs_input_grad
         _check_first_order(grad_y, x, lora_A, lora_B, scaling)
         need_lora = need[_A] or need[_B]
@@ -66,6 +86,7 @@ def register_lora_autograd(forward_op, backward_op) -> None:
             ctx.dropout_p,
             seed,
             u,
+            keep_bits,
             need[_X],
             need_lora,
             need[_SCALING],

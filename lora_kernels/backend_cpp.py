@@ -180,13 +180,6 @@ def _load_extension() -> tuple[bool, str]:
     return True, f"C++ extension built from csrc/ with ninja in {build_dir}"
 
 
-def _forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    u_dtype = torch.promote_types(x.dtype, torch.float32)
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(
-        x.shape[0], lora_A.shape[0], dtype=u_dtype
-    )
-
-
 def _keep_mask_fake(seed, M, K, dropout_p):
     return seed.new_empty(M, K, dtype=torch.bool)
 
@@ -196,9 +189,9 @@ def _register_python_side() -> None:
     global _registered
     if _registered:
         return
-    from ._autograd import backward_fake, register_lora_autograd
+    from ._autograd import backward_fake, forward_fake, register_lora_autograd
 
-    torch.library.register_fake("lora_kernels::cpp_forward")(_forward_fake)
+    torch.library.register_fake("lora_kernels::cpp_forward")(forward_fake)
     torch.library.register_fake("lora_kernels::cpp_backward")(backward_fake)
     torch.library.register_fake("lora_kernels::cpp_keep_mask")(_keep_mask_fake)
     ops = torch.ops.lora_kernels

@@ -1,9 +1,9 @@
 """The "torch" backend: the op in ATen calls, usable on any device.
 
 The fallback everywhere. It follows the memory rule of the fused backends (saves x,
-U and the seed; the mask is regenerated from the seed in backward), but runs the
-LoRA branch as separate ATen ops with temporaries: D(x) exists while the shrink
-runs, and is freed before forward returns.
+U, the seed and the 1-bit keep mask, which backward unpacks), but runs the LoRA
+branch as separate ATen ops with temporaries: D(x) and the bool mask exist while the
+shrink runs, and are freed before forward returns.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._autograd import backward_fake, register_lora_autograd
+from ._autograd import backward_fake, forward_fake, register_lora_autograd
 
 
 def _keep_mask(x: torch.Tensor, dropout_p: float, seed: torch.Tensor) -> torch.Tensor | None:
@@ -35,9 +35,13 @@ def torch_forward(
     scaling: torch.Tensor,
     dropout_p: float,
     seed: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     cdt = _branch_dtype(x)
     keep = _keep_mask(x, dropout_p, seed)
+    if keep is None:
+        keep_bits = x.new_empty(0, dtype=torch.uint8)
+    else:
+        keep_bits = reference.pack_keep_mask(keep)
     u = reference.apply_dropout(x.to(cdt), keep, dropout_p) @ lora_A.to(cdt).t()
     y = torch.nn.functional.linear(x, weight, bias)
     if y.dtype == cdt:
@@ -46,14 +50,10 @@ def torch_forward(
         # In half precision s U alone may overflow where Y does not: form the sum in
         # float32 and round once.
         y = torch.addmm(y.to(cdt), u * scaling, lora_B.t().to(cdt)).to(x.dtype)
-    return y, u
+    return y, u, keep_bits
 
 
-@torch_forward.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    y = x.new_empty(x.shape[0], weight.shape[0])
-    u = x.new_empty(x.shape[0], lora_A.shape[0], dtype=_branch_dtype(x))
-    return y, u
+torch_forward.register_fake(forward_fake)
 
 
 @torch.library.custom_op("lora_kernels::torch_backward", mutates_args=())
@@ -67,13 +67,20 @@ def torch_backward(
     dropout_p: float,
     seed: torch.Tensor,
     u: torch.Tensor,
+    keep_bits: torch.Tensor,
     need_grad_x: bool,
     need_grad_lora: bool,
     need_grad_scaling: bool,
     need_grad_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     cdt = u.dtype
-    keep = _keep_mask(x, dropout_p, seed) if (need_grad_x or need_grad_lora) else None
+    keep = None
+    if dropout_p > 0.0 and (need_grad_x or need_grad_lora):
+        # The forward's packed mask; without one (an empty tensor), the seed's.
+        if keep_bits.dim() == 2:
+            keep = reference.unpack_keep_mask(keep_bits, x.shape[1])
+        else:
+            keep = _keep_mask(x, dropout_p, seed)
     g = grad_y.to(cdt) @ lora_B.to(cdt)  # [M, R]
     # Gradients nobody asked for are empty tensors of the dtype they would have had.
     grad_x = x.new_empty(0)

@@ -62,7 +62,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import reference
-from ._autograd import backward_fake, register_lora_autograd
+from ._autograd import backward_fake, forward_fake, keep_bits_shape, register_lora_autograd
 
 # The kernels were decorated for the interpreter iff this was set when they were defined.
 _INTERPRET = bool(triton.knobs.runtime.interpret)
@@ -1304,20 +1304,22 @@ def triton_forward(
     scaling: torch.Tensor,
     dropout_p: float,
     seed: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     M = x.shape[0]
     y = _empty((M, weight.shape[0]), x.dtype, x.device)
     u = _empty((M, lora_A.shape[0]), torch.float32, x.device)
     with _one_at_a_time():
         _forward_into(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, u)
-    return y, u
+    K = x.shape[1]  # x is known to be 2-D from here on
+    # Interim: the mask packed from the mask-only kernel; the kernels regenerate it.
+    if dropout_p > 0.0:
+        keep_bits = reference.pack_keep_mask(_keep_mask_bytes(seed, M, K, dropout_p) == 1)
+    else:
+        keep_bits = _empty(keep_bits_shape(M, K, dropout_p), torch.uint8, x.device)
+    return y, u, keep_bits
 
 
-@triton_forward.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    y = x.new_empty(x.shape[0], weight.shape[0])
-    u = x.new_empty(x.shape[0], lora_A.shape[0], dtype=torch.float32)
-    return y, u
+triton_forward.register_fake(forward_fake)
 
 
 @triton_op("lora_kernels::triton_backward", mutates_args=())
@@ -1331,6 +1333,7 @@ def triton_backward(
     dropout_p: float,
     seed: torch.Tensor,
     u: torch.Tensor,
+    keep_bits: torch.Tensor,
     need_grad_x: bool,
     need_grad_lora: bool,
     need_grad_scaling: bool,

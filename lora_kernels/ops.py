@@ -197,5 +197,5 @@ def lora_linear(
         scaling_t = torch.full((), float(scaling), dtype=branch_dtype, device=x.device)
     with torch.autocast(x.device.type, enabled=False):
         forward_op, _ = backends.backend_ops(backends.resolve_backend(x.device.type, backend))
-        y, _ = forward_op(x2d, weight, bias, lora_A, lora_B, scaling_t, p, seed)
+        y, _, _ = forward_op(x2d, weight, bias, lora_A, lora_B, scaling_t, p, seed)
     return y.reshape(*x.shape[:-1], N)

@@ -112,6 +112,40 @@ def dropout_keep_mask(
     return words >= threshold
 
 
+_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def pack_keep_mask(keep: torch.Tensor) -> torch.Tensor:
+    """The keep mask [M, K] (bool) packed one bit per element: uint8 [M, ceil(K/8)].
+
+    Bit k % 8 of byte [m, k // 8] is keep[m, k]; the padding bits of a row's last byte
+    are 0. This is the layout of the forward's `keep_bits` output (docs/backends.md).
+    """
+    if keep.dim() != 2 or keep.dtype != torch.bool:
+        raise ValueError(f"keep must be a 2-D bool tensor, got {keep.dim()}-D {keep.dtype}")
+    M, K = keep.shape
+    padded = torch.zeros(M, (K + 7) // 8 * 8, dtype=torch.uint8, device=keep.device)
+    padded[:, :K] = keep
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=keep.device)
+    return (padded.view(M, (K + 7) // 8, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_keep_mask(keep_bits: torch.Tensor, K: int) -> torch.Tensor:
+    """The keep mask [M, K] (bool) from its packed form (`pack_keep_mask`)."""
+    if keep_bits.dim() != 2 or keep_bits.dtype != torch.uint8:
+        raise ValueError(
+            f"keep_bits must be a 2-D uint8 tensor, got {keep_bits.dim()}-D {keep_bits.dtype}"
+        )
+    if keep_bits.shape[1] != (K + 7) // 8:
+        raise ValueError(
+            f"keep_bits must have ceil(K / 8) = {(K + 7) // 8} columns for K = {K}, "
+            f"got {keep_bits.shape[1]}"
+        )
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=keep_bits.device)
+    bits = (keep_bits.unsqueeze(-1) & weights) != 0
+    return bits.reshape(keep_bits.shape[0], keep_bits.shape[1] * 8)[:, :K]
+
+
 def apply_dropout(x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
     """D(x) = x * keep / (1 - p); identity when `keep` is None."""
     if keep is None:

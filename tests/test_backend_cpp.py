@@ -11,7 +11,7 @@ from helpers import DTYPE_IDS, check_against_reference, make_inputs
 
 import lora_kernels
 from lora_kernels import backend_cpp
-from lora_kernels.reference import dropout_keep_mask, dropout_scale
+from lora_kernels.reference import dropout_keep_mask, dropout_scale, pack_keep_mask
 
 USABLE, REASON = backend_cpp.availability("cpu")
 CUDA_USABLE, CUDA_REASON = backend_cpp.availability("cuda")
@@ -173,18 +173,51 @@ def test_kernels_apply_the_reference_mask(isa, dtype):
     x = torch.ones(M, K, dtype=dtype)
     ops = torch.ops.lora_kernels
     args = (x, torch.zeros(K, K, dtype=dtype), None, eye, eye, scaling, p, seed_t)
-    y, u = ops.cpp_forward(*args)
+    y, u, keep_bits = ops.cpp_forward(*args)
     keep = dropout_keep_mask(seed, M, K, p)
     expected = keep.to(dtype) * dropout_scale(p)
     assert torch.equal(y, expected)
     assert torch.equal(u, keep.to(u.dtype) * dropout_scale(p))
-    grad_x, grad_A, grad_B, _, _ = ops.cpp_backward(
-        torch.ones(M, K, dtype=dtype), x, args[1], eye, eye, scaling, p, seed_t, u,
-        True, True, False, False,
-    )  # fmt: skip
-    assert torch.equal(grad_x, expected)
-    # dA = s G^T D(X) with G = 1: every row of dA is the column sum of the mask.
-    torch.testing.assert_close(grad_A, expected.double().sum(0).expand(K, K).to(dtype))
+    assert torch.equal(keep_bits, pack_keep_mask(keep))
+    # Backward reads the saved bits; given none, it regenerates the mask from the seed.
+    for bits in (keep_bits, torch.empty(0, dtype=torch.uint8)):
+        grad_x, grad_A, grad_B, _, _ = ops.cpp_backward(
+            torch.ones(M, K, dtype=dtype), x, args[1], eye, eye, scaling, p, seed_t, u, bits,
+            True, True, False, False,
+        )  # fmt: skip
+        assert torch.equal(grad_x, expected)
+        # dA = s G^T D(X) with G = 1: every row of dA is the column sum of the mask.
+        torch.testing.assert_close(grad_A, expected.double().sum(0).expand(K, K).to(dtype))
+
+
+def test_backward_applies_the_saved_bits():
+    """The backward's mask is the keep_bits it is given (here the complement of the
+    seed's mask): the CPU steps read the saved bits rather than regenerating them."""
+    M, K, p = 21, 75, 0.4
+    eye = torch.eye(K)
+    scaling = torch.tensor(1.0)
+    seed = torch.tensor(123, dtype=torch.int64)
+    x = torch.ones(M, K)
+    _, u, keep_bits = torch.ops.lora_kernels.cpp_forward(
+        x, torch.zeros(K, K), None, eye, eye, scaling, p, seed
+    )
+    flipped = ~dropout_keep_mask(123, M, K, p)
+    grad_x = torch.ops.lora_kernels.cpp_backward(
+        torch.ones(M, K), x, torch.zeros(K, K), eye, eye, scaling, p, seed, u,
+        pack_keep_mask(flipped), True, False, False, False,
+    )[0]  # fmt: skip
+    assert torch.equal(grad_x, flipped.float() * dropout_scale(p))
+
+
+def test_backward_rejects_bits_of_the_wrong_shape():
+    x, W, b, A, B, s, p, seed = _op_args(torch.float32, 0.1)
+    with torch.no_grad():
+        y, u, keep_bits = torch.ops.lora_kernels.cpp_forward(x, W, b, A, B, s, p, seed)
+    with pytest.raises(RuntimeError, match=r"keep_bits must be a contiguous \[M, ceil\(K / 8\)\]"):
+        torch.ops.lora_kernels.cpp_backward(
+            torch.randn_like(y), x.detach(), W, A.detach(), B.detach(), s.detach(), p, seed,
+            u, keep_bits[:, :-1].contiguous(), True, True, False, False,
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"p{p}")
@@ -238,9 +271,10 @@ def test_opcheck_forward(dtype, p):
 def test_opcheck_backward(flags):
     x, W, b, A, B, s, p, seed = _op_args(torch.float32, 0.1)
     with torch.no_grad():
-        y, u = torch.ops.lora_kernels.cpp_forward(x, W, b, A, B, s, p, seed)
+        y, u, keep_bits = torch.ops.lora_kernels.cpp_forward(x, W, b, A, B, s, p, seed)
     grad_y = torch.randn_like(y)
-    args = (grad_y, x.detach(), W, A.detach(), B.detach(), s.detach(), p, seed, u, *flags)
+    args = (grad_y, x.detach(), W, A.detach(), B.detach(), s.detach(), p, seed, u, keep_bits,
+            *flags)  # fmt: skip
     torch.library.opcheck(torch.ops.lora_kernels.cpp_backward.default, args)
     out = torch.ops.lora_kernels.cpp_backward(*args)
     for needed, grad in zip((flags[0], flags[1], flags[1], flags[2], flags[3]), out, strict=True):

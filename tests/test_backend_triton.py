@@ -252,11 +252,12 @@ def test_shrink_dx_and_da_kernels_use_the_reference_mask(p):
     scale = reference.dropout_scale(p)
     keep = reference.dropout_keep_mask(seed.cpu(), n, n, p)
 
-    _, u = torch.ops.lora_kernels.triton_forward(x, zeros, None, eye, eye, s, p, seed)
+    _, u, keep_bits = torch.ops.lora_kernels.triton_forward(x, zeros, None, eye, eye, s, p, seed)
     assert torch.equal(u.cpu(), keep * scale)
+    assert torch.equal(keep_bits.cpu(), reference.pack_keep_mask(keep.bool()))
 
     grad_x, grad_A, grad_B, _, _ = torch.ops.lora_kernels.triton_backward(
-        eye, x, zeros, x, eye, s, p, seed, u, True, True, False, False
+        eye, x, zeros, x, eye, s, p, seed, u, keep_bits, True, True, False, False
     )
     assert torch.equal(grad_x.cpu(), keep * (0.5 * scale))
     assert torch.equal(grad_A.cpu(), keep * (0.5 * scale))
@@ -299,10 +300,10 @@ def test_directional_derivative_matches_finite_differences_fp32():
 
     def f(values):
         xv, bv, av, bbv, sv = values
-        y, _ = torch.ops.lora_kernels.triton_forward(xv, weight, bv, av, bbv, sv, p, seed)
+        y, _, _ = torch.ops.lora_kernels.triton_forward(xv, weight, bv, av, bbv, sv, p, seed)
         return (grad_y.double() * y.double()).sum()
 
-    y, _ = torch.ops.lora_kernels.triton_forward(x, weight, b, lora_A, lora_B, s, p, seed)
+    y, _, _ = torch.ops.lora_kernels.triton_forward(x, weight, b, lora_A, lora_B, s, p, seed)
     grads = torch.autograd.grad(y, params, grad_y)
     analytic = sum(
         float((gr.double() * d.double()).sum()) for gr, d in zip(grads, direction, strict=True)
@@ -337,11 +338,12 @@ def test_only_requested_gradients_are_computed(frozen):
         assert_close(grad, grad_ref, torch.float32, "grad")
 
     # The op itself returns empty tensors for what was not asked for.
-    _, u = torch.ops.lora_kernels.triton_forward(x, weight, b, lora_A, lora_B, s, p, seed)
+    _, u, bits = torch.ops.lora_kernels.triton_forward(x, weight, b, lora_A, lora_B, s, p, seed)
     need_x, need_lora = x.requires_grad, lora_A.requires_grad
     outs = torch.ops.lora_kernels.triton_backward(
-        grad_y, x, weight, lora_A, lora_B, s.detach(), p, seed, u, need_x, need_lora, False, True
-    )
+        grad_y, x, weight, lora_A, lora_B, s.detach(), p, seed, u, bits, need_x, need_lora,
+        False, True,
+    )  # fmt: skip
     for out, flag in zip(outs, (need_x, need_lora, need_lora, False, True), strict=True):
         assert (out.numel() > 0) == flag
 
@@ -349,11 +351,12 @@ def test_only_requested_gradients_are_computed(frozen):
 def test_float32_adapters_with_bf16_x_keep_their_dtypes():
     x, weight, b, lora_A, lora_B, s = make_inputs(17, 40, 24, 7, torch.bfloat16, torch.float32)
     seed = torch.tensor(3, dtype=torch.int64, device=DEVICE)
-    y, u = torch.ops.lora_kernels.triton_forward(x, weight, b, lora_A, lora_B, s, 0.1, seed)
-    assert (y.dtype, u.dtype) == (torch.bfloat16, torch.float32)
+    y, u, bits = torch.ops.lora_kernels.triton_forward(x, weight, b, lora_A, lora_B, s, 0.1, seed)
+    assert (y.dtype, u.dtype, bits.dtype) == (torch.bfloat16, torch.float32, torch.uint8)
     grads = torch.ops.lora_kernels.triton_backward(
-        torch.ones_like(y), x, weight, lora_A, lora_B, s, 0.1, seed, u, True, True, True, True
-    )
+        torch.ones_like(y), x, weight, lora_A, lora_B, s, 0.1, seed, u, bits,
+        True, True, True, True,
+    )  # fmt: skip
     dtypes = [t.dtype for t in grads]
     assert dtypes == [torch.bfloat16, torch.float32, torch.float32, torch.float32, torch.bfloat16]
     assert grads[0].is_contiguous()
@@ -383,9 +386,9 @@ def test_zero_features_match_reference(K, N):
     x, weight, b, lora_A, lora_B, s = make_inputs(M, K, N, R, torch.float32)
     seed = torch.tensor(5, dtype=torch.int64, device=DEVICE)
     grad_y = torch.randn(M, N, device=DEVICE)
-    y, u = torch.ops.lora_kernels.triton_forward(x, weight, b, lora_A, lora_B, s, p, seed)
+    y, u, bits = torch.ops.lora_kernels.triton_forward(x, weight, b, lora_A, lora_B, s, p, seed)
     grads = torch.ops.lora_kernels.triton_backward(
-        grad_y, x, weight, lora_A, lora_B, s, p, seed, u, True, True, True, True
+        grad_y, x, weight, lora_A, lora_B, s, p, seed, u, bits, True, True, True, True
     )
     if K > 0:
         y_ref, (gx, gb, gA, gB, gs) = run_reference(
@@ -399,9 +402,10 @@ def test_zero_features_match_reference(K, N):
         assert out.shape == ref.shape and torch.allclose(out.double().cpu(), ref)
 
 
-def test_backward_keeps_only_x_u_and_the_seed():
-    """Saved activations are bytes(x) + bytes(U) (+ the 0-dim seed and s); x is the
-    caller's tensor, not a copy; no mask and no upcast x, bf16 x with fp32 adapters."""
+def test_backward_keeps_only_x_u_the_seed_and_the_bits():
+    """Saved activations are bytes(x) + bytes(U) + the 1-bit mask (+ the 0-dim seed and
+    s); x is the caller's tensor, not a copy; no byte mask and no upcast x, bf16 x with
+    fp32 adapters."""
     M, K, N, R = 64, 256, 48, 16
     x, weight, b, lora_A, lora_B, _ = make_inputs(M, K, N, R, torch.bfloat16, torch.float32)
     params = {t.data_ptr() for t in (weight, b, lora_A, lora_B)}
@@ -416,7 +420,10 @@ def test_backward_keeps_only_x_u_and_the_seed():
         y = lora_kernels.lora_linear(x, weight, b, lora_A, lora_B, 2.0, 0.1, backend="triton")
     saved_bytes = sum(t.numel() * t.element_size() for t in saved)
     x_bytes = x.numel() * x.element_size()
-    assert saved_bytes <= x_bytes + M * R * 4 + 8 + 4, [(t.shape, t.dtype) for t in saved]
+    bits_bytes = M * ((K + 7) // 8)  # the packed keep mask, one bit per element
+    assert saved_bytes <= x_bytes + M * R * 4 + bits_bytes + 8 + 4, [
+        (t.shape, t.dtype) for t in saved
+    ]
     assert any(t.data_ptr() == x.data_ptr() and t.dtype == x.dtype for t in saved)
     y.sum().backward()
 
@@ -504,8 +511,9 @@ def test_ops_pass_opcheck_schema_autograd_and_fake_tensor_checks():
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(torch.ops.lora_kernels.triton_forward, args, test_utils=utils)
     x, weight, _, lora_A, lora_B, s, p, seed = args
-    y, u = torch.ops.lora_kernels.triton_forward(*args)
-    back = (torch.ones_like(y), x, weight, lora_A, lora_B, s, p, seed, u, True, True, True, True)
+    y, u, bits = torch.ops.lora_kernels.triton_forward(*args)
+    back = (torch.ones_like(y), x, weight, lora_A, lora_B, s, p, seed, u, bits,
+            True, True, True, True)  # fmt: skip
     torch.library.opcheck(torch.ops.lora_kernels.triton_backward, back, test_utils=utils)
 
 
@@ -609,7 +617,7 @@ def test_64_bit_offsets_beyond_2_to_the_31_elements():
     lora_B = torch.randn(N, R, device=DEVICE, dtype=torch.bfloat16, generator=g)
     s = torch.tensor(0.5, device=DEVICE)
     seed = torch.tensor(11, dtype=torch.int64, device=DEVICE)
-    y, u = torch.ops.lora_kernels.triton_forward(x, weight, None, lora_A, lora_B, s, 0.1, seed)
+    y, u, _ = torch.ops.lora_kernels.triton_forward(x, weight, None, lora_A, lora_B, s, 0.1, seed)
     tail = slice(M - 200, M)  # rows whose offsets pass 2^31
     keep = reference.dropout_keep_mask(11, M, K, 0.1, DEVICE)[tail]
     x_tail = x[tail].double()

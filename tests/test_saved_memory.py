@@ -1,4 +1,5 @@
-"""What backward keeps: x itself, U and the seed; never D(x), a mask or an upcast copy."""
+"""What backward keeps: x itself, U, the seed and the 1-bit packed keep mask; never D(x),
+a byte or bool mask, or an upcast copy."""
 
 import pytest
 import torch
@@ -31,15 +32,22 @@ def test_saved_bytes_are_x_plus_u(backend, p, dtype, lora_dtype):
         exclude=params,
     )
     u_bytes = M * R * 4  # U is kept in float32
+    # With dropout, the keep mask packed one bit per element: uint8 [M, ceil(K / 8)].
+    bits_shape = (M, (K + 7) // 8)
+    bits_bytes = M * ((K + 7) // 8) if p > 0 else 0
     # Two 0-dim scalars ride along: the seed (int64) and the scaling s (float32).
     scalar_bytes = 8 + 4
     x_bytes = x.numel() * x.element_size()
-    assert saved.bytes <= x_bytes + u_bytes + scalar_bytes, saved.describe()
+    assert saved.bytes <= x_bytes + u_bytes + bits_bytes + scalar_bytes, saved.describe()
     # x is kept as the caller's tensor, not a copy.
     assert any(t.data_ptr() == x.data_ptr() for t in saved.tensors), saved.describe()
-    # And the ratio of the design notes: 1.03 x bytes(x) for float32, R=16, K=512.
+    # The mask only in its packed form: no bool or byte mask of M x K elements.
+    masks = [t for t in saved.tensors if t.dtype in (torch.bool, torch.uint8) and t.numel() > 0]
+    assert [tuple(t.shape) for t in masks] == ([bits_shape] if p > 0 else []), saved.describe()
+    # And the ratio of the design notes: 1.03 x bytes(x) for float32, R=16, K=512 (plus
+    # 1/32 for the packed mask).
     if dtype == torch.float32:
-        assert saved.bytes / x_bytes < 1.04
+        assert (saved.bytes - bits_bytes) / x_bytes < 1.04
     y.sum().backward()  # what was saved is enough for backward
 
 
