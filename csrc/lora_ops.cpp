@@ -169,6 +169,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_forward(
       return {linear(steps.fold(weight, B, A, scaling)), at::mm(x2, A.t()), keep_bits};
     }
     at::Tensor u = d.active() ? steps.shrink(x2, lora_A, d) : at::mm(x2, A.t());
+    if (bias.has_value() && steps.expand_write_reduce != nullptr) {
+      // Y = b + s U B^T, written in the one pass over Y that the bias needs anyway (ATen's
+      // addmm broadcasts b into Y before its GEMM), then the GEMM adds X W^T onto it.
+      at::Tensor y = at::empty({M, N}, x.options());
+      steps.expand_write_reduce(y, *bias, u, lora_B.t(), scaling, at::Tensor(), at::Tensor(),
+                                Dropout{0.0, seed});
+      y.addmm_(x2, weight.t());
+      return {y, u, keep_bits};
+    }
     at::Tensor y = linear(weight);
     addmm_scaled_(y, u, B.t(), scaling);
     return {y, u, keep_bits};
@@ -253,11 +262,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
     if (fold) {
       grad_x = at::mm(dy, steps.fold(weight, lora_B, lora_A, scaling));
       if (need_grad_lora) grad_A = steps.expand_reduce(at::Tensor(), g, lora_A, scaling, x2, g, d);
-    } else if (fast && steps.expand_new_reduce != nullptr) {
+    } else if (fast && steps.expand_write_reduce != nullptr) {
       // dX = s D(G A) written once (sharing the mask with dA's pass over X), then the
       // GEMM accumulates dY W onto it.
-      std::tie(grad_x, grad_A) =
-          steps.expand_new_reduce(x2, g, lora_A, scaling, need_grad_lora ? g : at::Tensor(), d);
+      grad_x = at::empty({M, K}, x.options());
+      grad_A = steps.expand_write_reduce(grad_x, at::Tensor(), g, lora_A, scaling, x2,
+                                         need_grad_lora ? g : at::Tensor(), d);
       grad_x.addmm_(dy, weight);
     } else {
       grad_x = at::mm(dy, weight);
@@ -360,10 +370,12 @@ at::Tensor cpu_shrink(const at::Tensor& x, const at::Tensor& a, const Dropout& d
   return std::get<0>(cpu_shrink_reduce(x, a, at::Tensor(), d));
 }
 
-// The expand / reduce pass; `overwrite`: out = s D(g a) without reading out.
-at::Tensor cpu_expand_reduce_impl(const at::Tensor& out, bool overwrite, const at::Tensor& g,
-                                  const at::Tensor& a, const at::Tensor& scaling,
-                                  const at::Tensor& x, const at::Tensor& g2, const Dropout& d) {
+// The expand / reduce pass. `row` undefined: out += s D(g a) in place, or, with
+// `write`, out = s D(g a) without reading out; `row` defined ([K]): out = row + s D(g a).
+at::Tensor cpu_expand_reduce_impl(const at::Tensor& out, bool write, const at::Tensor& row,
+                                  const at::Tensor& g, const at::Tensor& a,
+                                  const at::Tensor& scaling, const at::Tensor& x,
+                                  const at::Tensor& g2, const Dropout& d) {
   const at::Tensor& ref = out.defined() ? out : x;
   const int64_t M = ref.size(0), K = ref.size(1);
   const auto acc = acc_dtype(ref.scalar_type());
@@ -372,7 +384,7 @@ at::Tensor cpu_expand_reduce_impl(const at::Tensor& out, bool overwrite, const a
   args.dtype = cpu_dtype(ref.scalar_type());
   args.M = M;
   args.K = K;
-  at::Tensor a_packed, g_acc, s_acc, g2_acc, sums;
+  at::Tensor a_packed, g_acc, s_acc, g2_acc, sums, row_c;
   if (out.defined()) {
     const int64_t R = g.size(1);
     const int64_t Kp = round_up(K, cpu::kPadK);
@@ -388,7 +400,13 @@ at::Tensor cpu_expand_reduce_impl(const at::Tensor& out, bool overwrite, const a
     args.lda = Kp;
     args.R = R;
     args.s = s_acc.data_ptr();
-    args.overwrite = overwrite;
+    if (row.defined()) {
+      row_c = row.contiguous();
+      args.in = row_c.data_ptr();
+      args.ldi = 0;  // the same row for every m
+    } else {
+      args.overwrite = write;
+    }
   }
   if (x.defined() && g2.defined()) {
     const int64_t R2 = g2.size(1);
@@ -415,16 +433,14 @@ at::Tensor cpu_expand_reduce_impl(const at::Tensor& out, bool overwrite, const a
 at::Tensor cpu_expand_reduce(const at::Tensor& out, const at::Tensor& g, const at::Tensor& a,
                              const at::Tensor& scaling, const at::Tensor& x, const at::Tensor& g2,
                              const Dropout& d) {
-  return cpu_expand_reduce_impl(out, /*overwrite=*/false, g, a, scaling, x, g2, d);
+  return cpu_expand_reduce_impl(out, /*write=*/false, at::Tensor(), g, a, scaling, x, g2, d);
 }
 
-std::tuple<at::Tensor, at::Tensor> cpu_expand_new_reduce(const at::Tensor& x, const at::Tensor& g,
-                                                         const at::Tensor& a,
-                                                         const at::Tensor& scaling,
-                                                         const at::Tensor& g2, const Dropout& d) {
-  at::Tensor out = at::empty({x.size(0), x.size(1)}, x.options());
-  at::Tensor sums = cpu_expand_reduce_impl(out, /*overwrite=*/true, g, a, scaling, x, g2, d);
-  return {out, sums};
+at::Tensor cpu_expand_write_reduce(const at::Tensor& out, const at::Tensor& row,
+                                   const at::Tensor& g, const at::Tensor& a,
+                                   const at::Tensor& scaling, const at::Tensor& x,
+                                   const at::Tensor& g2, const Dropout& d) {
+  return cpu_expand_reduce_impl(out, /*write=*/true, row, g, a, scaling, x, g2, d);
 }
 
 at::Tensor cpu_dot(const at::Tensor& a, const at::Tensor& b) {
@@ -467,7 +483,7 @@ at::Tensor cpu_fold(const at::Tensor& weight, const at::Tensor& B, const at::Ten
 }
 
 const Steps kCpuSteps{&cpu_shrink,    &cpu_expand_reduce,    &cpu_dot,
-                      &cpu_fold,      &cpu_shrink_reduce,    &cpu_expand_new_reduce};
+                      &cpu_fold,      &cpu_shrink_reduce,    &cpu_expand_write_reduce};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_forward(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,

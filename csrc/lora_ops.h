@@ -43,14 +43,15 @@ struct Steps {
   std::tuple<at::Tensor, at::Tensor> (*shrink_reduce)(const at::Tensor& x, const at::Tensor& a,
                                                       const at::Tensor& g2,
                                                       const Dropout& d) = nullptr;
-  // One pass over [M, K]: {out = scaling * D(g a), a new tensor shaped like x, and, when
-  // g2 is defined, sums = g2^T D(x)}. A GEMM then accumulates onto out (beta = 1), so the
-  // LoRA term costs no read-modify-write pass of its own.
-  std::tuple<at::Tensor, at::Tensor> (*expand_new_reduce)(const at::Tensor& x, const at::Tensor& g,
-                                                          const at::Tensor& a,
-                                                          const at::Tensor& scaling,
-                                                          const at::Tensor& g2,
-                                                          const Dropout& d) = nullptr;
+  // One pass over out [M, K] that writes it without reading it:
+  //   out = row + scaling * D(g a)   (row [K] broadcast over the rows, or undefined: 0)
+  // and, when x and g2 are defined, returns sums = g2^T D(x) (else undefined). A GEMM
+  // then accumulates onto out (beta = 1), so the LoRA term (and the bias) cost no
+  // read-modify-write pass of their own.
+  at::Tensor (*expand_write_reduce)(const at::Tensor& out, const at::Tensor& row,
+                                    const at::Tensor& g, const at::Tensor& a,
+                                    const at::Tensor& scaling, const at::Tensor& x,
+                                    const at::Tensor& g2, const Dropout& d) = nullptr;
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_forward(const at::Tensor& x,
