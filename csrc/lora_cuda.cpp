@@ -51,16 +51,15 @@ at::Tensor cuda_shrink(const at::Tensor& x, const at::Tensor& a, const Dropout& 
   const auto acc = acc_dtype(x.scalar_type());
   at::Tensor u = at::empty({M, R}, x.options().dtype(acc));
   const at::Tensor a_acc = a.to(acc).contiguous();
-  C10_CUDA_CHECK(cuda::launch_shrink(cuda_dtype(x.scalar_type()), M, K, R, x.data_ptr(),
-                                     x.stride(0), a_acc.data_ptr(), u.data_ptr(), device_mask(d),
-                                     at::cuda::getCurrentCUDAStream()));
-  if (d.active() && d.keep_bits.defined()) {
-    // The packed mask for the forward's keep_bits output, by its own kernel; the CUDA
-    // backward steps regenerate the mask from the seed instead of reading it.
-    C10_CUDA_CHECK(cuda::launch_keep_bits(d.keep_bits.data_ptr<uint8_t>(), d.keep_bits.stride(0),
-                                          M, K, device_mask(d),
-                                          at::cuda::getCurrentCUDAStream()));
+  // The shrink generates the mask and, for the forward's keep_bits, packs it.
+  cuda::DeviceMask mask = device_mask(d);
+  if (mask.active && d.keep_bits.defined()) {
+    mask.bits_out = d.keep_bits.data_ptr<uint8_t>();
+    mask.ldbits = d.keep_bits.stride(0);
   }
+  C10_CUDA_CHECK(cuda::launch_shrink(cuda_dtype(x.scalar_type()), M, K, R, x.data_ptr(),
+                                     x.stride(0), a_acc.data_ptr(), u.data_ptr(), mask,
+                                     at::cuda::getCurrentCUDAStream()));
   return u;
 }
 
@@ -73,7 +72,12 @@ at::Tensor cuda_expand_reduce(const at::Tensor& out, const at::Tensor& g, const 
   const auto dtype = cuda_dtype(ref.scalar_type());
   const auto acc = acc_dtype(ref.scalar_type());
   const auto opts = ref.options().dtype(acc);
-  const cuda::DeviceMask mask = device_mask(d);
+  cuda::DeviceMask mask = device_mask(d);
+  if (mask.active && d.keep_bits.defined()) {
+    // The forward's packed mask: read, not generated again.
+    mask.bits = d.keep_bits.data_ptr<uint8_t>();
+    mask.ldbits = d.keep_bits.stride(0);
+  }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (out.defined() && g.size(1) > 0) {
     const int64_t R = g.size(1);

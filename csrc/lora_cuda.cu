@@ -8,9 +8,8 @@
 //   reduce_kernel   S = G2^T D(X)       a thread per four columns x kReduceRanks ranks,
 //                                       rows in fixed chunks, chunks summed in order
 //   keep_mask_kernel                    the mask itself, for tests
-//   keep_bits_kernel                    the mask packed one bit per element, saved by
-//                                       the forward for backward (which, here,
-//                                       regenerates it from the seed all the same)
+// The shrink writes the mask packed one bit per element (keep_bits) as it generates it;
+// the backward kernels read those bits instead of running Philox again.
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -34,11 +33,13 @@ struct MaskState {
   bool active;
   uint32_t seed_lo, seed_hi, threshold;
   float scale;
+  const uint8_t* bits;
+  int64_t ldbits;
 };
 
 __device__ __forceinline__ MaskState load_mask(const DeviceMask& mask) {
-  MaskState ms{mask.active, 0u, 0u, mask.threshold, mask.scale};
-  if (mask.active) {
+  MaskState ms{mask.active, 0u, 0u, mask.threshold, mask.scale, mask.bits, mask.ldbits};
+  if (mask.active && mask.bits == nullptr) {
     const uint64_t seed = static_cast<uint64_t>(*mask.seed);
     ms.seed_lo = static_cast<uint32_t>(seed);
     ms.seed_hi = static_cast<uint32_t>(seed >> 32);
@@ -51,6 +52,13 @@ __device__ __forceinline__ void group_factors(const MaskState& ms, int64_t m, in
                                               int64_t gpr, float f[4]) {
   if (!ms.active) {
     f[0] = f[1] = f[2] = f[3] = 1.0f;
+    return;
+  }
+  if (ms.bits != nullptr) {
+    // The saved mask: group g is the low (even g) or high (odd g) nibble of a byte.
+    const unsigned nibble = ms.bits[m * ms.ldbits + g / 2] >> (4 * (g & 1));
+#pragma unroll
+    for (int j = 0; j < 4; ++j) f[j] = (nibble >> j) & 1u ? ms.scale : 0.0f;
     return;
   }
   const Philox4 w = keep_words(ms.seed_lo, ms.seed_hi, m, g, gpr);
@@ -90,11 +98,20 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t m = m0 + i, k = k0 + 4 * gl;
       float f[4] = {1.0f, 1.0f, 1.0f, 1.0f};
       if (m < M && k < K) group_factors(ms, m, k / 4, gpr, f);
+      unsigned nibble = 0;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const bool valid = m < M && k + j < K;
         d[i * kChunk + 4 * gl + j] = valid ? dropout_elem<acc>(to_acc(x[m * ldx + k + j]), f[j])
                                            : acc(0);
+        if (valid && f[j] != 0.0f) nibble |= 1u << j;
+      }
+      if (mask.bits_out != nullptr && mask.active) {
+        // Two neighbouring groups (lanes 2i and 2i + 1: kGroups and kThreads are even)
+        // make one byte of the packed mask; the even one writes it.
+        const unsigned high = __shfl_xor_sync(0xffffffffu, nibble, 1);
+        if ((gl & 1) == 0 && m < M && k < K)
+          mask.bits_out[m * mask.ldbits + k / 8] = static_cast<uint8_t>(nibble | (high << 4));
       }
     }
     __syncthreads();
@@ -231,31 +248,6 @@ __global__ void __launch_bounds__(kThreads)
     if (4 * g + j < K) keep[m * K + 4 * g + j] = f[j] != 0.0f ? 1 : 0;
 }
 
-// The packed mask: a thread per byte (two Philox groups, eight elements) of
-// bits [M, ldbits], bit k % 8 of byte [m, k / 8] for keep[m, k], padding bits 0.
-__global__ void __launch_bounds__(kThreads)
-    keep_bits_kernel(uint8_t* __restrict__ bits, int64_t ldbits, int64_t M, int64_t K,
-                     DeviceMask mask) {
-  const int64_t gpr = groups_per_row(K);
-  const int64_t bytes_per_row = ceil_div(K, 8);
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (e >= M * bytes_per_row) return;
-  const int64_t m = e / bytes_per_row, b = e % bytes_per_row;
-  const MaskState ms = load_mask(mask);
-  unsigned v = 0;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int64_t g = 2 * b + half;
-    if (4 * g >= K) break;
-    float f[4];
-    group_factors(ms, m, g, gpr, f);
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-      if (4 * g + j < K && f[j] != 0.0f) v |= 1u << (4 * half + j);
-  }
-  bits[m * ldbits + b] = static_cast<uint8_t>(v);
-}
-
 int64_t reduce_chunks(int64_t M) { return ceil_div(M, kReduceRows); }
 
 template <class T>
@@ -371,15 +363,6 @@ cudaError_t launch_keep_mask(uint8_t* keep, int64_t M, int64_t K, DeviceMask mas
   if (n <= 0) return cudaSuccess;
   keep_mask_kernel<<<static_cast<unsigned>(ceil_div(n, kThreads)), kThreads, 0, stream>>>(
       keep, M, K, mask);
-  return cudaGetLastError();
-}
-
-cudaError_t launch_keep_bits(uint8_t* bits, int64_t ldbits, int64_t M, int64_t K,
-                             DeviceMask mask, cudaStream_t stream) {
-  const int64_t n = M * ceil_div(K, 8);
-  if (n <= 0) return cudaSuccess;
-  keep_bits_kernel<<<static_cast<unsigned>(ceil_div(n, kThreads)), kThreads, 0, stream>>>(
-      bits, ldbits, M, K, mask);
   return cudaGetLastError();
 }
 

@@ -16,12 +16,18 @@ namespace cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
-// The dropout keep mask (lora_kernels.reference.dropout_keep_mask).
+// The dropout keep mask (lora_kernels.reference.dropout_keep_mask), and its packed
+// form (docs/backends.md, keep_bits: bit k % 8 of byte [m, k / 8], row stride ldbits):
+// the shrink writes it to bits_out where given, the other kernels read it from bits
+// where given instead of generating the mask from the seed.
 struct DeviceMask {
   bool active;          // false: no dropout (every factor is 1)
   const int64_t* seed;  // device pointer to the 63-bit seed; read only when active
   uint32_t threshold;   // floor(p * 2^32)
   float scale;          // float32(1 / (1 - p))
+  const uint8_t* bits = nullptr;
+  uint8_t* bits_out = nullptr;
+  int64_t ldbits = 0;
 };
 
 // The largest rank the shrink kernel takes (its per-row partial sums live in shared
@@ -54,11 +60,6 @@ cudaError_t launch_reduce(DType dtype, int64_t M, int64_t K, int64_t R2, const v
 // keep[m, k] in {0, 1}, [M, K] row-major bytes.
 cudaError_t launch_keep_mask(uint8_t* keep, int64_t M, int64_t K, DeviceMask mask,
                              cudaStream_t stream);
-
-// bits[m, k / 8] bit k % 8 = keep[m, k], [M, ldbits] bytes (ldbits >= ceil(K / 8)),
-// padding bits 0: the packed mask of docs/backends.md (keep_bits).
-cudaError_t launch_keep_bits(uint8_t* bits, int64_t ldbits, int64_t M, int64_t K,
-                             DeviceMask mask, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lora
