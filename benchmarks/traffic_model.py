@@ -7,7 +7,9 @@ the roofline sum over passes, sum(max(flops / rate, bytes / bandwidth)), with th
 datasheet rates of a device below. It is a lower bound that ignores launch gaps and
 GEMM efficiency; its use is the ratio between providers of the same shape, and the
 byte count of each design. Philox integer work is added to the compute time of the
-pass that generates the mask, not overlapped with its tensor-core work (conservative).
+pass that generates the mask, not overlapped with its tensor-core work (conservative);
+the fused and C++ designs generate it once, in the forward shrink, and keep it packed
+one bit per element for backward.
 
 Notation as in the design notes: X [M, K], W [N, K], A [R, K], B [N, R], U [M, R].
 `e` is bytes per element of X and W, `a` of the adapters (float32 by default, as
@@ -134,13 +136,26 @@ def unsloth_passes(mode, M, K, N, R, p, dtype, adapter_dtype, bias):
     return _by_mode(mode, fwd, bwd)
 
 
+def _bits_bytes(M, K, p):
+    """The keep mask packed one bit per element (keep_bits), with dropout."""
+    return M * ((K + 7) // 8) if p > 0 else 0
+
+
 def fused_passes(mode, M, K, N, R, p, dtype, adapter_dtype, bias):
-    """The fused Triton design (design notes): 2 launches forward, 3 backward."""
+    """The fused Triton design (design notes): 2 launches forward, 3 backward. The
+    shrink generates the mask and writes it packed (keep_bits); dX and dA read it."""
     e, a = _nbytes(dtype), _nbytes(adapter_dtype)
     mask = _philox_ops(M, K) if p > 0 else 0.0
+    bits = _bits_bytes(M, K, p)
     mk, mn, mr = M * K, M * N, M * R
     fwd = [
-        Pass("shrink U = D(X) A^T", 2.0 * mk * R, e * mk + a * R * K + 4 * mr, dtype, mask),
+        Pass(
+            "shrink U = D(X) A^T, keep_bits",
+            2.0 * mk * R,
+            e * mk + a * R * K + 4 * mr + bits,
+            dtype,
+            mask,
+        ),
         Pass(
             "Y = X W^T + b + s U B^T",
             2.0 * mn * K + 2.0 * mn * R,
@@ -153,22 +168,29 @@ def fused_passes(mode, M, K, N, R, p, dtype, adapter_dtype, bias):
         Pass(
             "dX = dY W + s D(G A)",
             2.0 * mk * N + 2.0 * mk * R,
-            e * (mn + N * K + mk) + 4 * mr + a * R * K,
+            e * (mn + N * K + mk) + 4 * mr + a * R * K + bits,
             dtype,
-            mask,
         ),
-        Pass("dA = s G^T D(X)", 2.0 * mk * R, 4 * mr + e * mk + a * R * K, dtype, mask),
+        Pass("dA = s G^T D(X)", 2.0 * mk * R, 4 * mr + e * mk + a * R * K + bits, dtype),
     ]
     return _by_mode(mode, fwd, bwd)
 
 
 def cpp_passes(mode, M, K, N, R, p, dtype, adapter_dtype, bias):
-    """The C++ design (issue 4): ATen GEMMs with addmm_ accumulation + masked LoRA kernels."""
+    """The C++ design (issue 4): ATen GEMMs with addmm_ accumulation + masked LoRA kernels;
+    the shrink writes keep_bits, the masked backward kernels read them."""
     e, a = _nbytes(dtype), _nbytes(adapter_dtype)
     mask = _philox_ops(M, K) if p > 0 else 0.0
+    bits = _bits_bytes(M, K, p)
     mk, mr = M * K, M * R
     fwd = [
-        Pass("shrink U = D(X) A^T", 2.0 * mk * R, e * mk + a * R * K + 4 * mr, dtype, mask),
+        Pass(
+            "shrink U = D(X) A^T, keep_bits",
+            2.0 * mk * R,
+            e * mk + a * R * K + 4 * mr + bits,
+            dtype,
+            mask,
+        ),
         _gemm("Y = X W^T (+b)", M, N, K, dtype, extra_bytes=e * N if bias else 0),
         _gemm("Y += s U B^T (addmm_)", M, N, R, dtype, read_out=True),
     ]
@@ -176,8 +198,8 @@ def cpp_passes(mode, M, K, N, R, p, dtype, adapter_dtype, bias):
         _gemm("G = dY B", M, R, N, dtype),
         _gemm("dB = s dY^T U", N, R, M, dtype),
         _gemm("dX = dY W", M, K, N, dtype),
-        Pass("dX += s D(G A)", 2.0 * mk * R, 2 * e * mk + 4 * mr + a * R * K, dtype, mask),
-        Pass("dA = s G^T D(X)", 2.0 * mk * R, 4 * mr + e * mk + a * R * K, dtype, mask),
+        Pass("dX += s D(G A)", 2.0 * mk * R, 2 * e * mk + 4 * mr + a * R * K + bits, dtype),
+        Pass("dA = s G^T D(X)", 2.0 * mk * R, 4 * mr + e * mk + a * R * K + bits, dtype),
     ]
     return _by_mode(mode, fwd, bwd)
 
