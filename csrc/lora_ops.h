@@ -38,6 +38,9 @@ struct Steps {
   // W + s B A [N, K] in W's dtype (float32/float64): the LoRA update folded into W.
   at::Tensor (*fold)(const at::Tensor& weight, const at::Tensor& B, const at::Tensor& A,
                      const at::Tensor& scaling);
+  // U = x A^T without dropout through the shrink step rather than a BLAS GEMM (where the
+  // step is the faster of the two for a rank-R product).
+  bool shrink_without_dropout = false;
   // Optional fused forms; nullptr: the orchestration composes the steps above instead.
   // One pass over x: {U = D(x) a^T [M, R], sums = g2^T D(x) [R2, K]}.
   std::tuple<at::Tensor, at::Tensor> (*shrink_reduce)(const at::Tensor& x, const at::Tensor& a,
