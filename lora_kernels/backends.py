@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import warnings
 
 import torch
@@ -63,6 +64,19 @@ def _serves(name: str, device_type: str) -> bool:
     return _module(name).serves(name, device_type)
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def _caller_stacklevel() -> int:
+    """The `stacklevel` of the first frame outside lora_kernels and torch (the user's
+    call, whether through lora_linear, LoRALinear or a patched peft layer)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE_DIR, _TORCH_DIR)):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 @torch.compiler.assume_constant_result
 def resolve_backend(device_type: str, requested: str | None = None) -> str:
     """The backend name that runs tensors of `device_type`.
@@ -100,7 +114,7 @@ def resolve_backend(device_type: str, requested: str | None = None) -> str:
                 warnings.warn(
                     f"lora_kernels: using the {name!r} backend for {device_type} tensors; "
                     + "; ".join(skipped),
-                    stacklevel=3,
+                    stacklevel=_caller_stacklevel(),
                 )
             backend_ops(name)
             return name

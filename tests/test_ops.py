@@ -279,3 +279,25 @@ def test_autocast_accepts_a_bf16_input_from_an_earlier_autocast_layer():
         + model[2].scaling * (torch.relu(model[0](x)) @ model[2].lora_A.t()) @ model[2].lora_B.t()
     )
     assert (y.float() - expected).norm() / expected.norm() < 2e-2
+
+
+@pytest.mark.parametrize("through", ["lora_linear", "LoRALinear"])
+def test_fallback_warning_points_at_the_callers_line(monkeypatch, through):
+    """With the preferred CPU backend unusable, the automatic choice warns once, and the
+    warning names the user's file, not a line inside lora_kernels or torch."""
+    real = backends.availability
+    monkeypatch.setattr(
+        backends,
+        "availability",
+        lambda name: (False, "made unusable by the test") if name == "cpu" else real(name),
+    )
+    monkeypatch.setattr(backends, "_warned_fallback", set())
+    layer = lora_kernels.LoRALinear(torch.nn.Linear(6, 5), rank=2)
+    x = torch.randn(3, 6)
+    with pytest.warns(UserWarning, match="'cpu' is not usable") as record:
+        if through == "lora_linear":
+            lora_kernels.lora_linear(x, layer.original_linear.weight, None, layer.lora_A,
+                                     layer.lora_B, 1.0, 0.0)  # fmt: skip
+        else:
+            layer(x)
+    assert [w.filename for w in record] == [__file__]
