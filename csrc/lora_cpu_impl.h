@@ -37,7 +37,8 @@ namespace cpu {
 namespace LORA_CPU_NS {
 namespace {
 
-// Columns per task block: a multiple of kPadK (so of every tile width) and of 4.
+// Columns per block: a multiple of kPadK (so of every tile width), of 4 and of 8 (a
+// block's packed mask starts on a byte).
 constexpr int64_t kChunk = 256;
 
 // One native vector register: 64 bytes with AVX-512, 32 with AVX2, 16 otherwise.

@@ -1,23 +1,29 @@
 // The lora_kernels::cpp_* ops: schemas, argument checks, the forward/backward
-// orchestration (ATen GEMMs with in-place accumulation plus the custom steps), and the
-// CPU implementation. The CUDA implementation (lora_cuda.cpp) reuses the orchestration
-// with its own steps.
+// orchestration (ATen GEMMs accumulating onto what the custom steps wrote, plus the
+// custom steps), and the CPU implementation. The CUDA implementation (lora_cuda.cpp)
+// reuses the orchestration with its own steps (it has no optional fused steps, so it
+// takes the composed forms marked "else" below).
 //
 // Forward (T = x's dtype; float32 and float64 take the ATen path, bfloat16 and float16
 // the fp32-accumulating custom kernels for everything but the base GEMM):
-//   U = D(X) A^T              custom masked shrink (ATen mm when p == 0, float32/64)
-//   Y = X W^T + b             ATen addmm
-//   Y += U (s B)^T            ATen addmm_(beta=1), s on the small operand; custom expand
-//                             for 16-bit T
+//   U = D(X) A^T              custom masked shrink; it packs the keep mask it generates
+//                             into keep_bits, the third output, saved for backward
+//                             (CUDA, p == 0: ATen mm)
+//   Y = b + U (s B)^T         custom expand writing Y (the pass ATen's addmm would spend
+//                             broadcasting b), then
+//   Y += X W^T                ATen addmm_ (beta = 1)
+//     else Y = X W^T + b, Y += U (s B)^T (ATen addmm, addmm_; custom expand for 16-bit T)
 // With p == 0 and M >= N, K the LoRA term folds into the weight instead:
 //   Y = X (W + s B A)^T + b   (one GEMM; W + s B A one pass of the custom expand)
 //
-// Backward:
-//   G = dY B                  ATen mm (custom shrink for 16-bit T)
-//   dX = dY W                 ATen mm (dY (W + s B A) when folded, p == 0)
-//   dX += s D(G A)            custom masked expand, in place, fused with
-//   dA = s G^T D(X)           the custom reduce over rows (same mask, one pass over X)
-//   [dB^T; db] = [U 1]^T dY   custom reduce over rows (one pass over dY)
+// Backward (the keep mask read from keep_bits, never generated again):
+//   G = dY B and              one custom pass over dY (shrink + reduce)
+//   [dB^T; db] = [U 1]^T dY     else ATen mm for G, a custom reduce for the sums
+//   dX = s D(G A)             custom masked expand writing dX, sharing the mask and the
+//   dA = s G^T D(X)           pass with the custom reduce over the rows of X, then
+//   dX += dY W                ATen addmm_ (beta = 1)
+//     else dX = dY W, then dX += s D(G A) in place (16-bit T: rounded once)
+//   (p == 0 and folded: dX = dY (W + s B A), dA by the custom reduce alone)
 //   ds = sum(G * U)
 // The reductions over rows run in an order fixed by the shapes, so CPU results do not
 // depend on the number of threads.
