@@ -132,6 +132,38 @@ def _keep_mask(seed, threshold, o_m, k_start, K, BLOCK_M: tl.constexpr, BLOCK_K:
 
 
 @triton.jit
+def _store_bits(
+    keep_bits, keep, o_m, m_m, k_start, K, s_km, s_kb, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
+):
+    """Write keep [BLOCK_M, BLOCK_K] (bool, False beyond column K) of rows o_m (int64) and
+    columns k_start + arange(BLOCK_K) packed into keep_bits [M, ceil(K/8)] uint8.
+
+    Bit i of byte j is column 8 j + i (`reference.pack_keep_mask`); k_start is a multiple
+    of 8 and BLOCK_K of 8, so the tile owns its BLOCK_K // 8 bytes of each row.
+    """
+    o_b = k_start // 8 + tl.arange(0, BLOCK_K // 8).to(tl.int64)
+    b_keep = tl.reshape(keep.to(tl.int32), (BLOCK_M, BLOCK_K // 8, 8))
+    b_bits = tl.sum(b_keep << tl.arange(0, 8)[None, None, :], axis=2)  # [BM, BK/8]
+    p_bits = keep_bits + o_m[:, None] * s_km + o_b[None, :] * s_kb
+    m_bits = m_m[:, None] & (o_b < (K + 7) // 8)[None, :]
+    tl.store(p_bits, b_bits.to(tl.uint8), mask=m_bits)
+
+
+@triton.jit
+def _load_keep(
+    keep_bits, o_m, m_m, k_start, K, s_km, s_kb, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
+):
+    """keep [BLOCK_M, BLOCK_K] (bool) of rows o_m (int64) and columns k_start +
+    arange(BLOCK_K), read from keep_bits [M, ceil(K/8)] uint8 (layout of `_store_bits`)."""
+    o_b = k_start // 8 + tl.arange(0, BLOCK_K // 8).to(tl.int64)
+    p_bits = keep_bits + o_m[:, None] * s_km + o_b[None, :] * s_kb
+    m_bits = m_m[:, None] & (o_b < (K + 7) // 8)[None, :]
+    b_bits = tl.load(p_bits, mask=m_bits, other=0).to(tl.int32)  # [BM, BK/8]
+    b_keep = (b_bits[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1  # [BM, BK/8, 8]
+    return tl.reshape(b_keep, (BLOCK_M, BLOCK_K)) != 0
+
+
+@triton.jit
 def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     """(i_m, i_n) of program `pid` in the grouped order of Triton's matmul tutorial."""
     num_pid_in_group = GROUP_M * num_pid_n
@@ -148,6 +180,7 @@ def _lora_shrink_kernel(
     x,
     a,
     u,
+    keep_bits,
     seed,
     M,
     K,
@@ -158,6 +191,8 @@ def _lora_shrink_kernel(
     s_ak,
     s_um,
     s_ur,
+    s_km,
+    s_kb,
     threshold,
     dropout_scale,
     HAS_DROPOUT: tl.constexpr,
@@ -166,7 +201,8 @@ def _lora_shrink_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """U [M, R] (fp32) = D(X) A^T for X [M, K], A [R, K]; keep mask from the seed."""
+    """U [M, R] (fp32) = D(X) A^T for X [M, K], A [R, K], keep mask from the seed; with
+    dropout also keep_bits [M, ceil(K/8)] uint8, the mask packed one bit per element."""
     i_m = tl.program_id(0).to(tl.int64)
     i_r = tl.program_id(1).to(tl.int64)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -176,6 +212,9 @@ def _lora_shrink_kernel(
     if HAS_DROPOUT:
         b_seed = tl.load(seed)
         b_threshold = threshold.to(tl.uint32, bitcast=True)
+        # The programs of an M-tile's R-split make the same mask: the first writes its bits.
+        # (A compare: Triton 3.9's interpreter rejects the store mask m_m & (i_r == 0).)
+        m_bits = o_m < tl.where(i_r == 0, M, 0)
 
     b_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -186,8 +225,10 @@ def _lora_shrink_kernel(
         b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
         b_a = tl.load(p_a, mask=m_k[:, None] & m_r[None, :], other=0.0)  # [BK, BR]
         if HAS_DROPOUT:
-            b_keep = _keep_mask(b_seed, b_threshold, o_m, k0, K, BLOCK_M, BLOCK_K)
+            # Columns beyond K: padding bits, 0.
+            b_keep = _keep_mask(b_seed, b_threshold, o_m, k0, K, BLOCK_M, BLOCK_K) & m_k[None, :]
             b_x = tl.where(b_keep, b_x, 0.0)
+            _store_bits(keep_bits, b_keep, o_m, m_bits, k0, K, s_km, s_kb, BLOCK_M, BLOCK_K)
         b_acc = _dot(b_x, _cast(b_a, b_x.dtype), b_acc, INPUT_PRECISION)
     if HAS_DROPOUT:
         b_acc = b_acc * dropout_scale
@@ -346,7 +387,7 @@ def _lora_bwd_dy_kernel(
         tl.store(ds_part + i_prog, tl.sum(b_g * b_u))
 
 
-@triton.jit(do_not_specialize=["threshold"])
+@triton.jit
 def _lora_bwd_dx_kernel(
     dy,
     w,
@@ -354,7 +395,7 @@ def _lora_bwd_dx_kernel(
     a,
     dx,
     scaling,
-    seed,
+    keep_bits,
     M,
     N,
     K,
@@ -369,7 +410,8 @@ def _lora_bwd_dx_kernel(
     s_ak,
     s_dxm,
     s_dxk,
-    threshold,
+    s_km,
+    s_kb,
     dropout_scale,
     HAS_DROPOUT: tl.constexpr,
     RANK_TF32: tl.constexpr,
@@ -380,7 +422,8 @@ def _lora_bwd_dx_kernel(
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """dX [M, K] = s D(G A) + dY W for G [M, R] fp32, A [R, K], dY [M, N], W [N, K].
+    """dX [M, K] = s D(G A) + dY W for G [M, R] fp32, A [R, K], dY [M, N], W [N, K], the
+    keep mask read from keep_bits [M, ceil(K/8)] uint8 (one bit per element).
 
     The masked LoRA term fills the accumulator first (the mask applies to it alone),
     then the N loop adds dY W; dX is written once.
@@ -405,8 +448,7 @@ def _lora_bwd_dx_kernel(
         b_acc = _lora_dot(b_g, b_a, b_acc, dtype, RANK_TF32, INPUT_PRECISION)
     b_acc = b_acc * tl.load(scaling)
     if HAS_DROPOUT:
-        b_threshold = threshold.to(tl.uint32, bitcast=True)
-        b_keep = _keep_mask(tl.load(seed), b_threshold, o_m, i_k * BLOCK_K, K, BLOCK_M, BLOCK_K)
+        b_keep = _load_keep(keep_bits, o_m, m_m, i_k * BLOCK_K, K, s_km, s_kb, BLOCK_M, BLOCK_K)
         b_acc = tl.where(b_keep, b_acc * dropout_scale, 0.0)
 
     # + dY W
@@ -423,12 +465,12 @@ def _lora_bwd_dx_kernel(
     tl.store(p_dx, _cast(b_acc, dx.dtype.element_ty), mask=m_m[:, None] & m_k[None, :])
 
 
-@triton.jit(do_not_specialize=["threshold"])
+@triton.jit
 def _lora_bwd_tn_kernel(
     lhs,
     rhs,
     c_part,
-    seed,
+    keep_bits,
     M,
     P,
     Q,
@@ -437,7 +479,8 @@ def _lora_bwd_tn_kernel(
     s_lp,
     s_rm,
     s_rq,
-    threshold,
+    s_km,
+    s_kb,
     HAS_DROPOUT: tl.constexpr,
     DOT_LHS_DTYPE: tl.constexpr,
     RANK_TF32: tl.constexpr,
@@ -448,9 +491,10 @@ def _lora_bwd_tn_kernel(
 ):
     """c_part[i_s] [P, Q] (fp32) = L^T keep(Rhs) over rows i_s * M_CHUNK .. + M_CHUNK.
 
-    L [M, P], Rhs [M, Q]; the keep mask is that of an [M, Q] input (dA: L = G, Rhs = X,
-    Q = K). Operands meet in L's dtype if DOT_LHS_DTYPE (dB: L = dY, Rhs = U), else in
-    Rhs's (dA). Program (pid, i_s); pid walks the [P, Q] tiles row by row.
+    L [M, P], Rhs [M, Q]; the keep mask of an [M, Q] input is read from keep_bits
+    [M, ceil(Q/8)] uint8 (dA: L = G, Rhs = X, Q = K). Operands meet in L's dtype if
+    DOT_LHS_DTYPE (dB: L = dY, Rhs = U), else in Rhs's (dA). Program (pid, i_s); pid
+    walks the [P, Q] tiles row by row.
     """
     pid = tl.program_id(0)
     i_s = tl.program_id(1).to(tl.int64)
@@ -467,9 +511,6 @@ def _lora_bwd_tn_kernel(
         dtype = lhs.dtype.element_ty
     else:
         dtype = rhs.dtype.element_ty
-    if HAS_DROPOUT:
-        b_seed = tl.load(seed)
-        b_threshold = threshold.to(tl.uint32, bitcast=True)
 
     b_acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
@@ -480,7 +521,7 @@ def _lora_bwd_tn_kernel(
         b_l = tl.load(p_l, mask=m_m[:, None] & m_p[None, :], other=0.0)  # [BM, BP]
         b_r = tl.load(p_r, mask=m_m[:, None] & m_q[None, :], other=0.0)  # [BM, BQ]
         if HAS_DROPOUT:
-            b_keep = _keep_mask(b_seed, b_threshold, o_m, i_q * BLOCK_Q, Q, BLOCK_M, BLOCK_Q)
+            b_keep = _load_keep(keep_bits, o_m, m_m, i_q * BLOCK_Q, Q, s_km, s_kb, BLOCK_M, BLOCK_Q)
             b_r = tl.where(b_keep, b_r, 0.0)
         b_acc = _lora_dot(tl.trans(b_l), b_r, b_acc, dtype, RANK_TF32, INPUT_PRECISION)
 
@@ -522,19 +563,30 @@ def _dropout_mask_kernel(
     seed,
     M,
     K,
+    s_km,
+    s_kk,
     threshold,
+    PACK_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """keep [M, K] (int8) = the mask every kernel above regenerates; for tests."""
+    """The keep mask of the shrink alone: packed one bit per element into keep
+    [M, ceil(K/8)] uint8 if PACK_BITS (backward given no bits), else keep [M, K] int8 0/1
+    (for tests). s_kk is the stride of keep's second dim (bytes or elements)."""
     i_m = tl.program_id(0).to(tl.int64)
     i_k = tl.program_id(1).to(tl.int64)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_m = o_m < M
+    m_k = o_k < K
     b_threshold = threshold.to(tl.uint32, bitcast=True)
     b_keep = _keep_mask(tl.load(seed), b_threshold, o_m, i_k * BLOCK_K, K, BLOCK_M, BLOCK_K)
-    p_keep = keep + o_m[:, None] * K + o_k[None, :]
-    tl.store(p_keep, b_keep.to(tl.int8), mask=(o_m < M)[:, None] & (o_k < K)[None, :])
+    if PACK_BITS:
+        b_keep = b_keep & m_k[None, :]
+        _store_bits(keep, b_keep, o_m, m_m, i_k * BLOCK_K, K, s_km, s_kk, BLOCK_M, BLOCK_K)
+    else:
+        p_keep = keep + o_m[:, None] * s_km + o_k[None, :] * s_kk
+        tl.store(p_keep, b_keep.to(tl.int8), mask=m_m[:, None] & m_k[None, :])
 
 
 # ---------------------------------------------------------------------------------------
@@ -933,9 +985,13 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 
 def _dropout_args(dropout_p: float) -> tuple[bool, int, float]:
-    """(has dropout, threshold as the int32 bit pattern of the uint32 T, 1 / (1 - p))."""
+    """(has dropout, threshold as the int32 bit pattern of the uint32 T, 1 / (1 - p)).
+
+    Dropout is on for every p > 0, as for the contract's keep_bits: a p below 2^-32 has
+    T = 0, keeps everything and still has its (all-ones) bits written and read.
+    """
     threshold = reference.dropout_threshold(dropout_p)
-    if threshold == 0:
+    if dropout_p == 0.0:
         return False, 0, 1.0
     # Passed as int32 (so the kernel's signature never changes), reinterpreted as uint32.
     signed = threshold - 2**32 if threshold >= 2**31 else threshold
@@ -986,8 +1042,12 @@ def _sum_partials(part: torch.Tensor, out: torch.Tensor, scale: float, scaling) 
     )
 
 
-def _forward_into(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, u) -> None:
-    """Write Y [M, N] into y and U [M, R] (fp32) into u; launches nothing when M == 0."""
+def _forward_into(
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, u, keep_bits
+) -> None:
+    """Write Y [M, N] into y, U [M, R] (fp32) into u and, with dropout, the keep mask
+    packed one bit per element into keep_bits [M, ceil(K/8)] uint8 (else ignored);
+    launches nothing when M == 0."""
     _check_common(x, weight, lora_A, lora_B, scaling, dropout_p, seed)
     M, K = x.shape
     N = weight.shape[0]
@@ -996,20 +1056,27 @@ def _forward_into(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, 
         _check_tensor("bias", bias, (N,), (x.dtype,), x.device)
     _check_tensor("y", y, (M, N), (x.dtype,), x.device)
     _check_tensor("u", u, (M, R), (torch.float32,), x.device)
+    has_dropout, threshold, dropout_scale = _dropout_args(dropout_p)
+    if has_dropout:
+        _check_tensor("keep_bits", keep_bits, (M, (K + 7) // 8), (torch.uint8,), x.device)
+    else:
+        keep_bits = u  # never read
     if M == 0:
         return
-    has_dropout, threshold, dropout_scale = _dropout_args(dropout_p)
     precision = _input_precision(x.dtype)
     target = _device(x.device)
     fma = x.dtype == torch.float32 and precision == "ieee"
     rank_tf32 = x.dtype != torch.float32
 
     BLOCK_R = r_tile_block(R, fma)
-    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(R, BLOCK_R))
+    # At least one R-tile: its programs write the mask's bits (R = 0 in a direct op call).
+    r_tiles = max(triton.cdiv(R, BLOCK_R), 1)
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]), r_tiles)
     wrap_triton(_tuned("shrink", target))[grid](
         x,
         lora_A,
         u,
+        keep_bits,
         seed,
         M,
         K,
@@ -1020,6 +1087,8 @@ def _forward_into(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, 
         lora_A.stride(1),
         u.stride(0),
         u.stride(1),
+        keep_bits.stride(0),
+        keep_bits.stride(-1),
         threshold,
         dropout_scale,
         HAS_DROPOUT=has_dropout,
@@ -1068,6 +1137,7 @@ def _backward_into(
     dropout_p,
     seed,
     u,
+    keep_bits,
     grad_x,
     grad_A,
     grad_B,
@@ -1077,7 +1147,9 @@ def _backward_into(
     """Write the gradients into the buffers given (None: not wanted).
 
     grad_x [M, K] (x's dtype), grad_A [R, K], grad_B [N, R] (the adapters' dtype, given
-    together), grad_scaling [] (fp32), grad_bias [N] (x's dtype).
+    together), grad_scaling [] (fp32), grad_bias [N] (x's dtype). With dropout the keep
+    mask is read from keep_bits [M, ceil(K/8)] uint8; an empty keep_bits (shape [0]) has
+    the mask made from the seed first.
     """
     _check_common(x, weight, lora_A, lora_B, scaling, dropout_p, seed)
     M, K = x.shape
@@ -1086,6 +1158,10 @@ def _backward_into(
     device = x.device
     _check_tensor("grad_y", grad_y, (M, N), (x.dtype,), device)
     _check_tensor("u", u, (M, R), (torch.float32,), device)
+    has_dropout, threshold, dropout_scale = _dropout_args(dropout_p)
+    bits_shape = (M, (K + 7) // 8)
+    if has_dropout and tuple(keep_bits.shape) != (0,):
+        _check_tensor("keep_bits", keep_bits, bits_shape, (torch.uint8,), device)
     if grad_x is not None:
         _check_tensor("grad_x", grad_x, (M, K), (x.dtype,), device)
     if (grad_A is None) != (grad_B is None):
@@ -1101,7 +1177,6 @@ def _backward_into(
     need_lora = grad_A is not None
     need_g = grad_x is not None or need_lora or grad_scaling is not None
     fused_db = need_lora and R <= _FUSED_DB_MAX_R
-    has_dropout, threshold, dropout_scale = _dropout_args(dropout_p)
     precision = _input_precision(x.dtype)
     target = _device(device)
     programs = _target_programs(device)
@@ -1115,6 +1190,12 @@ def _backward_into(
             if out is not None:
                 out.zero_()
         return
+    if not has_dropout:
+        keep_bits = u  # never read
+    elif tuple(keep_bits.shape) == (0,) and (grad_x is not None or need_lora):
+        # No saved bits (a direct op call): the mask from the seed, packed, then read.
+        keep_bits = _empty(bits_shape, torch.uint8, device)
+        _launch_mask_kernel(seed, threshold, keep_bits, K, pack=True)
 
     # 3. One pass over dY: G (partials over N-chunks), dB, db and ds partials.
     g = None
@@ -1180,7 +1261,7 @@ def _backward_into(
             lora_A,
             grad_x,
             scaling,
-            seed,
+            keep_bits,
             M,
             N,
             K,
@@ -1195,7 +1276,8 @@ def _backward_into(
             lora_A.stride(1),
             grad_x.stride(0),
             grad_x.stride(1),
-            threshold,
+            keep_bits.stride(0),
+            keep_bits.stride(-1),
             dropout_scale,
             HAS_DROPOUT=has_dropout,
             INPUT_PRECISION=precision,
@@ -1216,7 +1298,7 @@ def _backward_into(
             g,
             x,
             da_part,
-            seed,
+            keep_bits,
             M,
             R,
             K,
@@ -1225,7 +1307,8 @@ def _backward_into(
             g.stride(1),
             x.stride(0),
             x.stride(1),
-            threshold,
+            keep_bits.stride(0),
+            keep_bits.stride(-1),
             HAS_DROPOUT=has_dropout,
             DOT_LHS_DTYPE=False,
             INPUT_PRECISION=precision,
@@ -1244,7 +1327,7 @@ def _backward_into(
             grad_y,
             u,
             db_part,
-            seed,
+            u,  # no mask
             M,
             N,
             R,
@@ -1253,6 +1336,7 @@ def _backward_into(
             grad_y.stride(1),
             u.stride(0),
             u.stride(1),
+            0,
             0,
             HAS_DROPOUT=False,
             DOT_LHS_DTYPE=True,
@@ -1263,21 +1347,55 @@ def _backward_into(
         _sum_partials(db_part, grad_B, 1.0, scaling)
 
 
-def _keep_mask_bytes(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
-    """The keep mask [M, K] as int8 0/1, written by `_dropout_mask_kernel`."""
+def _launch_mask_kernel(seed, threshold: int, out: torch.Tensor, K: int, pack: bool) -> None:
+    """`_dropout_mask_kernel` for the mask [M, K] of threshold != 0 into out: [M, ceil(K/8)]
+    uint8 bits if pack, else [M, K] int8. Takes no lock (callers hold it)."""
+    M = out.shape[0]
+    if M == 0 or K == 0:
+        return
+    grid = (triton.cdiv(M, _MASK_BLOCK_M), triton.cdiv(K, _MASK_BLOCK_K))
+    wrap_triton(_dropout_mask_kernel)[grid](
+        out,
+        seed,
+        M,
+        K,
+        out.stride(0),
+        out.stride(1),
+        threshold,
+        PACK_BITS=pack,
+        BLOCK_M=_MASK_BLOCK_M,
+        BLOCK_K=_MASK_BLOCK_K,
+    )
+
+
+def _check_seed(seed) -> None:
     if not isinstance(seed, torch.Tensor) or seed.shape != () or seed.dtype != torch.int64:
         raise TypeError(f"seed must be a 0-dim int64 tensor, got {seed!r:.80}")
+
+
+def _keep_mask_bytes(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
+    """The keep mask [M, K] as int8 0/1, written by `_dropout_mask_kernel`."""
+    _check_seed(seed)
     keep = _empty((M, K), torch.int8, seed.device)
     has_dropout, threshold, _ = _dropout_args(p)
     if not has_dropout:
         return keep.fill_(1)
-    if M > 0 and K > 0:
-        grid = (triton.cdiv(M, _MASK_BLOCK_M), triton.cdiv(K, _MASK_BLOCK_K))
-        with _one_at_a_time():
-            wrap_triton(_dropout_mask_kernel)[grid](
-                keep, seed, M, K, threshold, BLOCK_M=_MASK_BLOCK_M, BLOCK_K=_MASK_BLOCK_K
-            )
+    with _one_at_a_time():
+        _launch_mask_kernel(seed, threshold, keep, K, pack=False)
     return keep
+
+
+def _keep_mask_bits(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
+    """The keep mask packed one bit per element, [M, ceil(K/8)] uint8, written by
+    `_dropout_mask_kernel` alone (what backward makes when given no bits); p > 0."""
+    _check_seed(seed)
+    has_dropout, threshold, _ = _dropout_args(p)
+    if not has_dropout:
+        raise ValueError(f"the packed keep mask exists only for dropout_p > 0, got {p!r}")
+    keep_bits = _empty((M, (K + 7) // 8), torch.uint8, seed.device)
+    with _one_at_a_time():
+        _launch_mask_kernel(seed, threshold, keep_bits, K, pack=True)
+    return keep_bits
 
 
 def dropout_keep_mask(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
@@ -1305,17 +1423,13 @@ def triton_forward(
     dropout_p: float,
     seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    M = x.shape[0]
+    M, K = x.shape[0], x.shape[-1]  # _forward_into checks that x is 2-D
     y = _empty((M, weight.shape[0]), x.dtype, x.device)
     u = _empty((M, lora_A.shape[0]), torch.float32, x.device)
+    # With dropout the shrink writes the mask's bits here; else an empty [0].
+    keep_bits = _empty(keep_bits_shape(M, K, dropout_p), torch.uint8, x.device)
     with _one_at_a_time():
-        _forward_into(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, u)
-    K = x.shape[1]  # x is known to be 2-D from here on
-    # Interim: the mask packed from the mask-only kernel; the kernels regenerate it.
-    if dropout_p > 0.0:
-        keep_bits = reference.pack_keep_mask(_keep_mask_bytes(seed, M, K, dropout_p) == 1)
-    else:
-        keep_bits = _empty(keep_bits_shape(M, K, dropout_p), torch.uint8, x.device)
+        _forward_into(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, u, keep_bits)
     return y, u, keep_bits
 
 
@@ -1362,6 +1476,7 @@ def triton_backward(
             dropout_p,
             seed,
             u,
+            keep_bits,
             grad_x if need_grad_x else None,
             grad_A if need_grad_lora else None,
             grad_B if need_grad_lora else None,
