@@ -4,16 +4,22 @@ Math and names follow docs/backends.md (M tokens, K in_features, N out_features,
 rank; G = dY B):
 
     forward   1. _lora_shrink_kernel    U = D(X) A^T                [M, R]  fp32
+                                        and the keep mask's bits    [M, ceil(K/8)] uint8
               2. _lora_fwd_kernel       Y = s U B^T + X W^T + b     [M, N]  written once
     backward  3. _lora_bwd_dy_kernel    one pass over dY: G = dY B, and partial sums of
                                         dB = s dY^T U (R <= 16), db and ds = sum(G * U)
               4. _lora_bwd_dx_kernel    dX = s D(G A) + dY W        [M, K]  written once
               5. _lora_bwd_tn_kernel    dA = s G^T D(X), split over M (and dB for R > 16)
               6. _sum_partials_kernel   fp32 partial sums -> the gradient, in its dtype
+              (7. _dropout_mask_kernel  the mask's bits from the seed alone, when
+                                        backward is given none; a byte mask for tests)
 
-The keep mask is never stored: the shrink, dX and dA kernels regenerate it from the
-seed with one `tl.randint4x` call per four elements of a row (the bit-exact rule of
-`reference.dropout_keep_mask`), so backward keeps x, U and the seed only.
+The keep mask is generated once, in the forward: the shrink runs Philox (one
+`tl.randint4x` call per four elements of a row, the bit-exact rule of
+`reference.dropout_keep_mask`), applies the mask and writes it packed one bit per
+element (`keep_bits`, the layout of `reference.pack_keep_mask`: M * ceil(K/8) bytes,
+1/16 of bytes(x) for 16-bit x). Backward keeps x, U, the seed and the bits; the dX and
+dA kernels read the bits and generate no random numbers.
 
 Where this departs from the plan of the design notes, and why:
 - The R-wide LoRA step opens the accumulator (a prologue) rather than closing it: in dX
@@ -117,36 +123,45 @@ def _cast(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _keep_mask(seed, threshold, o_m, k_start, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """keep [BLOCK_M, BLOCK_K] for rows o_m (int64) and columns k_start + arange(BLOCK_K).
+def _keep_bits(seed, threshold, o_m, k_start, K, BLOCK_K: tl.constexpr):
+    """The keep mask of rows o_m (int64) and columns k_start + arange(BLOCK_K) packed one
+    bit per element: int32 [BLOCK_M, BLOCK_K // 8] holding bytes (k_start a multiple of 8).
 
     Philox4x32-10 of counter q = m * ceil(K/4) + k // 4, word k % 4, keep = word >= T
-    (unsigned). k_start is a multiple of 4, so each call serves four adjacent columns.
+    (unsigned). Bit i of byte j is column 8 j + i (`reference.pack_keep_mask`), 0 beyond
+    column K: the words of counters 2 j and 2 j + 1 of the tile give bits 0-3 and 4-7, so
+    the packing is elementwise.
     """
-    o_g = k_start // 4 + tl.arange(0, BLOCK_K // 4).to(tl.int64)
-    o_q = o_m[:, None] * ((K + 3) // 4) + o_g[None, :]
-    b_w0, b_w1, b_w2, b_w3 = tl.randint4x(seed, o_q)
-    # [BM, BK/4, 2, 2] with word index 2 * j + i at [.., j, i]; row-major reshape interleaves.
-    b_w = tl.reshape(tl.join(tl.join(b_w0, b_w2), tl.join(b_w1, b_w3)), (BLOCK_M, BLOCK_K))
-    return b_w >= threshold
+    o_c = k_start + 8 * tl.arange(0, BLOCK_K // 8).to(tl.int64)  # first column of a byte
+    o_q = o_m[:, None] * ((K + 3) // 4) + (o_c // 4)[None, :]
+    b_e0, b_e1, b_e2, b_e3 = tl.randint4x(seed, o_q)  # columns 8 j + 0..3
+    b_o0, b_o1, b_o2, b_o3 = tl.randint4x(seed, o_q + 1)  # columns 8 j + 4..7
+    n_k = (K - o_c)[None, :]  # columns of the byte below K
+    b_bits = ((b_e0 >= threshold) & (n_k > 0)).to(tl.int32)
+    b_bits |= ((b_e1 >= threshold) & (n_k > 1)).to(tl.int32) << 1
+    b_bits |= ((b_e2 >= threshold) & (n_k > 2)).to(tl.int32) << 2
+    b_bits |= ((b_e3 >= threshold) & (n_k > 3)).to(tl.int32) << 3
+    b_bits |= ((b_o0 >= threshold) & (n_k > 4)).to(tl.int32) << 4
+    b_bits |= ((b_o1 >= threshold) & (n_k > 5)).to(tl.int32) << 5
+    b_bits |= ((b_o2 >= threshold) & (n_k > 6)).to(tl.int32) << 6
+    b_bits |= ((b_o3 >= threshold) & (n_k > 7)).to(tl.int32) << 7
+    return b_bits
 
 
 @triton.jit
-def _store_bits(
-    keep_bits, keep, o_m, m_m, k_start, K, s_km, s_kb, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
-):
-    """Write keep [BLOCK_M, BLOCK_K] (bool, False beyond column K) of rows o_m (int64) and
-    columns k_start + arange(BLOCK_K) packed into keep_bits [M, ceil(K/8)] uint8.
+def _unpack_bits(bits, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """keep [BLOCK_M, BLOCK_K] (bool) from its bytes bits [BLOCK_M, BLOCK_K // 8] (int32)."""
+    b_keep = (bits[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1  # [BM, BK/8, 8]
+    return tl.reshape(b_keep, (BLOCK_M, BLOCK_K)) != 0
 
-    Bit i of byte j is column 8 j + i (`reference.pack_keep_mask`); k_start is a multiple
-    of 8 and BLOCK_K of 8, so the tile owns its BLOCK_K // 8 bytes of each row.
-    """
+
+@triton.jit
+def _bits_offsets(keep_bits, o_m, m_m, k_start, K, s_km, s_kb, BLOCK_K: tl.constexpr):
+    """(pointers, mask) of the bytes [BLOCK_M, BLOCK_K // 8] of keep_bits [M, ceil(K/8)]
+    holding rows o_m (int64) and columns k_start + arange(BLOCK_K), k_start % 8 == 0."""
     o_b = k_start // 8 + tl.arange(0, BLOCK_K // 8).to(tl.int64)
-    b_keep = tl.reshape(keep.to(tl.int32), (BLOCK_M, BLOCK_K // 8, 8))
-    b_bits = tl.sum(b_keep << tl.arange(0, 8)[None, None, :], axis=2)  # [BM, BK/8]
     p_bits = keep_bits + o_m[:, None] * s_km + o_b[None, :] * s_kb
-    m_bits = m_m[:, None] & (o_b < (K + 7) // 8)[None, :]
-    tl.store(p_bits, b_bits.to(tl.uint8), mask=m_bits)
+    return p_bits, m_m[:, None] & (o_b < (K + 7) // 8)[None, :]
 
 
 @triton.jit
@@ -154,13 +169,10 @@ def _load_keep(
     keep_bits, o_m, m_m, k_start, K, s_km, s_kb, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
 ):
     """keep [BLOCK_M, BLOCK_K] (bool) of rows o_m (int64) and columns k_start +
-    arange(BLOCK_K), read from keep_bits [M, ceil(K/8)] uint8 (layout of `_store_bits`)."""
-    o_b = k_start // 8 + tl.arange(0, BLOCK_K // 8).to(tl.int64)
-    p_bits = keep_bits + o_m[:, None] * s_km + o_b[None, :] * s_kb
-    m_bits = m_m[:, None] & (o_b < (K + 7) // 8)[None, :]
+    arange(BLOCK_K), read from keep_bits [M, ceil(K/8)] uint8."""
+    p_bits, m_bits = _bits_offsets(keep_bits, o_m, m_m, k_start, K, s_km, s_kb, BLOCK_K)
     b_bits = tl.load(p_bits, mask=m_bits, other=0).to(tl.int32)  # [BM, BK/8]
-    b_keep = (b_bits[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1  # [BM, BK/8, 8]
-    return tl.reshape(b_keep, (BLOCK_M, BLOCK_K)) != 0
+    return _unpack_bits(b_bits, BLOCK_M, BLOCK_K)
 
 
 @triton.jit
@@ -225,10 +237,11 @@ def _lora_shrink_kernel(
         b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
         b_a = tl.load(p_a, mask=m_k[:, None] & m_r[None, :], other=0.0)  # [BK, BR]
         if HAS_DROPOUT:
-            # Columns beyond K: padding bits, 0.
-            b_keep = _keep_mask(b_seed, b_threshold, o_m, k0, K, BLOCK_M, BLOCK_K) & m_k[None, :]
-            b_x = tl.where(b_keep, b_x, 0.0)
-            _store_bits(keep_bits, b_keep, o_m, m_bits, k0, K, s_km, s_kb, BLOCK_M, BLOCK_K)
+            # The mask applied is the one decoded from the bits written (as in backward).
+            b_bits = _keep_bits(b_seed, b_threshold, o_m, k0, K, BLOCK_K)  # [BM, BK/8]
+            p_bits, m_bits_k = _bits_offsets(keep_bits, o_m, m_bits, k0, K, s_km, s_kb, BLOCK_K)
+            tl.store(p_bits, b_bits.to(tl.uint8), mask=m_bits_k)
+            b_x = tl.where(_unpack_bits(b_bits, BLOCK_M, BLOCK_K), b_x, 0.0)
         b_acc = _dot(b_x, _cast(b_a, b_x.dtype), b_acc, INPUT_PRECISION)
     if HAS_DROPOUT:
         b_acc = b_acc * dropout_scale
@@ -580,11 +593,13 @@ def _dropout_mask_kernel(
     m_m = o_m < M
     m_k = o_k < K
     b_threshold = threshold.to(tl.uint32, bitcast=True)
-    b_keep = _keep_mask(tl.load(seed), b_threshold, o_m, i_k * BLOCK_K, K, BLOCK_M, BLOCK_K)
+    k_start = i_k * BLOCK_K
+    b_bits = _keep_bits(tl.load(seed), b_threshold, o_m, k_start, K, BLOCK_K)
     if PACK_BITS:
-        b_keep = b_keep & m_k[None, :]
-        _store_bits(keep, b_keep, o_m, m_m, i_k * BLOCK_K, K, s_km, s_kk, BLOCK_M, BLOCK_K)
+        p_bits, m_bits = _bits_offsets(keep, o_m, m_m, k_start, K, s_km, s_kk, BLOCK_K)
+        tl.store(p_bits, b_bits.to(tl.uint8), mask=m_bits)
     else:
+        b_keep = _unpack_bits(b_bits, BLOCK_M, BLOCK_K)
         p_keep = keep + o_m[:, None] * s_km + o_k[None, :] * s_kk
         tl.store(p_keep, b_keep.to(tl.int8), mask=m_m[:, None] & m_k[None, :])
 
@@ -722,7 +737,8 @@ def _candidates(name: str, elem: int, fma: bool) -> list[triton.Config]:
 
 def _register_estimate(name, blocks, num_warps, BLOCK_R, fma, dropout) -> int:
     """32-bit registers per thread held by a config's large tiles: the fp32 accumulator,
-    the dropout words when a kernel makes the mask, and on the FMA path the operands."""
+    the dropout mask (the shrink's Philox words and bits, the bits dX and dA decode), and
+    on the FMA path the operands."""
     threads = 32 * num_warps
     if name in ("fwd", "bwd_dx"):
         out = blocks["BLOCK_N"] if name == "fwd" else blocks["BLOCK_K"]
@@ -802,6 +818,10 @@ def kernel_configs(
             narrow = elem == 4 or config.num_warps == 4 or name == "bwd_dx"
             if dropout or (sm80 and narrow):
                 budget = 64
+        if name == "shrink" and dropout and sm80 and elem == 4 and not fma:
+            # Making and packing the mask's bits beside a TF32 accumulator: ptxas spills
+            # the 4-warp 64x64 tile at R-block 64 on sm_80 (24 B; compile report).
+            budget = 56
         regs = _register_estimate(name, config.kwargs, config.num_warps, BLOCK_R, fma, dropout)
         smem = _smem_estimate(name, config.kwargs, config.num_stages, elem, BLOCK_R, fma)
         if regs <= budget and smem <= smem_limit:
@@ -1348,8 +1368,8 @@ def _backward_into(
 
 
 def _launch_mask_kernel(seed, threshold: int, out: torch.Tensor, K: int, pack: bool) -> None:
-    """`_dropout_mask_kernel` for the mask [M, K] of threshold != 0 into out: [M, ceil(K/8)]
-    uint8 bits if pack, else [M, K] int8. Takes no lock (callers hold it)."""
+    """`_dropout_mask_kernel` for the mask [M, K] of a p > 0 into out: [M, ceil(K/8)] uint8
+    bits if pack, else [M, K] int8. Takes no lock (callers hold it)."""
     M = out.shape[0]
     if M == 0 or K == 0:
         return
@@ -1399,7 +1419,7 @@ def _keep_mask_bits(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tenso
 
 
 def dropout_keep_mask(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
-    """The keep mask [M, K] (bool) exactly as the kernels regenerate it.
+    """The keep mask [M, K] (bool) exactly as the kernels make it.
 
     `seed` is a 0-dim int64 tensor on the device; for tests against
     `reference.dropout_keep_mask`.
