@@ -85,7 +85,7 @@ class KernelSpec:
     """How a launcher calls one kernel: pointer dtypes, unit strides, fixed constexprs."""
 
     fn: object
-    pointers: dict  # argument -> "x" | "lora" | "fp32" | "i64" | "i8"
+    pointers: dict  # argument -> "x" | "lora" | "fp32" | "i64" | "i8" | "u8"
     unit_strides: set  # strides that are 1 for contiguous operands (specialised by Triton)
     constexprs: dict = field(default_factory=dict)
 
@@ -95,8 +95,8 @@ def kernel_specs(block_r: int, fma: bool, dropout: bool, rank_tf32: bool) -> dic
     return {
         "shrink": KernelSpec(
             bt._lora_shrink_kernel,
-            {"x": "x", "a": "lora", "u": "fp32", "seed": "i64"},
-            {"s_xk", "s_ak", "s_ur"},
+            {"x": "x", "a": "lora", "u": "fp32", "keep_bits": "u8", "seed": "i64"},
+            {"s_xk", "s_ak", "s_ur", "s_kb"},
             {"HAS_DROPOUT": dropout, "BLOCK_R": block_r},
         ),
         "fwd": KernelSpec(
@@ -125,20 +125,20 @@ def kernel_specs(block_r: int, fma: bool, dropout: bool, rank_tf32: bool) -> dic
         "bwd_dx": KernelSpec(
             bt._lora_bwd_dx_kernel,
             {"dy": "x", "w": "x", "g": "fp32", "a": "lora", "dx": "x", "scaling": "fp32"}
-            | {"seed": "i64"},
-            {"s_dyn", "s_wk", "s_gr", "s_ak", "s_dxk"},
+            | {"keep_bits": "u8"},
+            {"s_dyn", "s_wk", "s_gr", "s_ak", "s_dxk", "s_kb"},
             {"HAS_DROPOUT": dropout, "RANK_TF32": rank_tf32, "BLOCK_R": block_r},
         ),
         "bwd_da": KernelSpec(
             bt._lora_bwd_tn_kernel,
-            {"lhs": "fp32", "rhs": "x", "c_part": "fp32", "seed": "i64"},
-            {"s_lp", "s_rq"},
+            {"lhs": "fp32", "rhs": "x", "c_part": "fp32", "keep_bits": "u8"},
+            {"s_lp", "s_rq", "s_kb"},
             {"HAS_DROPOUT": dropout, "DOT_LHS_DTYPE": False, "BLOCK_P": block_r}
             | {"RANK_TF32": rank_tf32},
         ),
         "bwd_db": KernelSpec(
             bt._lora_bwd_tn_kernel,
-            {"lhs": "x", "rhs": "fp32", "c_part": "fp32", "seed": "i64"},
+            {"lhs": "x", "rhs": "fp32", "c_part": "fp32", "keep_bits": "fp32"},
             {"s_lp", "s_rq"},
             {"HAS_DROPOUT": False, "DOT_LHS_DTYPE": True, "BLOCK_Q": block_r}
             | {"RANK_TF32": rank_tf32},
@@ -152,13 +152,22 @@ def kernel_specs(block_r: int, fma: bool, dropout: bool, rank_tf32: bool) -> dic
         "dropout_mask": KernelSpec(
             bt._dropout_mask_kernel,
             {"keep": "i8", "seed": "i64"},
-            set(),
-            {"BLOCK_M": bt._MASK_BLOCK_M, "BLOCK_K": bt._MASK_BLOCK_K},
+            {"s_kk"},
+            {"PACK_BITS": False, "BLOCK_M": bt._MASK_BLOCK_M, "BLOCK_K": bt._MASK_BLOCK_K},
+        ),
+        # The same kernel writing packed bits: what backward runs when given no bits.
+        "dropout_bits": KernelSpec(
+            bt._dropout_mask_kernel,
+            {"keep": "u8", "seed": "i64"},
+            {"s_kk"},
+            {"PACK_BITS": True, "BLOCK_M": bt._MASK_BLOCK_M, "BLOCK_K": bt._MASK_BLOCK_K},
         ),
     }
 
 
-_HELPERS = ("sum_partials", "dropout_mask")
+_HELPERS = ("sum_partials", "dropout_mask", "dropout_bits")
+# Helpers without a floating-point operand: compiled for one dtype case.
+_NO_FLOAT = ("dropout_mask", "dropout_bits")
 # Kernels compiled with and without dropout (their configs differ: the mask's registers).
 _DROPOUT_KERNELS = ("shrink", "bwd_dx", "bwd_da")
 
@@ -204,6 +213,7 @@ def _signature(spec: KernelSpec, case: DtypeCase, config: triton.Config):
         "fp32": "*fp32",
         "i64": "*i64",
         "i8": "*i8",
+        "u8": "*u8",
     }
     signature, attrs = {}, {}
     for index, param in enumerate(fn.params):
@@ -313,8 +323,8 @@ def plan(quick: bool, kernels: tuple | None):
             for case in cases:
                 if case.x != case.lora and name not in _LOADS_ADAPTERS:
                     continue
-                if name == "dropout_mask" and case is not cases[0]:
-                    continue  # no floating-point operand
+                if name in _NO_FLOAT and case is not cases[0]:
+                    continue
                 fma = case.x == torch.float32 and case.precision == "ieee"
                 values = (0,) if name in _HELPERS else bt.launch_block_r_values(name, fma)
                 flags = (True, False) if name in _DROPOUT_KERNELS and not quick else (True,)

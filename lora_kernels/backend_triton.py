@@ -4,16 +4,22 @@ Math and names follow docs/backends.md (M tokens, K in_features, N out_features,
 rank; G = dY B):
 
     forward   1. _lora_shrink_kernel    U = D(X) A^T                [M, R]  fp32
+                                        and the keep mask's bits    [M, ceil(K/8)] uint8
               2. _lora_fwd_kernel       Y = s U B^T + X W^T + b     [M, N]  written once
     backward  3. _lora_bwd_dy_kernel    one pass over dY: G = dY B, and partial sums of
                                         dB = s dY^T U (R <= 16), db and ds = sum(G * U)
               4. _lora_bwd_dx_kernel    dX = s D(G A) + dY W        [M, K]  written once
               5. _lora_bwd_tn_kernel    dA = s G^T D(X), split over M (and dB for R > 16)
               6. _sum_partials_kernel   fp32 partial sums -> the gradient, in its dtype
+              (7. _dropout_mask_kernel  the mask's bits from the seed alone, when
+                                        backward is given none; a byte mask for tests)
 
-The keep mask is never stored: the shrink, dX and dA kernels regenerate it from the
-seed with one `tl.randint4x` call per four elements of a row (the bit-exact rule of
-`reference.dropout_keep_mask`), so backward keeps x, U and the seed only.
+The keep mask is generated once, in the forward: the shrink runs Philox (one
+`tl.randint4x` call per four elements of a row, the bit-exact rule of
+`reference.dropout_keep_mask`), applies the mask and writes it packed one bit per
+element (`keep_bits`, the layout of `reference.pack_keep_mask`: M * ceil(K/8) bytes,
+1/16 of bytes(x) for 16-bit x). Backward keeps x, U, the seed and the bits; the dX and
+dA kernels read the bits and generate no random numbers.
 
 Where this departs from the plan of the design notes, and why:
 - The R-wide LoRA step opens the accumulator (a prologue) rather than closing it: in dX
@@ -117,18 +123,56 @@ def _cast(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _keep_mask(seed, threshold, o_m, k_start, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """keep [BLOCK_M, BLOCK_K] for rows o_m (int64) and columns k_start + arange(BLOCK_K).
+def _keep_bits(seed, threshold, o_m, k_start, K, BLOCK_K: tl.constexpr):
+    """The keep mask of rows o_m (int64) and columns k_start + arange(BLOCK_K) packed one
+    bit per element: int32 [BLOCK_M, BLOCK_K // 8] holding bytes (k_start a multiple of 8).
 
     Philox4x32-10 of counter q = m * ceil(K/4) + k // 4, word k % 4, keep = word >= T
-    (unsigned). k_start is a multiple of 4, so each call serves four adjacent columns.
+    (unsigned). Bit i of byte j is column 8 j + i (`reference.pack_keep_mask`), 0 beyond
+    column K: the words of counters 2 j and 2 j + 1 of the tile give bits 0-3 and 4-7, so
+    the packing is elementwise.
     """
-    o_g = k_start // 4 + tl.arange(0, BLOCK_K // 4).to(tl.int64)
-    o_q = o_m[:, None] * ((K + 3) // 4) + o_g[None, :]
-    b_w0, b_w1, b_w2, b_w3 = tl.randint4x(seed, o_q)
-    # [BM, BK/4, 2, 2] with word index 2 * j + i at [.., j, i]; row-major reshape interleaves.
-    b_w = tl.reshape(tl.join(tl.join(b_w0, b_w2), tl.join(b_w1, b_w3)), (BLOCK_M, BLOCK_K))
-    return b_w >= threshold
+    o_c = k_start + 8 * tl.arange(0, BLOCK_K // 8).to(tl.int64)  # first column of a byte
+    o_q = o_m[:, None] * ((K + 3) // 4) + (o_c // 4)[None, :]
+    b_e0, b_e1, b_e2, b_e3 = tl.randint4x(seed, o_q)  # columns 8 j + 0..3
+    b_o0, b_o1, b_o2, b_o3 = tl.randint4x(seed, o_q + 1)  # columns 8 j + 4..7
+    n_k = (K - o_c)[None, :]  # columns of the byte below K
+    b_bits = ((b_e0 >= threshold) & (n_k > 0)).to(tl.int32)
+    b_bits |= ((b_e1 >= threshold) & (n_k > 1)).to(tl.int32) << 1
+    b_bits |= ((b_e2 >= threshold) & (n_k > 2)).to(tl.int32) << 2
+    b_bits |= ((b_e3 >= threshold) & (n_k > 3)).to(tl.int32) << 3
+    b_bits |= ((b_o0 >= threshold) & (n_k > 4)).to(tl.int32) << 4
+    b_bits |= ((b_o1 >= threshold) & (n_k > 5)).to(tl.int32) << 5
+    b_bits |= ((b_o2 >= threshold) & (n_k > 6)).to(tl.int32) << 6
+    b_bits |= ((b_o3 >= threshold) & (n_k > 7)).to(tl.int32) << 7
+    return b_bits
+
+
+@triton.jit
+def _unpack_bits(bits, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """keep [BLOCK_M, BLOCK_K] (bool) from its bytes bits [BLOCK_M, BLOCK_K // 8] (int32)."""
+    b_keep = (bits[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1  # [BM, BK/8, 8]
+    return tl.reshape(b_keep, (BLOCK_M, BLOCK_K)) != 0
+
+
+@triton.jit
+def _bits_offsets(keep_bits, o_m, m_m, k_start, K, s_km, s_kb, BLOCK_K: tl.constexpr):
+    """(pointers, mask) of the bytes [BLOCK_M, BLOCK_K // 8] of keep_bits [M, ceil(K/8)]
+    holding rows o_m (int64) and columns k_start + arange(BLOCK_K), k_start % 8 == 0."""
+    o_b = k_start // 8 + tl.arange(0, BLOCK_K // 8).to(tl.int64)
+    p_bits = keep_bits + o_m[:, None] * s_km + o_b[None, :] * s_kb
+    return p_bits, m_m[:, None] & (o_b < (K + 7) // 8)[None, :]
+
+
+@triton.jit
+def _load_keep(
+    keep_bits, o_m, m_m, k_start, K, s_km, s_kb, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
+):
+    """keep [BLOCK_M, BLOCK_K] (bool) of rows o_m (int64) and columns k_start +
+    arange(BLOCK_K), read from keep_bits [M, ceil(K/8)] uint8."""
+    p_bits, m_bits = _bits_offsets(keep_bits, o_m, m_m, k_start, K, s_km, s_kb, BLOCK_K)
+    b_bits = tl.load(p_bits, mask=m_bits, other=0).to(tl.int32)  # [BM, BK/8]
+    return _unpack_bits(b_bits, BLOCK_M, BLOCK_K)
 
 
 @triton.jit
@@ -148,6 +192,7 @@ def _lora_shrink_kernel(
     x,
     a,
     u,
+    keep_bits,
     seed,
     M,
     K,
@@ -158,6 +203,8 @@ def _lora_shrink_kernel(
     s_ak,
     s_um,
     s_ur,
+    s_km,
+    s_kb,
     threshold,
     dropout_scale,
     HAS_DROPOUT: tl.constexpr,
@@ -166,7 +213,8 @@ def _lora_shrink_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """U [M, R] (fp32) = D(X) A^T for X [M, K], A [R, K]; keep mask from the seed."""
+    """U [M, R] (fp32) = D(X) A^T for X [M, K], A [R, K], keep mask from the seed; with
+    dropout also keep_bits [M, ceil(K/8)] uint8, the mask packed one bit per element."""
     i_m = tl.program_id(0).to(tl.int64)
     i_r = tl.program_id(1).to(tl.int64)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -176,6 +224,9 @@ def _lora_shrink_kernel(
     if HAS_DROPOUT:
         b_seed = tl.load(seed)
         b_threshold = threshold.to(tl.uint32, bitcast=True)
+        # The programs of an M-tile's R-split make the same mask: the first writes its bits.
+        # (A compare: Triton 3.9's interpreter rejects the store mask m_m & (i_r == 0).)
+        m_bits = o_m < tl.where(i_r == 0, M, 0)
 
     b_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -186,8 +237,11 @@ def _lora_shrink_kernel(
         b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
         b_a = tl.load(p_a, mask=m_k[:, None] & m_r[None, :], other=0.0)  # [BK, BR]
         if HAS_DROPOUT:
-            b_keep = _keep_mask(b_seed, b_threshold, o_m, k0, K, BLOCK_M, BLOCK_K)
-            b_x = tl.where(b_keep, b_x, 0.0)
+            # The mask applied is the one decoded from the bits written (as in backward).
+            b_bits = _keep_bits(b_seed, b_threshold, o_m, k0, K, BLOCK_K)  # [BM, BK/8]
+            p_bits, m_bits_k = _bits_offsets(keep_bits, o_m, m_bits, k0, K, s_km, s_kb, BLOCK_K)
+            tl.store(p_bits, b_bits.to(tl.uint8), mask=m_bits_k)
+            b_x = tl.where(_unpack_bits(b_bits, BLOCK_M, BLOCK_K), b_x, 0.0)
         b_acc = _dot(b_x, _cast(b_a, b_x.dtype), b_acc, INPUT_PRECISION)
     if HAS_DROPOUT:
         b_acc = b_acc * dropout_scale
@@ -346,7 +400,7 @@ def _lora_bwd_dy_kernel(
         tl.store(ds_part + i_prog, tl.sum(b_g * b_u))
 
 
-@triton.jit(do_not_specialize=["threshold"])
+@triton.jit
 def _lora_bwd_dx_kernel(
     dy,
     w,
@@ -354,7 +408,7 @@ def _lora_bwd_dx_kernel(
     a,
     dx,
     scaling,
-    seed,
+    keep_bits,
     M,
     N,
     K,
@@ -369,7 +423,8 @@ def _lora_bwd_dx_kernel(
     s_ak,
     s_dxm,
     s_dxk,
-    threshold,
+    s_km,
+    s_kb,
     dropout_scale,
     HAS_DROPOUT: tl.constexpr,
     RANK_TF32: tl.constexpr,
@@ -380,7 +435,8 @@ def _lora_bwd_dx_kernel(
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """dX [M, K] = s D(G A) + dY W for G [M, R] fp32, A [R, K], dY [M, N], W [N, K].
+    """dX [M, K] = s D(G A) + dY W for G [M, R] fp32, A [R, K], dY [M, N], W [N, K], the
+    keep mask read from keep_bits [M, ceil(K/8)] uint8 (one bit per element).
 
     The masked LoRA term fills the accumulator first (the mask applies to it alone),
     then the N loop adds dY W; dX is written once.
@@ -405,8 +461,7 @@ def _lora_bwd_dx_kernel(
         b_acc = _lora_dot(b_g, b_a, b_acc, dtype, RANK_TF32, INPUT_PRECISION)
     b_acc = b_acc * tl.load(scaling)
     if HAS_DROPOUT:
-        b_threshold = threshold.to(tl.uint32, bitcast=True)
-        b_keep = _keep_mask(tl.load(seed), b_threshold, o_m, i_k * BLOCK_K, K, BLOCK_M, BLOCK_K)
+        b_keep = _load_keep(keep_bits, o_m, m_m, i_k * BLOCK_K, K, s_km, s_kb, BLOCK_M, BLOCK_K)
         b_acc = tl.where(b_keep, b_acc * dropout_scale, 0.0)
 
     # + dY W
@@ -423,12 +478,12 @@ def _lora_bwd_dx_kernel(
     tl.store(p_dx, _cast(b_acc, dx.dtype.element_ty), mask=m_m[:, None] & m_k[None, :])
 
 
-@triton.jit(do_not_specialize=["threshold"])
+@triton.jit
 def _lora_bwd_tn_kernel(
     lhs,
     rhs,
     c_part,
-    seed,
+    keep_bits,
     M,
     P,
     Q,
@@ -437,7 +492,8 @@ def _lora_bwd_tn_kernel(
     s_lp,
     s_rm,
     s_rq,
-    threshold,
+    s_km,
+    s_kb,
     HAS_DROPOUT: tl.constexpr,
     DOT_LHS_DTYPE: tl.constexpr,
     RANK_TF32: tl.constexpr,
@@ -448,9 +504,10 @@ def _lora_bwd_tn_kernel(
 ):
     """c_part[i_s] [P, Q] (fp32) = L^T keep(Rhs) over rows i_s * M_CHUNK .. + M_CHUNK.
 
-    L [M, P], Rhs [M, Q]; the keep mask is that of an [M, Q] input (dA: L = G, Rhs = X,
-    Q = K). Operands meet in L's dtype if DOT_LHS_DTYPE (dB: L = dY, Rhs = U), else in
-    Rhs's (dA). Program (pid, i_s); pid walks the [P, Q] tiles row by row.
+    L [M, P], Rhs [M, Q]; the keep mask of an [M, Q] input is read from keep_bits
+    [M, ceil(Q/8)] uint8 (dA: L = G, Rhs = X, Q = K). Operands meet in L's dtype if
+    DOT_LHS_DTYPE (dB: L = dY, Rhs = U), else in Rhs's (dA). Program (pid, i_s); pid
+    walks the [P, Q] tiles row by row.
     """
     pid = tl.program_id(0)
     i_s = tl.program_id(1).to(tl.int64)
@@ -467,9 +524,6 @@ def _lora_bwd_tn_kernel(
         dtype = lhs.dtype.element_ty
     else:
         dtype = rhs.dtype.element_ty
-    if HAS_DROPOUT:
-        b_seed = tl.load(seed)
-        b_threshold = threshold.to(tl.uint32, bitcast=True)
 
     b_acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
@@ -480,7 +534,7 @@ def _lora_bwd_tn_kernel(
         b_l = tl.load(p_l, mask=m_m[:, None] & m_p[None, :], other=0.0)  # [BM, BP]
         b_r = tl.load(p_r, mask=m_m[:, None] & m_q[None, :], other=0.0)  # [BM, BQ]
         if HAS_DROPOUT:
-            b_keep = _keep_mask(b_seed, b_threshold, o_m, i_q * BLOCK_Q, Q, BLOCK_M, BLOCK_Q)
+            b_keep = _load_keep(keep_bits, o_m, m_m, i_q * BLOCK_Q, Q, s_km, s_kb, BLOCK_M, BLOCK_Q)
             b_r = tl.where(b_keep, b_r, 0.0)
         b_acc = _lora_dot(tl.trans(b_l), b_r, b_acc, dtype, RANK_TF32, INPUT_PRECISION)
 
@@ -522,19 +576,32 @@ def _dropout_mask_kernel(
     seed,
     M,
     K,
+    s_km,
+    s_kk,
     threshold,
+    PACK_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """keep [M, K] (int8) = the mask every kernel above regenerates; for tests."""
+    """The keep mask of the shrink alone: packed one bit per element into keep
+    [M, ceil(K/8)] uint8 if PACK_BITS (backward given no bits), else keep [M, K] int8 0/1
+    (for tests). s_kk is the stride of keep's second dim (bytes or elements)."""
     i_m = tl.program_id(0).to(tl.int64)
     i_k = tl.program_id(1).to(tl.int64)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_m = o_m < M
+    m_k = o_k < K
     b_threshold = threshold.to(tl.uint32, bitcast=True)
-    b_keep = _keep_mask(tl.load(seed), b_threshold, o_m, i_k * BLOCK_K, K, BLOCK_M, BLOCK_K)
-    p_keep = keep + o_m[:, None] * K + o_k[None, :]
-    tl.store(p_keep, b_keep.to(tl.int8), mask=(o_m < M)[:, None] & (o_k < K)[None, :])
+    k_start = i_k * BLOCK_K
+    b_bits = _keep_bits(tl.load(seed), b_threshold, o_m, k_start, K, BLOCK_K)
+    if PACK_BITS:
+        p_bits, m_bits = _bits_offsets(keep, o_m, m_m, k_start, K, s_km, s_kk, BLOCK_K)
+        tl.store(p_bits, b_bits.to(tl.uint8), mask=m_bits)
+    else:
+        b_keep = _unpack_bits(b_bits, BLOCK_M, BLOCK_K)
+        p_keep = keep + o_m[:, None] * s_km + o_k[None, :] * s_kk
+        tl.store(p_keep, b_keep.to(tl.int8), mask=m_m[:, None] & m_k[None, :])
 
 
 # ---------------------------------------------------------------------------------------
@@ -670,7 +737,8 @@ def _candidates(name: str, elem: int, fma: bool) -> list[triton.Config]:
 
 def _register_estimate(name, blocks, num_warps, BLOCK_R, fma, dropout) -> int:
     """32-bit registers per thread held by a config's large tiles: the fp32 accumulator,
-    the dropout words when a kernel makes the mask, and on the FMA path the operands."""
+    the dropout mask (the shrink's Philox words and bits, the bits dX and dA decode), and
+    on the FMA path the operands."""
     threads = 32 * num_warps
     if name in ("fwd", "bwd_dx"):
         out = blocks["BLOCK_N"] if name == "fwd" else blocks["BLOCK_K"]
@@ -750,6 +818,10 @@ def kernel_configs(
             narrow = elem == 4 or config.num_warps == 4 or name == "bwd_dx"
             if dropout or (sm80 and narrow):
                 budget = 64
+        if name == "shrink" and dropout and sm80 and elem == 4 and not fma:
+            # Making and packing the mask's bits beside a TF32 accumulator: ptxas spills
+            # the 4-warp 64x64 tile at R-block 64 on sm_80 (24 B; compile report).
+            budget = 56
         regs = _register_estimate(name, config.kwargs, config.num_warps, BLOCK_R, fma, dropout)
         smem = _smem_estimate(name, config.kwargs, config.num_stages, elem, BLOCK_R, fma)
         if regs <= budget and smem <= smem_limit:
@@ -933,9 +1005,13 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 
 def _dropout_args(dropout_p: float) -> tuple[bool, int, float]:
-    """(has dropout, threshold as the int32 bit pattern of the uint32 T, 1 / (1 - p))."""
+    """(has dropout, threshold as the int32 bit pattern of the uint32 T, 1 / (1 - p)).
+
+    Dropout is on for every p > 0, as for the contract's keep_bits: a p below 2^-32 has
+    T = 0, keeps everything and still has its (all-ones) bits written and read.
+    """
     threshold = reference.dropout_threshold(dropout_p)
-    if threshold == 0:
+    if dropout_p == 0.0:
         return False, 0, 1.0
     # Passed as int32 (so the kernel's signature never changes), reinterpreted as uint32.
     signed = threshold - 2**32 if threshold >= 2**31 else threshold
@@ -986,8 +1062,12 @@ def _sum_partials(part: torch.Tensor, out: torch.Tensor, scale: float, scaling) 
     )
 
 
-def _forward_into(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, u) -> None:
-    """Write Y [M, N] into y and U [M, R] (fp32) into u; launches nothing when M == 0."""
+def _forward_into(
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, u, keep_bits
+) -> None:
+    """Write Y [M, N] into y, U [M, R] (fp32) into u and, with dropout, the keep mask
+    packed one bit per element into keep_bits [M, ceil(K/8)] uint8 (else ignored);
+    launches nothing when M == 0."""
     _check_common(x, weight, lora_A, lora_B, scaling, dropout_p, seed)
     M, K = x.shape
     N = weight.shape[0]
@@ -996,20 +1076,27 @@ def _forward_into(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, 
         _check_tensor("bias", bias, (N,), (x.dtype,), x.device)
     _check_tensor("y", y, (M, N), (x.dtype,), x.device)
     _check_tensor("u", u, (M, R), (torch.float32,), x.device)
+    has_dropout, threshold, dropout_scale = _dropout_args(dropout_p)
+    if has_dropout:
+        _check_tensor("keep_bits", keep_bits, (M, (K + 7) // 8), (torch.uint8,), x.device)
+    else:
+        keep_bits = u  # never read
     if M == 0:
         return
-    has_dropout, threshold, dropout_scale = _dropout_args(dropout_p)
     precision = _input_precision(x.dtype)
     target = _device(x.device)
     fma = x.dtype == torch.float32 and precision == "ieee"
     rank_tf32 = x.dtype != torch.float32
 
     BLOCK_R = r_tile_block(R, fma)
-    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(R, BLOCK_R))
+    # At least one R-tile: its programs write the mask's bits (R = 0 in a direct op call).
+    r_tiles = max(triton.cdiv(R, BLOCK_R), 1)
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]), r_tiles)
     wrap_triton(_tuned("shrink", target))[grid](
         x,
         lora_A,
         u,
+        keep_bits,
         seed,
         M,
         K,
@@ -1020,6 +1107,8 @@ def _forward_into(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, 
         lora_A.stride(1),
         u.stride(0),
         u.stride(1),
+        keep_bits.stride(0),
+        keep_bits.stride(-1),
         threshold,
         dropout_scale,
         HAS_DROPOUT=has_dropout,
@@ -1068,6 +1157,7 @@ def _backward_into(
     dropout_p,
     seed,
     u,
+    keep_bits,
     grad_x,
     grad_A,
     grad_B,
@@ -1077,7 +1167,9 @@ def _backward_into(
     """Write the gradients into the buffers given (None: not wanted).
 
     grad_x [M, K] (x's dtype), grad_A [R, K], grad_B [N, R] (the adapters' dtype, given
-    together), grad_scaling [] (fp32), grad_bias [N] (x's dtype).
+    together), grad_scaling [] (fp32), grad_bias [N] (x's dtype). With dropout the keep
+    mask is read from keep_bits [M, ceil(K/8)] uint8; an empty keep_bits (shape [0]) has
+    the mask made from the seed first.
     """
     _check_common(x, weight, lora_A, lora_B, scaling, dropout_p, seed)
     M, K = x.shape
@@ -1086,6 +1178,10 @@ def _backward_into(
     device = x.device
     _check_tensor("grad_y", grad_y, (M, N), (x.dtype,), device)
     _check_tensor("u", u, (M, R), (torch.float32,), device)
+    has_dropout, threshold, dropout_scale = _dropout_args(dropout_p)
+    bits_shape = (M, (K + 7) // 8)
+    if has_dropout and tuple(keep_bits.shape) != (0,):
+        _check_tensor("keep_bits", keep_bits, bits_shape, (torch.uint8,), device)
     if grad_x is not None:
         _check_tensor("grad_x", grad_x, (M, K), (x.dtype,), device)
     if (grad_A is None) != (grad_B is None):
@@ -1101,7 +1197,6 @@ def _backward_into(
     need_lora = grad_A is not None
     need_g = grad_x is not None or need_lora or grad_scaling is not None
     fused_db = need_lora and R <= _FUSED_DB_MAX_R
-    has_dropout, threshold, dropout_scale = _dropout_args(dropout_p)
     precision = _input_precision(x.dtype)
     target = _device(device)
     programs = _target_programs(device)
@@ -1115,6 +1210,12 @@ def _backward_into(
             if out is not None:
                 out.zero_()
         return
+    if not has_dropout:
+        keep_bits = u  # never read
+    elif tuple(keep_bits.shape) == (0,) and (grad_x is not None or need_lora):
+        # No saved bits (a direct op call): the mask from the seed, packed, then read.
+        keep_bits = _empty(bits_shape, torch.uint8, device)
+        _launch_mask_kernel(seed, threshold, keep_bits, K, pack=True)
 
     # 3. One pass over dY: G (partials over N-chunks), dB, db and ds partials.
     g = None
@@ -1180,7 +1281,7 @@ def _backward_into(
             lora_A,
             grad_x,
             scaling,
-            seed,
+            keep_bits,
             M,
             N,
             K,
@@ -1195,7 +1296,8 @@ def _backward_into(
             lora_A.stride(1),
             grad_x.stride(0),
             grad_x.stride(1),
-            threshold,
+            keep_bits.stride(0),
+            keep_bits.stride(-1),
             dropout_scale,
             HAS_DROPOUT=has_dropout,
             INPUT_PRECISION=precision,
@@ -1216,7 +1318,7 @@ def _backward_into(
             g,
             x,
             da_part,
-            seed,
+            keep_bits,
             M,
             R,
             K,
@@ -1225,7 +1327,8 @@ def _backward_into(
             g.stride(1),
             x.stride(0),
             x.stride(1),
-            threshold,
+            keep_bits.stride(0),
+            keep_bits.stride(-1),
             HAS_DROPOUT=has_dropout,
             DOT_LHS_DTYPE=False,
             INPUT_PRECISION=precision,
@@ -1244,7 +1347,7 @@ def _backward_into(
             grad_y,
             u,
             db_part,
-            seed,
+            u,  # no mask
             M,
             N,
             R,
@@ -1253,6 +1356,7 @@ def _backward_into(
             grad_y.stride(1),
             u.stride(0),
             u.stride(1),
+            0,
             0,
             HAS_DROPOUT=False,
             DOT_LHS_DTYPE=True,
@@ -1263,25 +1367,59 @@ def _backward_into(
         _sum_partials(db_part, grad_B, 1.0, scaling)
 
 
-def _keep_mask_bytes(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
-    """The keep mask [M, K] as int8 0/1, written by `_dropout_mask_kernel`."""
+def _launch_mask_kernel(seed, threshold: int, out: torch.Tensor, K: int, pack: bool) -> None:
+    """`_dropout_mask_kernel` for the mask [M, K] of a p > 0 into out: [M, ceil(K/8)] uint8
+    bits if pack, else [M, K] int8. Takes no lock (callers hold it)."""
+    M = out.shape[0]
+    if M == 0 or K == 0:
+        return
+    grid = (triton.cdiv(M, _MASK_BLOCK_M), triton.cdiv(K, _MASK_BLOCK_K))
+    wrap_triton(_dropout_mask_kernel)[grid](
+        out,
+        seed,
+        M,
+        K,
+        out.stride(0),
+        out.stride(1),
+        threshold,
+        PACK_BITS=pack,
+        BLOCK_M=_MASK_BLOCK_M,
+        BLOCK_K=_MASK_BLOCK_K,
+    )
+
+
+def _check_seed(seed) -> None:
     if not isinstance(seed, torch.Tensor) or seed.shape != () or seed.dtype != torch.int64:
         raise TypeError(f"seed must be a 0-dim int64 tensor, got {seed!r:.80}")
+
+
+def _keep_mask_bytes(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
+    """The keep mask [M, K] as int8 0/1, written by `_dropout_mask_kernel`."""
+    _check_seed(seed)
     keep = _empty((M, K), torch.int8, seed.device)
     has_dropout, threshold, _ = _dropout_args(p)
     if not has_dropout:
         return keep.fill_(1)
-    if M > 0 and K > 0:
-        grid = (triton.cdiv(M, _MASK_BLOCK_M), triton.cdiv(K, _MASK_BLOCK_K))
-        with _one_at_a_time():
-            wrap_triton(_dropout_mask_kernel)[grid](
-                keep, seed, M, K, threshold, BLOCK_M=_MASK_BLOCK_M, BLOCK_K=_MASK_BLOCK_K
-            )
+    with _one_at_a_time():
+        _launch_mask_kernel(seed, threshold, keep, K, pack=False)
     return keep
 
 
+def _keep_mask_bits(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
+    """The keep mask packed one bit per element, [M, ceil(K/8)] uint8, written by
+    `_dropout_mask_kernel` alone (what backward makes when given no bits); p > 0."""
+    _check_seed(seed)
+    has_dropout, threshold, _ = _dropout_args(p)
+    if not has_dropout:
+        raise ValueError(f"the packed keep mask exists only for dropout_p > 0, got {p!r}")
+    keep_bits = _empty((M, (K + 7) // 8), torch.uint8, seed.device)
+    with _one_at_a_time():
+        _launch_mask_kernel(seed, threshold, keep_bits, K, pack=True)
+    return keep_bits
+
+
 def dropout_keep_mask(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
-    """The keep mask [M, K] (bool) exactly as the kernels regenerate it.
+    """The keep mask [M, K] (bool) exactly as the kernels make it.
 
     `seed` is a 0-dim int64 tensor on the device; for tests against
     `reference.dropout_keep_mask`.
@@ -1305,17 +1443,13 @@ def triton_forward(
     dropout_p: float,
     seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    M = x.shape[0]
+    M, K = x.shape[0], x.shape[-1]  # _forward_into checks that x is 2-D
     y = _empty((M, weight.shape[0]), x.dtype, x.device)
     u = _empty((M, lora_A.shape[0]), torch.float32, x.device)
+    # With dropout the shrink writes the mask's bits here; else an empty [0].
+    keep_bits = _empty(keep_bits_shape(M, K, dropout_p), torch.uint8, x.device)
     with _one_at_a_time():
-        _forward_into(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, u)
-    K = x.shape[1]  # x is known to be 2-D from here on
-    # Interim: the mask packed from the mask-only kernel; the kernels regenerate it.
-    if dropout_p > 0.0:
-        keep_bits = reference.pack_keep_mask(_keep_mask_bytes(seed, M, K, dropout_p) == 1)
-    else:
-        keep_bits = _empty(keep_bits_shape(M, K, dropout_p), torch.uint8, x.device)
+        _forward_into(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, u, keep_bits)
     return y, u, keep_bits
 
 
@@ -1362,6 +1496,7 @@ def triton_backward(
             dropout_p,
             seed,
             u,
+            keep_bits,
             grad_x if need_grad_x else None,
             grad_A if need_grad_lora else None,
             grad_B if need_grad_lora else None,

@@ -264,6 +264,115 @@ def test_shrink_dx_and_da_kernels_use_the_reference_mask(p):
     assert torch.equal(grad_B.cpu(), 0.5 * u.cpu())  # dB = s dY^T U with dY = I
 
 
+# (M, K, R, p, seed): K = 1, 7, 9, 70, 129 (padding bits in the last byte of a row, or
+# none: K = 8, 16), M across several row tiles, R over two R-tiles (the interpreter's
+# tiles are 32 wide: only one program of an M-tile may write its bits), p from almost
+# nothing dropped (T = 0 below 2^-32: all ones) to almost everything.
+BITS_CASES = [
+    (5, 1, 3, 0.5, 11),
+    (17, 7, 40, 0.1, 2**40 + 123),
+    (33, 9, 7, 0.5, 2**62 + 5),
+    (3, 8, 1, 0.3, 99),
+    (21, 16, 33, 0.9, 7),
+    (37, 70, 7, 0.1, 123456789),
+    (9, 129, 40, 0.999, 3),
+    (13, 70, 2, 1e-12, 42),
+]
+
+
+@pytest.mark.parametrize(
+    "M,K,R,p,seed", BITS_CASES, ids=[f"M{c[0]}-K{c[1]}-R{c[2]}-p{c[3]}" for c in BITS_CASES]
+)
+def test_forward_keep_bits_are_the_packed_reference_mask(M, K, R, p, seed):
+    """The shrink's keep_bits (and the bits-only kernel's, what backward makes when given
+    none) equal pack_keep_mask of the reference mask bit for bit, padding bits 0; every
+    byte is written (the buffers start as 0xFF)."""
+    x, weight, b, lora_A, lora_B, s = make_inputs(M, K, 6, R, torch.float32)
+    seed_t = torch.tensor(seed, dtype=torch.int64, device=DEVICE)
+    with torch.no_grad():
+        _, _, keep_bits = torch.ops.lora_kernels.triton_forward(
+            x, weight, b, lora_A, lora_B, s, p, seed_t
+        )
+    expected = reference.pack_keep_mask(reference.dropout_keep_mask(seed, M, K, p))
+    assert keep_bits.dtype == torch.uint8 and keep_bits.shape == (M, (K + 7) // 8)
+    assert torch.equal(keep_bits.cpu(), expected)
+    assert torch.equal(bt._keep_mask_bits(seed_t, M, K, p).cpu(), expected)
+
+
+def test_forward_without_dropout_returns_empty_bits():
+    x, weight, b, lora_A, lora_B, s = make_inputs(9, 13, 6, 3, torch.float32)
+    seed = torch.tensor(1, dtype=torch.int64, device=DEVICE)
+    with torch.no_grad():
+        _, _, keep_bits = torch.ops.lora_kernels.triton_forward(
+            x, weight, b, lora_A, lora_B, s, 0.0, seed
+        )
+    assert keep_bits.dtype == torch.uint8 and keep_bits.shape == (0,)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_backward_applies_the_bits_it_is_given(p):
+    """Given the complement of the forward's bits, dX and dA apply the complement: the
+    kernels read keep_bits, not the seed. With x of ones, dY = B = I (so G = I) and A of
+    ones: dX = s D(G A) and dA = s G^T D(X) both spell out the mask times s / (1 - p)."""
+    n, K = 13, 21  # M = N = R = n; K not a multiple of 8
+    seed = torch.tensor(2**33 + 5, dtype=torch.int64, device=DEVICE)
+    eye = torch.eye(n, device=DEVICE)
+    x = torch.ones(n, K, device=DEVICE)
+    ones_a = torch.ones(n, K, device=DEVICE)
+    zeros_w = torch.zeros(n, K, device=DEVICE)
+    s = torch.tensor(0.5, device=DEVICE)
+    keep = reference.dropout_keep_mask(seed.cpu(), n, K, p)
+    factor = 0.5 * reference.dropout_scale(p)
+
+    _, u, keep_bits = torch.ops.lora_kernels.triton_forward(
+        x, zeros_w, None, ones_a, eye, s, p, seed
+    )
+    for bits, mask in [(keep_bits, keep), (reference.pack_keep_mask(~keep).to(DEVICE), ~keep)]:
+        grad_x, grad_A, _, _, _ = torch.ops.lora_kernels.triton_backward(
+            eye, x, zeros_w, ones_a, eye, s, p, seed, u, bits, True, True, False, False
+        )
+        assert torch.equal(grad_x.cpu(), mask * factor)
+        assert torch.equal(grad_A.cpu(), mask * factor)
+
+
+@pytest.mark.parametrize(
+    "dtype,p", [(torch.float32, 0.1), (torch.bfloat16, 0.5)], ids=["fp32-p0.1", "bf16-p0.5"]
+)
+def test_backward_without_bits_equals_backward_with_the_forwards_bits(dtype, p):
+    """An empty keep_bits with p > 0 (a direct op call): the launcher makes the bits from
+    the seed, and every gradient is bit-identical to the one from the forward's bits."""
+    M, K, N, R = 33, 70, 33, 40
+    x, weight, b, lora_A, lora_B, s = make_inputs(M, K, N, R, dtype)
+    seed = torch.tensor(2**41 + 3, dtype=torch.int64, device=DEVICE)
+    grad_y = torch.randn(M, N, generator=torch.Generator().manual_seed(4)).to(dtype).to(DEVICE)
+    args = [t.detach() for t in (x, weight, lora_A, lora_B, s)]
+    _, u, keep_bits = torch.ops.lora_kernels.triton_forward(
+        args[0], weight, b.detach(), *args[2:], p, seed
+    )
+    no_bits = torch.empty(0, dtype=torch.uint8, device=DEVICE)
+    outs = [
+        torch.ops.lora_kernels.triton_backward(
+            grad_y, *args[:5], p, seed, u, bits, True, True, True, True
+        )
+        for bits in (keep_bits, no_bits)
+    ]
+    for with_bits, without in zip(*outs, strict=True):
+        assert with_bits.numel() > 0 and torch.equal(with_bits, without)
+
+
+def test_backward_rejects_bits_of_the_wrong_shape():
+    x, weight, b, lora_A, lora_B, s, p, seed = _op_args()
+    _, u, keep_bits = torch.ops.lora_kernels.triton_forward(
+        x, weight, b, lora_A, lora_B, s, p, seed
+    )
+    grad_y = torch.ones(x.shape[0], weight.shape[0], device=DEVICE)
+    for bad in (keep_bits[:, :-1], keep_bits.to(torch.int8), keep_bits[:-1]):
+        with pytest.raises((ValueError, TypeError), match="keep_bits"):
+            torch.ops.lora_kernels.triton_backward(
+                grad_y, x, weight, lora_A, lora_B, s, p, seed, u, bad, True, True, False, False
+            )
+
+
 def test_same_seed_is_bit_identical_and_different_seeds_differ():
     x, weight, b, lora_A, lora_B, s = make_inputs(33, 70, 33, 7, torch.float32)
     grad_y = torch.randn(33, 33, device=DEVICE)
