@@ -162,6 +162,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_forward(
   const at::Tensor keep_bits =
       dropout_p > 0.0 ? at::empty({M, ceil_div(K, 8)}, x.options().dtype(at::kByte))
                       : at::empty({0}, x.options().dtype(at::kByte));
+  if (dropout_p > 0.0 && !make_dropout_params(dropout_p).active) {
+    // p below 2^-32: the threshold floors to 0 and every element is kept, so no step
+    // generates a mask; the packed mask is all ones (padding bits 0).
+    keep_bits.fill_(0xFF);
+    if (K % 8 != 0) keep_bits.select(1, K / 8).fill_((1 << (K % 8)) - 1);
+  }
   const Dropout d{dropout_p, seed, dropout_p > 0.0 ? keep_bits : at::Tensor()};
   const at::Tensor x2 = unit_column_stride(x);
   // float32 / float64: every GEMM in ATen, in x's dtype (which is the accumulation dtype).

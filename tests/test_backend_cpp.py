@@ -190,6 +190,15 @@ def test_kernels_apply_the_reference_mask(isa, dtype):
         torch.testing.assert_close(grad_A, expected.double().sum(0).expand(K, K).to(dtype))
 
 
+@pytest.mark.parametrize("K", [13, 16])
+def test_keep_bits_of_a_p_below_2_to_the_minus_32_are_all_ones(K):
+    """p = 1e-12 floors the threshold to 0: every element is kept and no kernel runs
+    Philox, but keep_bits is still the packed mask, all ones, padding bits 0."""
+    x, W, b, A, B, s, _, seed = _op_args(torch.float32, 0.0, K=K)
+    _, _, keep_bits = torch.ops.lora_kernels.cpp_forward(x.detach(), W, b, A, B, s, 1e-12, seed)
+    assert torch.equal(keep_bits, pack_keep_mask(torch.ones(x.shape, dtype=torch.bool)))
+
+
 def test_backward_applies_the_saved_bits():
     """The backward's mask is the keep_bits it is given (here the complement of the
     seed's mask): the CPU steps read the saved bits rather than regenerating them."""
