@@ -144,50 +144,89 @@ LORA_ALWAYS_INLINE void mask_factors(float* fac, const Mask& mk, int64_t m, int6
 #if defined(LORA_CPU_AVX512)
   const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i mul0 = _mm512_set1_epi64(kPhiloxM0), mul1 = _mm512_set1_epi64(kPhiloxM1);
-  for (; i + 16 <= ng; i += 16) {
-    const __m512i qa = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(q0 + i)), lane);
-    const __m512i qb = _mm512_add_epi64(qa, _mm512_set1_epi64(8));
+  const __m512i threshold16 = _mm512_set1_epi32(static_cast<int>(mk.threshold));
+  const __m512 scale16 = _mm512_set1_ps(mk.scale);
+  // kSets independent states of 8 groups each per step: the chain of one round
+  // (multiply, swap, xor) is longer than the issue time of two states' rounds, so four
+  // keep both vector ports busy. One step covers 32 groups (128 elements): the factors
+  // go to f, the packed keep bits to two words of bits.
+  constexpr int kSets = 4;
+  constexpr int64_t kStep = 8 * kSets;
+  const auto philox_step = [&](int64_t i0, float* f, uint64_t* bits) {
     // State words: only the low 32 bits of each 64-bit lane count.
-    __m512i a0 = qa, a1 = _mm512_srli_epi64(qa, 32), a2 = _mm512_setzero_si512(), a3 = a2;
-    __m512i b0 = qb, b1 = _mm512_srli_epi64(qb, 32), b2 = a2, b3 = a2;
+    __m512i st[kSets][4];
+    for (int t = 0; t < kSets; ++t) {
+      const __m512i q =
+          _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(q0 + i0 + 8 * t)), lane);
+      st[t][0] = q;
+      st[t][1] = _mm512_srli_epi64(q, 32);
+      st[t][2] = _mm512_setzero_si512();
+      st[t][3] = st[t][2];
+    }
     for (int r = 0; r < kPhiloxRounds; ++r) {
       const __m512i k0 = _mm512_set1_epi64(k0s[r]), k1 = _mm512_set1_epi64(k1s[r]);
-      const __m512i pa0 = _mm512_mul_epu32(a0, mul0), pa1 = _mm512_mul_epu32(a2, mul1);
-      const __m512i pb0 = _mm512_mul_epu32(b0, mul0), pb1 = _mm512_mul_epu32(b2, mul1);
-      // hi32 of each product moved to the low word by a dword swap (a shuffle-port op,
-      // the multiplies use the other port); 0x96: three-way xor.
-      a0 = _mm512_ternarylogic_epi64(_mm512_shuffle_epi32(pa1, _MM_PERM_CDAB), a1, k0, 0x96);
-      a2 = _mm512_ternarylogic_epi64(_mm512_shuffle_epi32(pa0, _MM_PERM_CDAB), a3, k1, 0x96);
-      a1 = pa1;
-      a3 = pa0;
-      b0 = _mm512_ternarylogic_epi64(_mm512_shuffle_epi32(pb1, _MM_PERM_CDAB), b1, k0, 0x96);
-      b2 = _mm512_ternarylogic_epi64(_mm512_shuffle_epi32(pb0, _MM_PERM_CDAB), b3, k1, 0x96);
-      b1 = pb1;
-      b3 = pb0;
+      for (int t = 0; t < kSets; ++t) {
+        const __m512i p0 = _mm512_mul_epu32(st[t][0], mul0);
+        const __m512i p1 = _mm512_mul_epu32(st[t][2], mul1);
+        // hi32 of each product moved to the low word by a dword swap (a shuffle-port
+        // op, the multiplies use the other port); 0x96: three-way xor.
+        st[t][0] = _mm512_ternarylogic_epi64(_mm512_shuffle_epi32(p1, _MM_PERM_CDAB), st[t][1],
+                                             k0, 0x96);
+        st[t][2] = _mm512_ternarylogic_epi64(_mm512_shuffle_epi32(p0, _MM_PERM_CDAB), st[t][3],
+                                             k1, 0x96);
+        st[t][1] = p1;
+        st[t][3] = p0;
+      }
     }
     // keep = (word >= threshold), unsigned; the words sit in the even dword lanes. The
     // compares give k-masks; pext/pdep (scalar ports, idle during Philox) put the bits
     // in element order (element 4 * group + word), and masked moves turn them into
-    // factors.
-    const __m512i threshold16 = _mm512_set1_epi32(static_cast<int>(mk.threshold));
-    const __m512i wa[4] = {a0, a1, a2, a3}, wb[4] = {b0, b1, b2, b3};
-    uint64_t bits = 0;
-    for (int j = 0; j < 4; ++j) {
-      const uint32_t ka = _mm512_cmpge_epu32_mask(wa[j], threshold16);
-      const uint32_t kb = _mm512_cmpge_epu32_mask(wb[j], threshold16);
-      const uint64_t by_group = _pext_u32(ka, 0x5555u) | (_pext_u32(kb, 0x5555u) << 8);
-      bits |= _pdep_u64(by_group, 0x1111111111111111ull << j);
+    // factors. Two states (16 groups) make 64 elements, one word of bits.
+    for (int t = 0; t < kSets; t += 2) {
+      uint64_t word = 0;
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t ka = _mm512_cmpge_epu32_mask(st[t][j], threshold16);
+        const uint32_t kb = _mm512_cmpge_epu32_mask(st[t + 1][j], threshold16);
+        const uint64_t by_group = _pext_u32(ka, 0x5555u) | (_pext_u32(kb, 0x5555u) << 8);
+        word |= _pdep_u64(by_group, 0x1111111111111111ull << j);
+      }
+      for (int v = 0; v < 4; ++v)
+        _mm512_storeu_ps(f + 32 * t + 16 * v,
+                         _mm512_maskz_mov_ps(static_cast<__mmask16>(word >> (16 * v)), scale16));
+      bits[t / 2] = word;
     }
-    const __m512 scale16 = _mm512_set1_ps(mk.scale);
-    for (int v = 0; v < 4; ++v)
-      _mm512_storeu_ps(fac + 4 * i + 16 * v,
-                       _mm512_maskz_mov_ps(static_cast<__mmask16>(bits >> (16 * v)), scale16));
+  };
+  for (; i + kStep <= ng; i += kStep) {
+    uint64_t bits[kSets / 2];
+    philox_step(i, fac + 4 * i, bits);
     if (bits_out != nullptr) {
-      // The bits of padding elements (past nvalid, in the row's last group) are 0.
-      if (4 * i + 64 > nvalid) bits &= (uint64_t{1} << (nvalid - 4 * i)) - 1;
-      memcpy(bits_out + (4 * i) / 8, &bits, sizeof bits);
-      packed = 4 * i + 64;
+      // Elements 4 * i .. 4 * i + 128 are all below 8 * ceil(nvalid / 8): whole bytes of
+      // the row. The bits of padding elements (past nvalid, in its last group) are 0.
+      for (int w = 0; w < kSets / 2; ++w) {
+        const int64_t e0 = 4 * i + 64 * w;
+        if (e0 + 64 > nvalid) bits[w] &= (uint64_t{1} << (nvalid - e0)) - 1;
+      }
+      memcpy(bits_out + (4 * i) / 8, bits, sizeof bits);
+      packed = 4 * i + 4 * kStep;
     }
+  }
+  if (i < ng) {
+    // The last groups of the row: one more full step into scratch (Philox of counters
+    // past the row is harmless), of which the first ng - i groups are kept.
+    float tail[4 * kStep];
+    uint64_t bits[kSets / 2];
+    philox_step(i, tail, bits);
+    memcpy(fac + 4 * i, tail, sizeof(float) * 4 * (ng - i));
+    if (bits_out != nullptr) {
+      for (int w = 0; w < kSets / 2; ++w) {
+        const int64_t e0 = 4 * i + 64 * w;
+        bits[w] = e0 >= nvalid ? 0 : e0 + 64 > nvalid ? bits[w] & ((uint64_t{1} << (nvalid - e0)) - 1)
+                                                     : bits[w];
+      }
+      memcpy(bits_out + (4 * i) / 8, bits, static_cast<size_t>(ceil_div(nvalid, 8) - (4 * i) / 8));
+      packed = nvalid;
+    }
+    i = ng;
   }
 #else
   const __m256i threshold = _mm256_set1_epi32(static_cast<int>(mk.threshold));
