@@ -199,6 +199,17 @@ def test_keep_bits_of_a_p_below_2_to_the_minus_32_are_all_ones(K):
     assert torch.equal(keep_bits, pack_keep_mask(torch.ones(x.shape, dtype=torch.bool)))
 
 
+@pytest.mark.parametrize("K", [1, 9, 70, 257, 1000])
+def test_forward_keep_bits_are_the_packed_reference_mask(isa, K):
+    """Bit for bit, across column blocks (256 columns) and the last partial Philox
+    step of a row, in every CPU kernel build; padding bits 0."""
+    M, p, seed = 11, 0.3, 2**40 + 7
+    x, W, b, A, B, s, _, _ = _op_args(torch.float32, 0.0, M=M, K=K)
+    seed_t = torch.tensor(seed, dtype=torch.int64)
+    _, _, keep_bits = torch.ops.lora_kernels.cpp_forward(x.detach(), W, b, A, B, s, p, seed_t)
+    assert torch.equal(keep_bits, pack_keep_mask(dropout_keep_mask(seed, M, K, p)))
+
+
 def test_backward_applies_the_saved_bits():
     """The backward's mask is the keep_bits it is given (here the complement of the
     seed's mask): the CPU steps read the saved bits rather than regenerating them."""
