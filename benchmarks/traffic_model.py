@@ -141,21 +141,28 @@ def _bits_bytes(M, K, p):
     return M * ((K + 7) // 8) if p > 0 else 0
 
 
+def _shrink_pass(M, K, R, p, dtype, adapter_dtype):
+    """U = D(X) A^T, generating the mask (p > 0) and writing it packed (keep_bits)."""
+    e, a = _nbytes(dtype), _nbytes(adapter_dtype)
+    mask = _philox_ops(M, K) if p > 0 else 0.0
+    bits = _bits_bytes(M, K, p)
+    return Pass(
+        "shrink U = D(X) A^T, keep_bits",
+        2.0 * M * K * R,
+        e * M * K + a * R * K + 4 * M * R + bits,
+        dtype,
+        mask,
+    )
+
+
 def fused_passes(mode, M, K, N, R, p, dtype, adapter_dtype, bias):
     """The fused Triton design (design notes): 2 launches forward, 3 backward. The
     shrink generates the mask and writes it packed (keep_bits); dX and dA read it."""
     e, a = _nbytes(dtype), _nbytes(adapter_dtype)
-    mask = _philox_ops(M, K) if p > 0 else 0.0
     bits = _bits_bytes(M, K, p)
     mk, mn, mr = M * K, M * N, M * R
     fwd = [
-        Pass(
-            "shrink U = D(X) A^T, keep_bits",
-            2.0 * mk * R,
-            e * mk + a * R * K + 4 * mr + bits,
-            dtype,
-            mask,
-        ),
+        _shrink_pass(M, K, R, p, dtype, adapter_dtype),
         Pass(
             "Y = X W^T + b + s U B^T",
             2.0 * mn * K + 2.0 * mn * R,
@@ -180,17 +187,10 @@ def cpp_passes(mode, M, K, N, R, p, dtype, adapter_dtype, bias):
     """The C++ design (issue 4): ATen GEMMs with addmm_ accumulation + masked LoRA kernels;
     the shrink writes keep_bits, the masked backward kernels read them."""
     e, a = _nbytes(dtype), _nbytes(adapter_dtype)
-    mask = _philox_ops(M, K) if p > 0 else 0.0
     bits = _bits_bytes(M, K, p)
     mk, mr = M * K, M * R
     fwd = [
-        Pass(
-            "shrink U = D(X) A^T, keep_bits",
-            2.0 * mk * R,
-            e * mk + a * R * K + 4 * mr + bits,
-            dtype,
-            mask,
-        ),
+        _shrink_pass(M, K, R, p, dtype, adapter_dtype),
         _gemm("Y = X W^T (+b)", M, N, K, dtype, extra_bytes=e * N if bias else 0),
         _gemm("Y += s U B^T (addmm_)", M, N, R, dtype, read_out=True),
     ]

@@ -495,6 +495,15 @@ LORA_ALWAYS_INLINE const float* block_factors(float* fac, const Mask& mk, int64_
   return fac;
 }
 
+// dst [nrows, R2] contiguous = the first R2 columns of nrows rows of src (stride ld):
+// the reduce's coefficients of one block, side by side.
+template <class acc>
+LORA_ALWAYS_INLINE void pack_rows(acc* dst, const acc* src, int64_t ld, int64_t nrows,
+                                  int64_t R2) {
+  for (int64_t i = 0; i < nrows; ++i)
+    for (int64_t r = 0; r < R2; ++r) dst[i * R2 + r] = src[i * ld + r];
+}
+
 // Sums of each row chunk: written straight to `sums` with one chunk, otherwise staged
 // and added in chunk order at the end (the order fixed by the shapes).
 template <class acc>
@@ -574,9 +583,7 @@ void shrink_impl(const ShrinkArgs& p) {
       for (int64_t m0 = chunk * rows_per_chunk; m0 < m_end; m0 += kBlockRows) {
         const int64_t nrows = min64(kBlockRows, m_end - m0);
         fill(part.p, kBlockRows * Rv, acc(0));
-        if (do_reduce)
-          for (int64_t i = 0; i < nrows; ++i)
-            for (int64_t r = 0; r < R2; ++r) gb2.p[i * R2 + r] = g2[(m0 + i) * p.ldg2 + r];
+        if (do_reduce) pack_rows(gb2.p, g2 + m0 * p.ldg2, p.ldg2, nrows, R2);
         for (int64_t k0 = 0; k0 < Kp; k0 += kChunk) {
           const int64_t kc = min64(kChunk, Kp - k0);
           const int64_t nvalid = min64(kc, K - k0);
@@ -651,9 +658,7 @@ void expand_reduce_impl(const ExpandReduceArgs& p) {
               for (int64_t i = 0; i < MR; ++i)
                 gb.p[i0 * R + r * MR + i] = i0 + i < nrows ? g[(m0 + i0 + i) * p.ldg + r] : acc(0);
         }
-        if (do_reduce)
-          for (int64_t i = 0; i < nrows; ++i)
-            for (int64_t r = 0; r < R2; ++r) gb2.p[i * R2 + r] = g2[(m0 + i) * p.ldg2 + r];
+        if (do_reduce) pack_rows(gb2.p, g2 + m0 * p.ldg2, p.ldg2, nrows, R2);
         for (int64_t k0 = 0; k0 < Kp; k0 += kChunk) {
           const int64_t kc = min64(kChunk, Kp - k0);
           const int64_t nvalid = min64(kc, K - k0);
