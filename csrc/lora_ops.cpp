@@ -383,9 +383,11 @@ at::Tensor cpu_shrink(const at::Tensor& x, const at::Tensor& a, const Dropout& d
   return std::get<0>(cpu_shrink_reduce(x, a, at::Tensor(), d));
 }
 
-// The expand / reduce pass. `row` undefined: out += s D(g a) in place, or, with
-// `write`, out = s D(g a) without reading out; `row` defined ([K]): out = row + s D(g a).
-at::Tensor cpu_expand_reduce_impl(const at::Tensor& out, bool write, const at::Tensor& row,
+// The expand / reduce pass. `base` undefined: out += s D(g a) in place, or, with
+// `write`, out = s D(g a) without reading out; `base` defined: out = base + s D(g a),
+// base [K] (broadcast over the rows: the bias) or [M, K] with unit column stride (W,
+// for the fold).
+at::Tensor cpu_expand_reduce_impl(const at::Tensor& out, bool write, const at::Tensor& base,
                                   const at::Tensor& g, const at::Tensor& a,
                                   const at::Tensor& scaling, const at::Tensor& x,
                                   const at::Tensor& g2, const Dropout& d) {
@@ -397,7 +399,7 @@ at::Tensor cpu_expand_reduce_impl(const at::Tensor& out, bool write, const at::T
   args.dtype = cpu_dtype(ref.scalar_type());
   args.M = M;
   args.K = K;
-  at::Tensor a_packed, g_acc, s_acc, g2_acc, sums, row_c;
+  at::Tensor a_packed, g_acc, s_acc, g2_acc, sums, base_c;
   if (out.defined()) {
     const int64_t R = g.size(1);
     const int64_t Kp = round_up(K, cpu::kPadK);
@@ -413,10 +415,10 @@ at::Tensor cpu_expand_reduce_impl(const at::Tensor& out, bool write, const at::T
     args.lda = Kp;
     args.R = R;
     args.s = s_acc.data_ptr();
-    if (row.defined()) {
-      row_c = row.contiguous();
-      args.in = row_c.data_ptr();
-      args.ldi = 0;  // the same row for every m
+    if (base.defined()) {
+      base_c = base.contiguous();
+      args.in = base_c.data_ptr();
+      args.ldi = base.dim() == 1 ? 0 : base_c.stride(0);  // 0: the same row for every m
     } else {
       args.overwrite = write;
     }
@@ -466,32 +468,11 @@ at::Tensor cpu_dot(const at::Tensor& a, const at::Tensor& b) {
 at::Tensor cpu_fold(const at::Tensor& weight, const at::Tensor& B, const at::Tensor& A,
                     const at::Tensor& scaling) {
   const at::Tensor w = unit_column_stride(weight);
-  const int64_t N = w.size(0), K = w.size(1), R = A.size(0);
-  const auto acc = acc_dtype(w.scalar_type());
-  at::Tensor out = at::empty({N, K}, w.options());
-  if (R == 0 || N == 0 || K == 0) return out.copy_(w);
-  const int64_t Kp = round_up(K, cpu::kPadK);
-  at::Tensor a_packed = at::zeros({R, Kp}, w.options().dtype(acc));
-  a_packed.narrow(1, 0, K).copy_(A);
-  const at::Tensor g_acc = B.to(acc).contiguous();
-  const at::Tensor s_acc = scaling.to(acc).contiguous();
-  cpu::ExpandReduceArgs args{};
-  args.dtype = cpu_dtype(w.scalar_type());
-  args.M = N;
-  args.K = K;
-  args.out = out.data_ptr();
-  args.ldo = K;
-  args.in = w.data_ptr();
-  args.ldi = w.stride(0);
-  args.g = g_acc.data_ptr();
-  args.ldg = R;
-  args.a = a_packed.data_ptr();
-  args.lda = Kp;
-  args.R = R;
-  args.s = s_acc.data_ptr();
-  args.mask = cpu_mask(Dropout{0.0, at::Tensor()});
-  args.num_threads = at::get_num_threads();
-  cpu::expand_reduce(args);
+  at::Tensor out = at::empty({w.size(0), w.size(1)}, w.options());
+  if (A.size(0) == 0) return out.copy_(w);
+  // The expand pass with W as its base: out = W + s B A (g = B, a = A, no dropout).
+  cpu_expand_reduce_impl(out, /*write=*/true, w, B, A, scaling, at::Tensor(), at::Tensor(),
+                         Dropout{0.0, at::Tensor()});
   return out;
 }
 
