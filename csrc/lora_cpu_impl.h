@@ -196,19 +196,25 @@ LORA_ALWAYS_INLINE void mask_factors(float* fac, const Mask& mk, int64_t m, int6
       bits[t / 2] = word;
     }
   };
+  // The packed bits of the step at group i, padding elements (past nvalid, in the row's
+  // last group or past it in the last step) 0, and only the bytes the row has.
+  const auto store_bits = [&](int64_t i0, uint64_t* bits) {
+    for (int w = 0; w < kSets / 2; ++w) {
+      const int64_t e0 = 4 * i0 + 64 * w;
+      if (e0 >= nvalid) {
+        bits[w] = 0;
+      } else if (e0 + 64 > nvalid) {
+        bits[w] &= (uint64_t{1} << (nvalid - e0)) - 1;
+      }
+    }
+    const int64_t nbytes = min64(8 * (kSets / 2), ceil_div(nvalid, 8) - (4 * i0) / 8);
+    memcpy(bits_out + (4 * i0) / 8, bits, static_cast<size_t>(nbytes));
+    packed = min64(4 * (i0 + kStep), nvalid);
+  };
   for (; i + kStep <= ng; i += kStep) {
     uint64_t bits[kSets / 2];
     philox_step(i, fac + 4 * i, bits);
-    if (bits_out != nullptr) {
-      // Elements 4 * i .. 4 * i + 128 are all below 8 * ceil(nvalid / 8): whole bytes of
-      // the row. The bits of padding elements (past nvalid, in its last group) are 0.
-      for (int w = 0; w < kSets / 2; ++w) {
-        const int64_t e0 = 4 * i + 64 * w;
-        if (e0 + 64 > nvalid) bits[w] &= (uint64_t{1} << (nvalid - e0)) - 1;
-      }
-      memcpy(bits_out + (4 * i) / 8, bits, sizeof bits);
-      packed = 4 * i + 4 * kStep;
-    }
+    if (bits_out != nullptr) store_bits(i, bits);
   }
   if (i < ng) {
     // The last groups of the row: one more full step into scratch (Philox of counters
@@ -217,15 +223,7 @@ LORA_ALWAYS_INLINE void mask_factors(float* fac, const Mask& mk, int64_t m, int6
     uint64_t bits[kSets / 2];
     philox_step(i, tail, bits);
     memcpy(fac + 4 * i, tail, sizeof(float) * 4 * (ng - i));
-    if (bits_out != nullptr) {
-      for (int w = 0; w < kSets / 2; ++w) {
-        const int64_t e0 = 4 * i + 64 * w;
-        bits[w] = e0 >= nvalid ? 0 : e0 + 64 > nvalid ? bits[w] & ((uint64_t{1} << (nvalid - e0)) - 1)
-                                                     : bits[w];
-      }
-      memcpy(bits_out + (4 * i) / 8, bits, static_cast<size_t>(ceil_div(nvalid, 8) - (4 * i) / 8));
-      packed = nvalid;
-    }
+    if (bits_out != nullptr) store_bits(i, bits);
     i = ng;
   }
 #else
