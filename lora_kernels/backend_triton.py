@@ -187,6 +187,70 @@ def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return i_m, i_n
 
 
+@triton.jit
+def _rank_r_tile(
+    lhs,
+    rhs,
+    o_m,
+    m_m,
+    o_c,
+    m_c,
+    R,
+    s_lm,
+    s_lr,
+    s_rr,
+    s_rc,
+    dtype: tl.constexpr,
+    RANK_TF32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """lhs[o_m, :R] @ rhs[:R, o_c] in fp32, in R-wide steps: the rank-R term (U B^T in
+    the forward GEMM, G A in the dX GEMM) that opens a tile's accumulator."""
+    b_acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
+        o_r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        m_r = o_r < R
+        p_l = lhs + o_m[:, None] * s_lm + o_r[None, :] * s_lr
+        p_r = rhs + o_r[:, None] * s_rr + o_c[None, :] * s_rc
+        b_l = tl.load(p_l, mask=m_m[:, None] & m_r[None, :], other=0.0)  # [BM, BR]
+        b_r = tl.load(p_r, mask=m_r[:, None] & m_c[None, :], other=0.0)  # [BR, BC]
+        b_acc = _lora_dot(b_l, b_r, b_acc, dtype, RANK_TF32, INPUT_PRECISION)
+    return b_acc
+
+
+@triton.jit
+def _gemm_tile(
+    b_acc,
+    lhs,
+    rhs,
+    o_m,
+    m_m,
+    o_c,
+    m_c,
+    L,
+    s_lm,
+    s_ll,
+    s_rl,
+    s_rc,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    """b_acc + lhs[o_m, :L] @ rhs[:L, o_c]: the main loop of the forward (X W^T) and dX
+    (dY W) GEMMs, BLOCK_L at a time."""
+    for l0 in range(0, L, BLOCK_L):
+        o_l = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
+        m_l = o_l < L
+        p_l = lhs + o_m[:, None] * s_lm + o_l[None, :] * s_ll
+        p_r = rhs + o_l[:, None] * s_rl + o_c[None, :] * s_rc
+        b_l = tl.load(p_l, mask=m_m[:, None] & m_l[None, :], other=0.0)  # [BM, BL]
+        b_r = tl.load(p_r, mask=m_l[:, None] & m_c[None, :], other=0.0)  # [BL, BC]
+        b_acc = _dot(b_l, b_r, b_acc, INPUT_PRECISION)
+    return b_acc
+
+
 @triton.jit(do_not_specialize=["threshold"])
 def _lora_shrink_kernel(
     x,
@@ -294,27 +358,15 @@ def _lora_fwd_kernel(
     m_n = o_n < N
     dtype = x.dtype.element_ty
 
-    # s * U B^T, in R-wide steps.
-    b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
-        o_r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        m_r = o_r < R
-        p_u = u + o_m[:, None] * s_um + o_r[None, :] * s_ur
-        p_b = b + o_r[:, None] * s_br + o_n[None, :] * s_bn
-        b_u = tl.load(p_u, mask=m_m[:, None] & m_r[None, :], other=0.0)  # [BM, BR]
-        b_b = tl.load(p_b, mask=m_r[:, None] & m_n[None, :], other=0.0)  # [BR, BN]
-        b_acc = _lora_dot(b_u, b_b, b_acc, dtype, RANK_TF32, INPUT_PRECISION)
+    # s U B^T (B^T [R, N] read through B's strides), then + X W^T (W^T [K, N]).
+    b_acc = _rank_r_tile(
+        u, b, o_m, m_m, o_n, m_n, R, s_um, s_ur, s_br, s_bn,
+        dtype, RANK_TF32, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R,
+    )  # fmt: skip
     b_acc = b_acc * tl.load(scaling)
-
-    # + X W^T
-    for k0 in range(0, K, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        m_k = o_k < K
-        p_x = x + o_m[:, None] * s_xm + o_k[None, :] * s_xk
-        p_w = w + o_k[:, None] * s_wk + o_n[None, :] * s_wn
-        b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
-        b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)  # [BK, BN]
-        b_acc = _dot(b_x, b_w, b_acc, INPUT_PRECISION)
+    b_acc = _gemm_tile(
+        b_acc, x, w, o_m, m_m, o_n, m_n, K, s_xm, s_xk, s_wk, s_wn, INPUT_PRECISION, BLOCK_K
+    )
 
     if HAS_BIAS:
         b_acc += tl.load(bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
@@ -449,30 +501,19 @@ def _lora_bwd_dx_kernel(
     m_k = o_k < K
     dtype = dy.dtype.element_ty
 
-    # s D(G A), in R-wide steps.
-    b_acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
-        o_r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        m_r = o_r < R
-        p_g = g + o_m[:, None] * s_gm + o_r[None, :] * s_gr
-        p_a = a + o_r[:, None] * s_ar + o_k[None, :] * s_ak
-        b_g = tl.load(p_g, mask=m_m[:, None] & m_r[None, :], other=0.0)  # [BM, BR]
-        b_a = tl.load(p_a, mask=m_r[:, None] & m_k[None, :], other=0.0)  # [BR, BK]
-        b_acc = _lora_dot(b_g, b_a, b_acc, dtype, RANK_TF32, INPUT_PRECISION)
+    # s D(G A), then + dY W.
+    b_acc = _rank_r_tile(
+        g, a, o_m, m_m, o_k, m_k, R, s_gm, s_gr, s_ar, s_ak,
+        dtype, RANK_TF32, INPUT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R,
+    )  # fmt: skip
     b_acc = b_acc * tl.load(scaling)
     if HAS_DROPOUT:
         b_keep = _load_keep(keep_bits, o_m, m_m, i_k * BLOCK_K, K, s_km, s_kb, BLOCK_M, BLOCK_K)
         b_acc = tl.where(b_keep, b_acc * dropout_scale, 0.0)
 
-    # + dY W
-    for n0 in range(0, N, BLOCK_N):
-        o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        m_n = o_n < N
-        p_dy = dy + o_m[:, None] * s_dym + o_n[None, :] * s_dyn
-        p_w = w + o_n[:, None] * s_wn + o_k[None, :] * s_wk
-        b_dy = tl.load(p_dy, mask=m_m[:, None] & m_n[None, :], other=0.0)  # [BM, BN]
-        b_w = tl.load(p_w, mask=m_n[:, None] & m_k[None, :], other=0.0)  # [BN, BK]
-        b_acc = _dot(b_dy, b_w, b_acc, INPUT_PRECISION)
+    b_acc = _gemm_tile(
+        b_acc, dy, w, o_m, m_m, o_k, m_k, N, s_dym, s_dyn, s_wn, s_wk, INPUT_PRECISION, BLOCK_N
+    )
 
     p_dx = dx + o_m[:, None] * s_dxm + o_k[None, :] * s_dxk
     tl.store(p_dx, _cast(b_acc, dx.dtype.element_ty), mask=m_m[:, None] & m_k[None, :])
