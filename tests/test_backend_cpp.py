@@ -100,6 +100,15 @@ def test_every_cpu_build_matches_reference(isa, dtype, p):
     check_against_reference("cpu", *inputs, p)
 
 
+# Outputs of 4 MiB or more with vector-aligned rows (Y and dX with dropout, the folded
+# weight without) are written with streaming stores: K and N multiples of 16 but not of
+# the 64-column padding, M odd and at least N and K (so p=0 folds).
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"p{p}")
+def test_large_outputs_written_with_streaming_stores_match_reference(isa, p):
+    inputs = make_inputs(1047, 1040, 1040, 7, torch.float32, learnable_s=True)
+    check_against_reference("cpu", *inputs, p)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=DTYPE_IDS.get)
 def test_float32_adapters(device, dtype):
