@@ -188,6 +188,21 @@ def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _operand_tiles(
+    lhs, rhs, o_m, m_m, o_c, m_c, l0, L, s_lm, s_ll, s_rl, s_rc, BLOCK_L: tl.constexpr
+):
+    """(lhs[o_m, l0:l0+BLOCK_L], rhs[l0:l0+BLOCK_L, o_c]), zero outside the bounds: one
+    step of a tile product over the shared dimension L."""
+    o_l = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
+    m_l = o_l < L
+    p_l = lhs + o_m[:, None] * s_lm + o_l[None, :] * s_ll
+    p_r = rhs + o_l[:, None] * s_rl + o_c[None, :] * s_rc
+    b_l = tl.load(p_l, mask=m_m[:, None] & m_l[None, :], other=0.0)  # [BM, BL]
+    b_r = tl.load(p_r, mask=m_l[:, None] & m_c[None, :], other=0.0)  # [BL, BC]
+    return b_l, b_r
+
+
+@triton.jit
 def _rank_r_tile(
     lhs,
     rhs,
@@ -211,12 +226,8 @@ def _rank_r_tile(
     the forward GEMM, G A in the dX GEMM) that opens a tile's accumulator."""
     b_acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
-        o_r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        m_r = o_r < R
-        p_l = lhs + o_m[:, None] * s_lm + o_r[None, :] * s_lr
-        p_r = rhs + o_r[:, None] * s_rr + o_c[None, :] * s_rc
-        b_l = tl.load(p_l, mask=m_m[:, None] & m_r[None, :], other=0.0)  # [BM, BR]
-        b_r = tl.load(p_r, mask=m_r[:, None] & m_c[None, :], other=0.0)  # [BR, BC]
+        b_l, b_r = _operand_tiles(lhs, rhs, o_m, m_m, o_c, m_c, r0, R, s_lm, s_lr, s_rr, s_rc,
+                                  BLOCK_R)  # fmt: skip
         b_acc = _lora_dot(b_l, b_r, b_acc, dtype, RANK_TF32, INPUT_PRECISION)
     return b_acc
 
@@ -241,12 +252,8 @@ def _gemm_tile(
     """b_acc + lhs[o_m, :L] @ rhs[:L, o_c]: the main loop of the forward (X W^T) and dX
     (dY W) GEMMs, BLOCK_L at a time."""
     for l0 in range(0, L, BLOCK_L):
-        o_l = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
-        m_l = o_l < L
-        p_l = lhs + o_m[:, None] * s_lm + o_l[None, :] * s_ll
-        p_r = rhs + o_l[:, None] * s_rl + o_c[None, :] * s_rc
-        b_l = tl.load(p_l, mask=m_m[:, None] & m_l[None, :], other=0.0)  # [BM, BL]
-        b_r = tl.load(p_r, mask=m_l[:, None] & m_c[None, :], other=0.0)  # [BL, BC]
+        b_l, b_r = _operand_tiles(lhs, rhs, o_m, m_m, o_c, m_c, l0, L, s_lm, s_ll, s_rl, s_rc,
+                                  BLOCK_L)  # fmt: skip
         b_acc = _dot(b_l, b_r, b_acc, INPUT_PRECISION)
     return b_acc
 
