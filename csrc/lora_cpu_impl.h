@@ -76,25 +76,13 @@ LORA_ALWAYS_INLINE void vstore(acc* p, V v) {
 template <class V, class acc>
 LORA_ALWAYS_INLINE void vstore_stream(acc* p, V v) {
 #if defined(LORA_CPU_AVX512)
-  if (sizeof(acc) == 4) {
-    __m512 r;
-    memcpy(&r, &v, sizeof r);
-    _mm512_stream_ps(reinterpret_cast<float*>(p), r);
-  } else {
-    __m512d r;
-    memcpy(&r, &v, sizeof r);
-    _mm512_stream_pd(reinterpret_cast<double*>(p), r);
-  }
+  __m512i r;  // the bits of v, float or double alike
+  memcpy(&r, &v, sizeof r);
+  _mm512_stream_si512(reinterpret_cast<__m512i*>(p), r);
 #elif defined(LORA_CPU_AVX2)
-  if (sizeof(acc) == 4) {
-    __m256 r;
-    memcpy(&r, &v, sizeof r);
-    _mm256_stream_ps(reinterpret_cast<float*>(p), r);
-  } else {
-    __m256d r;
-    memcpy(&r, &v, sizeof r);
-    _mm256_stream_pd(reinterpret_cast<double*>(p), r);
-  }
+  __m256i r;
+  memcpy(&r, &v, sizeof r);
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), r);
 #else
   vstore(p, v);
 #endif
