@@ -71,6 +71,7 @@ const char* isa(const char* request) {
 
 void shrink(const ShrinkArgs& args) { active()->shrink(args); }
 void expand_reduce(const ExpandReduceArgs& args) { active()->expand_reduce(args); }
+void grad_pass(const GradPassArgs& args) { active()->grad_pass(args); }
 void keep_mask(uint8_t* keep, int64_t M, int64_t K, const Mask& mask, int num_threads) {
   active()->keep_mask(keep, M, K, mask, num_threads);
 }

@@ -95,8 +95,38 @@ struct ExpandReduceArgs {
   int num_threads;
 };
 
+// The backward pass without dropout when the forward did not save U: one walk over
+// the rows of X [M, K] and dY [M, N] (storage dtype, unit column stride). Per block of
+// rows, with X's rows read again from cache for the last step:
+//   U = X at                                  (when u != nullptr)
+//   G = dY bt                                 (when g != nullptr)
+//   dy_sums[r, n] = sum_m c[m, r] dY[m, n]    c = [U 1] (U only with u_sums, the column
+//                                             of ones only with ones; R2 of them)
+//   x_sums[r, k] = sum_m G[m, r] X[m, k]      (when x_sums != nullptr)
+// U is bit-identical to the shrink's U = X at (same tiles, same order), and the sums do
+// not depend on the number of threads (the order over m is fixed by M, as in
+// expand_reduce).
+struct GradPassArgs {
+  DType dtype;  // of x and dy
+  int64_t M, K, N, R;
+  const void* x;
+  int64_t ldx;
+  const void* dy;
+  int64_t lddy;
+  const void* at;  // A^T [round_up(K, kPadK), round_up(R, kPadR)] contiguous, zero-padded
+  const void* bt;  // B [round_up(N, kPadK), round_up(R, kPadR)] contiguous, zero-padded
+  void* u;         // accumulation dtype [M, R], or nullptr (then u_sums is false)
+  void* g;         // accumulation dtype [M, R], or nullptr (then no x_sums)
+  bool u_sums;
+  bool ones;
+  void* dy_sums;  // accumulation dtype [R2, N] contiguous, or nullptr
+  void* x_sums;   // accumulation dtype [R, K] contiguous, or nullptr
+  int num_threads;
+};
+
 void shrink(const ShrinkArgs& args);
 void expand_reduce(const ExpandReduceArgs& args);
+void grad_pass(const GradPassArgs& args);
 
 // keep[m, k] (1 or 0) for a [M, K] row-major uint8 buffer: the mask the kernels apply.
 void keep_mask(uint8_t* keep, int64_t M, int64_t K, const Mask& mask, int num_threads);
@@ -116,6 +146,7 @@ struct Kernels {
   const char* name;
   void (*shrink)(const ShrinkArgs&);
   void (*expand_reduce)(const ExpandReduceArgs&);
+  void (*grad_pass)(const GradPassArgs&);
   void (*keep_mask)(uint8_t*, int64_t, int64_t, const Mask&, int);
 };
 const Kernels* kernels_baseline();

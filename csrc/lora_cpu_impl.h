@@ -735,6 +735,108 @@ void expand_reduce_impl(const ExpandReduceArgs& p) {
   }
 }
 
+// The backward pass without a saved U (see GradPassArgs). Tasks are row chunks; per
+// block of kBlockRows rows: the shrink of X gives U, the pass over dY gives G and the
+// dY sums (coefficients [U 1], ready before dY is read), then the reduce over the same
+// rows of X (64 KiB per block at K = 1024 in float32: from L2, not DRAM) gives G^T X.
+template <class T>
+void grad_pass_impl(const GradPassArgs& p) {
+  using acc = typename AccOf<T>::type;
+  using V = typename Vec<acc>::type;
+  const int64_t M = p.M, K = p.K, N = p.N, R = p.R;
+  const int64_t R2 = (p.u_sums ? R : 0) + (p.ones ? 1 : 0);
+  const bool dy_reduce = p.dy_sums != nullptr && R2 > 0;
+  const bool x_reduce = p.x_sums != nullptr && p.g != nullptr && R > 0;
+  acc* dy_sums = static_cast<acc*>(p.dy_sums);
+  acc* x_sums = static_cast<acc*>(p.x_sums);
+  if (M <= 0 || (K <= 0 && N <= 0)) {
+    if (p.dy_sums != nullptr) zero_sums(dy_sums, R2, N, N);
+    if (p.x_sums != nullptr) zero_sums(x_sums, R, K, K);
+    for (int64_t e = 0; e < M * R; ++e) {
+      if (p.g != nullptr) static_cast<acc*>(p.g)[e] = acc(0);
+      if (p.u != nullptr) static_cast<acc*>(p.u)[e] = acc(0);
+    }
+    return;
+  }
+  const int64_t Kp = round_up(K, kPadK), Np = round_up(N, kPadK);
+  const int64_t Rv = round_up(R > 0 ? R : 1, kPadR);
+  const int64_t rows_per_chunk = reduce_rows_per_chunk(M);
+  const int64_t nchunks = ceil_div(M, rows_per_chunk);
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.dy);
+  const acc* at = static_cast<const acc*>(p.at);
+  const acc* bt = static_cast<const acc*>(p.bt);
+  acc* u = static_cast<acc*>(p.u);
+  acc* g = static_cast<acc*>(p.g);
+  ChunkSums<acc> dy_chunk_sums(dy_reduce ? nchunks : 1, R2, N, Np, dy_sums, N);
+  ChunkSums<acc> x_chunk_sums(x_reduce ? nchunks : 1, R, K, Kp, x_sums, K);
+#pragma omp parallel num_threads(num_threads_for(p.num_threads))
+  {
+    Buffer<acc> d(kBlockRows * kChunk);
+    Buffer<acc> zeros(kChunk);
+    Buffer<acc> part_u(kBlockRows * Rv);
+    Buffer<acc> part_g(kBlockRows * Rv);
+    Buffer<acc> coeff_dy(kBlockRows * (R2 > 0 ? R2 : 1));
+    Buffer<acc> coeff_x(kBlockRows * (R > 0 ? R : 1));
+    Buffer<acc> racc_dy(dy_reduce ? R2 * Np : 1);
+    Buffer<acc> racc_x(x_reduce ? R * Kp : 1);
+    fill(zeros.p, kChunk, acc(0));
+    // The shrink of nrows rows of src (columns padded to Kpad) into part [kBlockRows, Rv].
+    const auto shrink_rows = [&](acc* part, const T* src, int64_t ld, int64_t cols, int64_t cpad,
+                                 const acc* packed, int64_t nrows, acc* sums, int64_t ldr,
+                                 const acc* coeff, int64_t nco) {
+      fill(part, kBlockRows * Rv, acc(0));
+      for (int64_t c0 = 0; c0 < cpad; c0 += kChunk) {
+        const int64_t kc = min64(kChunk, cpad - c0);
+        const int64_t nvalid = min64(kc, cols - c0);
+        const acc* rows[kBlockRows];
+        block_rows<T, acc>(rows, d.p, src + c0, ld, nrows, kc, nvalid, nullptr);
+        for (int64_t i = nrows; i < kBlockRows; ++i) rows[i] = zeros.p;
+        if (packed != nullptr && R > 0)
+          for (int64_t i0 = 0; i0 < kBlockRows; i0 += kShrinkRows)
+            if (i0 < nrows) shrink_tile<V, acc>(part + i0 * Rv, Rv, rows + i0, packed + c0 * Rv, kc);
+        if (sums != nullptr) reduce_block<V, acc>(sums + c0, ldr, rows, nrows, coeff, nco, kc);
+      }
+    };
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t chunk = 0; chunk < nchunks; ++chunk) {
+      const int64_t m_end = min64(M, (chunk + 1) * rows_per_chunk);
+      if (dy_reduce) fill(racc_dy.p, R2 * Np, acc(0));
+      if (x_reduce) fill(racc_x.p, R * Kp, acc(0));
+      for (int64_t m0 = chunk * rows_per_chunk; m0 < m_end; m0 += kBlockRows) {
+        const int64_t nrows = min64(kBlockRows, m_end - m0);
+        const T* xb = x + m0 * p.ldx;
+        const T* dyb = dy + m0 * p.lddy;
+        if (u != nullptr) {
+          shrink_rows(part_u.p, xb, p.ldx, K, Kp, at, nrows, nullptr, 0, nullptr, 0);
+          for (int64_t i = 0; i < nrows; ++i)
+            for (int64_t r = 0; r < R; ++r) u[(m0 + i) * R + r] = part_u.p[i * Rv + r];
+        }
+        for (int64_t i = 0; i < nrows; ++i) {
+          acc* c = coeff_dy.p + i * R2;
+          if (p.u_sums)
+            for (int64_t r = 0; r < R; ++r) c[r] = part_u.p[i * Rv + r];
+          if (p.ones) c[R2 - 1] = acc(1);
+        }
+        shrink_rows(part_g.p, dyb, p.lddy, N, Np, g != nullptr ? bt : nullptr, nrows,
+                    dy_reduce ? racc_dy.p : nullptr, Np, coeff_dy.p, R2);
+        if (g != nullptr)
+          for (int64_t i = 0; i < nrows; ++i)
+            for (int64_t r = 0; r < R; ++r) {
+              g[(m0 + i) * R + r] = part_g.p[i * Rv + r];
+              coeff_x.p[i * R + r] = part_g.p[i * Rv + r];
+            }
+        if (x_reduce)
+          shrink_rows(part_u.p, xb, p.ldx, K, Kp, nullptr, nrows, racc_x.p, Kp, coeff_x.p, R);
+      }
+      if (dy_reduce) dy_chunk_sums.store(chunk, racc_dy.p);
+      if (x_reduce) x_chunk_sums.store(chunk, racc_x.p);
+    }
+    if (dy_reduce) dy_chunk_sums.finish();
+    if (x_reduce) x_chunk_sums.finish();
+  }
+}
+
 void keep_mask_impl(uint8_t* keep, int64_t M, int64_t K, const Mask& mk, int num_threads) {
   const int64_t gpr = groups_per_row(K);
   const int64_t Kc = round_up(K, 4);
@@ -771,6 +873,23 @@ void shrink_entry(const ShrinkArgs& p) {
   }
 }
 
+void grad_pass_entry(const GradPassArgs& p) {
+  switch (p.dtype) {
+    case DType::kFloat32:
+      grad_pass_impl<float>(p);
+      break;
+    case DType::kFloat64:
+      grad_pass_impl<double>(p);
+      break;
+    case DType::kBFloat16:
+      grad_pass_impl<bf16>(p);
+      break;
+    case DType::kFloat16:
+      grad_pass_impl<f16>(p);
+      break;
+  }
+}
+
 void expand_reduce_entry(const ExpandReduceArgs& p) {
   switch (p.dtype) {
     case DType::kFloat32:
@@ -793,7 +912,7 @@ void expand_reduce_entry(const ExpandReduceArgs& p) {
 #define LORA_STR2(x) #x
 #define LORA_STR(x) LORA_STR2(x)
 const Kernels kTable = {LORA_STR(LORA_CPU_NS), &shrink_entry, &expand_reduce_entry,
-                        &keep_mask_impl};
+                        &grad_pass_entry, &keep_mask_impl};
 #undef LORA_STR
 #undef LORA_STR2
 

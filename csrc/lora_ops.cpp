@@ -15,6 +15,7 @@
 //     else Y = X W^T + b, Y += U (s B)^T (ATen addmm, addmm_; custom expand for 16-bit T)
 // With p == 0 and M >= N, K the LoRA term folds into the weight instead:
 //   Y = X (W + s B A)^T + b   (one GEMM; W + s B A one pass of the custom expand)
+// With p == 0 on the CPU (Steps::grad_pass) u is returned empty: backward recomputes U.
 //
 // Backward (the keep mask read from keep_bits, never generated again):
 //   G = dY B and              one custom pass over dY (shrink + reduce)
@@ -24,6 +25,8 @@
 //   dX += dY W                ATen addmm_ (beta = 1)
 //     else dX = dY W, then dX += s D(G A) in place (16-bit T: rounded once)
 //   (p == 0 and folded: dX = dY (W + s B A), dA by the custom reduce alone)
+//   (p == 0, u empty: U, G, the dY sums and dA's sums G^T X from one custom pass over
+//    the rows of X and dY, each block of X read again from cache for G^T X)
 //   ds = sum(G * U)
 // The reductions over rows run in an order fixed by the shapes, so CPU results do not
 // depend on the number of threads.
@@ -175,13 +178,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_forward(
   const auto linear = [&](const at::Tensor& w) {
     return bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
   };
+  // Without dropout, a device with the grad_pass step recomputes U in backward (in the
+  // pass over X that dA needs anyway), so u is returned empty ([0, R]) and nothing but x
+  // is saved.
+  const bool save_u = d.active() || steps.grad_pass == nullptr;
+  const auto saved = [&](const at::Tensor& u) {
+    return save_u ? u : at::empty({0, lora_A.size(0)}, x.options().dtype(acc_dtype(t)));
+  };
   if (fast) {
     const at::Tensor A = lora_A.to(t), B = lora_B.to(t);
+    if (fold_lora(fast, d, M, N, K)) {
+      const at::Tensor w = steps.fold(weight, B, A, scaling);
+      const at::Tensor u = save_u ? steps.shrink(x2, lora_A, d) : saved(at::Tensor());
+      return {linear(w), u, keep_bits};
+    }
     at::Tensor u = d.active() || steps.shrink_without_dropout ? steps.shrink(x2, lora_A, d)
                                                                : at::mm(x2, A.t());
-    if (fold_lora(fast, d, M, N, K)) {
-      return {linear(steps.fold(weight, B, A, scaling)), u, keep_bits};
-    }
     if (bias.has_value() && steps.expand_write_reduce != nullptr) {
       // Y = b + s U B^T, written in the one pass over Y that the bias needs anyway (ATen's
       // addmm broadcasts b into Y before its GEMM), then the GEMM adds X W^T onto it.
@@ -189,17 +201,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_forward(
       steps.expand_write_reduce(y, *bias, u, lora_B.t(), scaling, at::Tensor(), at::Tensor(),
                                 Dropout{0.0, seed});
       y.addmm_(x2, weight.t());
-      return {y, u, keep_bits};
+      return {y, saved(u), keep_bits};
     }
     at::Tensor y = linear(weight);
     addmm_scaled_(y, u, B.t(), scaling);
-    return {y, u, keep_bits};
+    return {y, saved(u), keep_bits};
   }
   at::Tensor u = steps.shrink(x2, lora_A, d);
   at::Tensor y = linear(weight);
   // y += s * U B^T, accumulated in fp32 and rounded to x's dtype once.
   steps.expand_reduce(y, u, lora_B.t(), scaling, at::Tensor(), at::Tensor(), Dropout{0.0, seed});
-  return {y, u, keep_bits};
+  return {y, saved(u), keep_bits};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward(
@@ -216,8 +228,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
               "lora_kernels: grad_y must be [M, N] = [", M, ", ", N, "], got ", grad_y.sizes());
   TORCH_CHECK(grad_y.scalar_type() == t, "lora_kernels: grad_y must have x's dtype ",
               dtype_name(t), ", got ", dtype_name(grad_y.scalar_type()));
-  TORCH_CHECK(u.dim() == 2 && u.size(0) == M && u.size(1) == R,
-              "lora_kernels: u must be [M, R] = [", M, ", ", R, "], got ", u.sizes());
+  // u without rows ([0, R], the forward's output without dropout on the CPU): U is
+  // recomputed here. (With M = 0 either reading gives the same empty results.)
+  const bool u_saved = !(M > 0 && u.dim() == 2 && u.size(0) == 0 && u.size(1) == R);
+  if (u_saved) {
+    TORCH_CHECK(u.dim() == 2 && u.size(0) == M && u.size(1) == R,
+                "lora_kernels: u must be [M, R] = [", M, ", ", R, "] or, without dropout on ",
+                "the CPU, [0, R] (the forward's second output), got ", u.sizes());
+  } else {
+    TORCH_CHECK(dropout_p == 0.0 && steps.grad_pass != nullptr,
+                "lora_kernels: u may be empty ([0, R]) only without dropout on the CPU (the ",
+                "forward's second output); with dropout_p = ", dropout_p, " on ", x.device(),
+                " it must be [M, R] = [", M, ", ", R, "]");
+  }
   TORCH_CHECK(u.scalar_type() == acc, "lora_kernels: u must be ", dtype_name(acc), ", got ",
               dtype_name(u.scalar_type()));
   for (const auto& [name, tensor] : {std::pair<const char*, const at::Tensor*>{"grad_y", &grad_y},
@@ -251,44 +274,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
   const bool fold = fold_lora(fast, d, M, N, K);
   const bool need_g = need_grad_lora || need_grad_scaling || (need_grad_x && !fold);
   const bool need_dy_sums = need_grad_lora || need_grad_bias;
-  at::Tensor coeff;
-  if (need_grad_lora && need_grad_bias) {
-    coeff = at::cat({u, at::ones({M, 1}, u.options())}, 1);
-  } else if (need_grad_lora) {
-    coeff = u;
-  } else if (need_grad_bias) {
-    coeff = at::ones({M, 1}, u.options());
-  }
+  at::Tensor g, dy_sums, u_used = u;
+  bool grad_A_done = false;
   const Dropout no_dropout{0.0, seed};
-  at::Tensor g, dy_sums;
-  if (need_g && need_dy_sums && steps.shrink_reduce != nullptr) {
-    std::tie(g, dy_sums) = steps.shrink_reduce(dy, lora_B.t(), coeff, no_dropout);
+  if (!u_saved) {
+    // U was not saved (no dropout): one pass over the rows of X and dY gives U, G, the
+    // dY sums and dA's sums G^T X.
+    if (need_g || need_dy_sums) {
+      std::tie(u_used, g, dy_sums, grad_A) =
+          steps.grad_pass(x2, dy, lora_A, lora_B, need_grad_lora || need_grad_scaling, need_g,
+                          need_grad_lora, need_grad_bias, need_grad_lora);
+      grad_A_done = need_grad_lora;
+    }
   } else {
-    if (need_g) g = fast ? at::mm(dy, lora_B.to(t)) : steps.shrink(dy, lora_B.t(), no_dropout);
-    if (need_dy_sums) {
-      dy_sums = steps.expand_reduce(at::Tensor(), at::Tensor(), at::Tensor(), scaling, dy, coeff,
-                                    no_dropout);
+    at::Tensor coeff;
+    if (need_grad_lora && need_grad_bias) {
+      coeff = at::cat({u, at::ones({M, 1}, u.options())}, 1);
+    } else if (need_grad_lora) {
+      coeff = u;
+    } else if (need_grad_bias) {
+      coeff = at::ones({M, 1}, u.options());
+    }
+    if (need_g && need_dy_sums && steps.shrink_reduce != nullptr) {
+      std::tie(g, dy_sums) = steps.shrink_reduce(dy, lora_B.t(), coeff, no_dropout);
+    } else {
+      if (need_g) g = fast ? at::mm(dy, lora_B.to(t)) : steps.shrink(dy, lora_B.t(), no_dropout);
+      if (need_dy_sums) {
+        dy_sums = steps.expand_reduce(at::Tensor(), at::Tensor(), at::Tensor(), scaling, dy,
+                                      coeff, no_dropout);
+      }
     }
   }
 
   if (need_grad_x) {
+    // dA's reduce rides along with the pass over X below unless the grad pass did it.
+    const bool reduce_A = need_grad_lora && !grad_A_done;
     if (fold) {
       grad_x = at::mm(dy, steps.fold(weight, lora_B, lora_A, scaling));
-      if (need_grad_lora) grad_A = steps.expand_reduce(at::Tensor(), g, lora_A, scaling, x2, g, d);
+      if (reduce_A) grad_A = steps.expand_reduce(at::Tensor(), g, lora_A, scaling, x2, g, d);
     } else if (fast && steps.expand_write_reduce != nullptr) {
       // dX = s D(G A) written once (sharing the mask with dA's pass over X), then the
       // GEMM accumulates dY W onto it.
       grad_x = at::empty({M, K}, x.options());
-      grad_A = steps.expand_write_reduce(grad_x, at::Tensor(), g, lora_A, scaling, x2,
-                                         need_grad_lora ? g : at::Tensor(), d);
+      const at::Tensor sums = steps.expand_write_reduce(grad_x, at::Tensor(), g, lora_A, scaling,
+                                                        x2, reduce_A ? g : at::Tensor(), d);
+      if (reduce_A) grad_A = sums;
       grad_x.addmm_(dy, weight);
     } else {
       grad_x = at::mm(dy, weight);
       // dX += s D(G A) and, sharing the pass over X and the mask, sums = G^T D(X).
-      grad_A = steps.expand_reduce(grad_x, g, lora_A, scaling, need_grad_lora ? x2 : at::Tensor(),
-                                   g, d);
+      const at::Tensor sums = steps.expand_reduce(
+          grad_x, g, lora_A, scaling, reduce_A ? x2 : at::Tensor(), g, d);
+      if (reduce_A) grad_A = sums;
     }
-  } else if (need_grad_lora) {
+  } else if (need_grad_lora && !grad_A_done) {
     grad_A = steps.expand_reduce(at::Tensor(), g, lora_A, scaling, x2, g, d);
   }
   if (need_grad_lora) grad_A = (grad_A * scaling).to(lora_A.scalar_type());
@@ -301,7 +340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
   if (need_grad_bias) {
     grad_bias = dy_sums[dy_sums.size(0) - 1].to(t, /*non_blocking=*/false, /*copy=*/true);
   }
-  if (need_grad_scaling) grad_scaling = steps.dot(g, u).to(scaling.scalar_type());
+  if (need_grad_scaling) grad_scaling = steps.dot(g, u_used).to(scaling.scalar_type());
   return {grad_x.contiguous(), grad_A, grad_B, grad_scaling, grad_bias};
 }
 
@@ -336,6 +375,16 @@ cpu::Mask cpu_mask(const Dropout& d) {
   return mask;
 }
 
+// [round_up(rows, kPadK), round_up(R, kPadR)] zero-padded, accumulation dtype: the
+// packed right operand of the shrink (a^T for a [R, rows]).
+at::Tensor pack_shrink_operand(const at::Tensor& a_t, at::ScalarType acc) {
+  const int64_t rows = a_t.size(0), R = a_t.size(1);
+  at::Tensor packed = at::zeros({round_up(rows, cpu::kPadK), round_up(R, cpu::kPadR)},
+                                a_t.options().dtype(acc));
+  packed.narrow(0, 0, rows).narrow(1, 0, R).copy_(a_t);
+  return packed;
+}
+
 // U = D(x) a^T and, when g2 is defined, sums = g2^T D(x) in the same pass.
 std::tuple<at::Tensor, at::Tensor> cpu_shrink_reduce(const at::Tensor& x, const at::Tensor& a,
                                                      const at::Tensor& g2, const Dropout& d) {
@@ -348,10 +397,7 @@ std::tuple<at::Tensor, at::Tensor> cpu_shrink_reduce(const at::Tensor& x, const 
     sums = at::empty({g2.size(1), K}, x.options().dtype(acc));
   }
   if ((M == 0 || R == 0) && !sums.defined()) return {u, sums};
-  // at = a^T, zero-padded to [round_up(K, kPadK), round_up(R, kPadR)].
-  const int64_t Kp = round_up(K, cpu::kPadK), Rv = round_up(R, cpu::kPadR);
-  at::Tensor a_t = at::zeros({Kp, Rv}, x.options().dtype(acc));
-  a_t.narrow(0, 0, K).narrow(1, 0, R).copy_(a.t());
+  const at::Tensor a_t = pack_shrink_operand(a.t(), acc);
   cpu::ShrinkArgs args{};
   args.dtype = cpu_dtype(x.scalar_type());
   args.M = M;
@@ -381,6 +427,42 @@ std::tuple<at::Tensor, at::Tensor> cpu_shrink_reduce(const at::Tensor& x, const 
 
 at::Tensor cpu_shrink(const at::Tensor& x, const at::Tensor& a, const Dropout& d) {
   return std::get<0>(cpu_shrink_reduce(x, a, at::Tensor(), d));
+}
+
+// The backward pass without a saved U (Steps::grad_pass, cpu::GradPassArgs).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_grad_pass(
+    const at::Tensor& x, const at::Tensor& dy, const at::Tensor& A, const at::Tensor& B,
+    bool want_u, bool want_g, bool u_sums, bool ones, bool x_sums) {
+  const int64_t M = x.size(0), K = x.size(1), N = dy.size(1), R = A.size(0);
+  const auto acc = acc_dtype(x.scalar_type());
+  const auto opts = x.options().dtype(acc);
+  const int64_t R2 = (u_sums ? R : 0) + (ones ? 1 : 0);
+  at::Tensor u = want_u ? at::empty({M, R}, opts) : at::Tensor();
+  at::Tensor g = want_g ? at::empty({M, R}, opts) : at::Tensor();
+  at::Tensor dy_sums = R2 > 0 ? at::empty({R2, N}, opts) : at::Tensor();
+  at::Tensor sums_x = x_sums ? at::empty({R, K}, opts) : at::Tensor();
+  const at::Tensor a_t = pack_shrink_operand(A.t(), acc), b = pack_shrink_operand(B, acc);
+  cpu::GradPassArgs args{};
+  args.dtype = cpu_dtype(x.scalar_type());
+  args.M = M;
+  args.K = K;
+  args.N = N;
+  args.R = R;
+  args.x = x.data_ptr();
+  args.ldx = x.stride(0);
+  args.dy = dy.data_ptr();
+  args.lddy = dy.stride(0);
+  args.at = a_t.data_ptr();
+  args.bt = b.data_ptr();
+  args.u = want_u ? u.data_ptr() : nullptr;
+  args.g = want_g ? g.data_ptr() : nullptr;
+  args.u_sums = u_sums;
+  args.ones = ones;
+  args.dy_sums = R2 > 0 ? dy_sums.data_ptr() : nullptr;
+  args.x_sums = x_sums ? sums_x.data_ptr() : nullptr;
+  args.num_threads = at::get_num_threads();
+  cpu::grad_pass(args);
+  return {u, g, dy_sums, sums_x};
 }
 
 // The expand / reduce pass. `base` undefined: out += s D(g a) in place, or, with
@@ -479,9 +561,9 @@ at::Tensor cpu_fold(const at::Tensor& weight, const at::Tensor& B, const at::Ten
 // The CPU shrink beats MKL's GEMM for U at R = 16 (1.6 ms against 2.1 ms inside a
 // training step, M = 4096, K = 1024, one thread, from perf samples), and its result
 // does not depend on the thread count by construction.
-const Steps kCpuSteps{&cpu_shrink,       &cpu_expand_reduce, &cpu_dot,
+const Steps kCpuSteps{&cpu_shrink,       &cpu_expand_reduce,       &cpu_dot,
                       &cpu_fold,         /*shrink_without_dropout=*/true,
-                      &cpu_shrink_reduce, &cpu_expand_write_reduce};
+                      &cpu_shrink_reduce, &cpu_expand_write_reduce, &cpu_grad_pass};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_forward(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,

@@ -55,6 +55,14 @@ struct Steps {
                                     const at::Tensor& g, const at::Tensor& a,
                                     const at::Tensor& scaling, const at::Tensor& x,
                                     const at::Tensor& g2, const Dropout& d) = nullptr;
+  // Without dropout the forward does not save U when this is set (it returns u empty,
+  // [0, R]); backward recomputes it in its one pass over the rows of x and dy:
+  //   {U = x A^T (if want_u), G = dy B (if want_g), dy_sums = c^T dy with c = [U 1]
+  //    (U if u_sums, the ones if ones), x_sums = G^T x (if x_sums)}
+  // U needs no pass over x of its own: the pass that gives dA reads x anyway.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*grad_pass)(
+      const at::Tensor& x, const at::Tensor& dy, const at::Tensor& A, const at::Tensor& B,
+      bool want_u, bool want_g, bool u_sums, bool ones, bool x_sums) = nullptr;
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_forward(const at::Tensor& x,

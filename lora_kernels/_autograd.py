@@ -1,6 +1,7 @@
 """The autograd formula of the op, attached once to every backend's forward op.
 
-What backward keeps (design notes, "What backward may keep"): x itself, U [M, R], the
+What backward keeps (design notes, "What backward may keep"): x itself, U [M, R] (the
+"cpu" backend without dropout returns it empty and recomputes it in backward), the
 seed and, with dropout, the keep mask packed one bit per element (`keep_bits`, so
 backward reads the mask instead of generating it again). The frozen weight and the
 adapters are parameters, not activations. A

@@ -180,6 +180,17 @@ def _load_extension() -> tuple[bool, str]:
     return True, f"C++ extension built from csrc/ with ninja in {build_dir}"
 
 
+def _forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    from ._autograd import forward_fake  # here: setup.py loads this file outside the package
+
+    y, u, keep_bits = forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    if dropout_p == 0.0 and x.device.type == "cpu":
+        # Without dropout the CPU backward recomputes U in its pass over x (the pass dA
+        # needs anyway), so the forward saves no U (csrc/lora_ops.h, Steps::grad_pass).
+        u = u.new_empty(0, lora_A.shape[0])
+    return y, u, keep_bits
+
+
 def _keep_mask_fake(seed, M, K, dropout_p):
     return seed.new_empty(M, K, dtype=torch.bool)
 
@@ -189,9 +200,9 @@ def _register_python_side() -> None:
     global _registered
     if _registered:
         return
-    from ._autograd import backward_fake, forward_fake, register_lora_autograd
+    from ._autograd import backward_fake, register_lora_autograd
 
-    torch.library.register_fake("lora_kernels::cpp_forward")(forward_fake)
+    torch.library.register_fake("lora_kernels::cpp_forward")(_forward_fake)
     torch.library.register_fake("lora_kernels::cpp_backward")(backward_fake)
     torch.library.register_fake("lora_kernels::cpp_keep_mask")(_keep_mask_fake)
     ops = torch.ops.lora_kernels

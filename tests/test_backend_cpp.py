@@ -141,15 +141,55 @@ def test_non_contiguous_input(device, p, layout):
     check_against_reference(device, x.requires_grad_(), W, b, A, B, s, p)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"p{p}")
 @pytest.mark.parametrize("device", DEVICES)
-def test_frozen_adapter_and_frozen_input_skip_their_gradients(device):
-    x, W, b, A, B, s = make_inputs(63, 70, 33, 7, torch.float32, device=device)
+def test_frozen_adapter_and_frozen_input_skip_their_gradients(device, p):
+    # Without dropout the CPU backward recomputes U, and with frozen adapters it needs
+    # only the bias's sum over dY (and G for dX): each subset of its grad pass.
+    x, W, b, A, B, s = make_inputs(63, 70, 33, 7, torch.float32, learnable_s=True, device=device)
     A.requires_grad_(False)
     B.requires_grad_(False)
-    check_against_reference(device, x, W, b, A, B, s, 0.1)
+    check_against_reference(device, x, W, b, A, B, s, p)
     x, W, b, A, B, s = make_inputs(63, 70, 33, 7, torch.float32, bias=False, device=device)
     x.requires_grad_(False)
-    check_against_reference(device, x, W, b, A, B, s, 0.1)
+    check_against_reference(device, x, W, b, A, B, s, p)
+    # Only the bias and x learn (M >= N, K: the LoRA term folded into the weight).
+    x, W, b, A, B, s = make_inputs(97, 70, 33, 7, torch.float32, device=device)
+    A.requires_grad_(False)
+    B.requires_grad_(False)
+    check_against_reference(device, x, W, b, A, B, s, p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_no_dropout_forward_saves_no_u(dtype):
+    """Without dropout the CPU forward returns u empty: backward recomputes U in the pass
+    over x that dA needs anyway, so backward keeps x and nothing else of size."""
+    x, W, b, A, B, s, _, seed = _op_args(dtype, 0.0)
+    with torch.no_grad():
+        y, u, keep_bits = torch.ops.lora_kernels.cpp_forward(x, W, b, A, B, s, 0.0, seed)
+        _, u_dropout, _ = torch.ops.lora_kernels.cpp_forward(x, W, b, A, B, s, 0.1, seed)
+    assert u.shape == (0, A.shape[0]) and keep_bits.shape == (0,)
+    assert u_dropout.shape == (x.shape[0], A.shape[0])
+    # The recomputed U is the forward's: ds = sum(G * U) matches the op given U itself.
+    grad_y = torch.randn_like(y)
+    args = (grad_y, x.detach(), W, A.detach(), B.detach(), s.detach(), 0.0, seed)
+    flags = (True, True, True, True)
+    recomputed = torch.ops.lora_kernels.cpp_backward(*args, u, keep_bits, *flags)
+    u_given = (x.detach().float() @ A.detach().float().t()).to(u.dtype)
+    given = torch.ops.lora_kernels.cpp_backward(*args, u_given, keep_bits, *flags)
+    for name, a, b2 in zip(["x", "A", "B", "scaling", "bias"], recomputed, given, strict=True):
+        torch.testing.assert_close(a, b2, msg=f"grad_{name}")
+
+
+def test_backward_rejects_an_empty_u_with_dropout():
+    x, W, b, A, B, s, p, seed = _op_args(torch.float32, 0.1)
+    with torch.no_grad():
+        y, _, keep_bits = torch.ops.lora_kernels.cpp_forward(x, W, b, A, B, s, p, seed)
+    with pytest.raises(RuntimeError, match=r"u may be empty \(\[0, R\]\) only without dropout"):
+        torch.ops.lora_kernels.cpp_backward(
+            torch.randn_like(y), x.detach(), W, A.detach(), B.detach(), s.detach(), p, seed,
+            torch.empty(0, A.shape[0]), keep_bits, True, True, False, False,
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -297,8 +337,9 @@ def test_opcheck_forward(dtype, p):
 @pytest.mark.parametrize("flags", [(True, True, True, True), (False, True, False, False),
                                    (True, False, True, False), (False, False, False, True)],
                          ids=["all", "lora", "x-scaling", "bias"])  # fmt: skip
-def test_opcheck_backward(flags):
-    x, W, b, A, B, s, p, seed = _op_args(torch.float32, 0.1)
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"p{p}")
+def test_opcheck_backward(flags, p):
+    x, W, b, A, B, s, p, seed = _op_args(torch.float32, p)
     with torch.no_grad():
         y, u, keep_bits = torch.ops.lora_kernels.cpp_forward(x, W, b, A, B, s, p, seed)
     grad_y = torch.randn_like(y)
