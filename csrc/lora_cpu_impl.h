@@ -855,56 +855,36 @@ void keep_mask_impl(uint8_t* keep, int64_t M, int64_t K, const Mask& mk, int num
   }
 }
 
-void shrink_entry(const ShrinkArgs& p) {
-  if (p.sums == nullptr && (p.M <= 0 || p.R <= 0)) return;
-  switch (p.dtype) {
+// Calls fn with a value of the storage type named by dtype (the kernel's T).
+template <class Fn>
+void by_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
     case DType::kFloat32:
-      shrink_impl<float>(p);
+      fn(float{});
       break;
     case DType::kFloat64:
-      shrink_impl<double>(p);
+      fn(double{});
       break;
     case DType::kBFloat16:
-      shrink_impl<bf16>(p);
+      fn(bf16{});
       break;
     case DType::kFloat16:
-      shrink_impl<f16>(p);
+      fn(f16{});
       break;
   }
 }
 
-void grad_pass_entry(const GradPassArgs& p) {
-  switch (p.dtype) {
-    case DType::kFloat32:
-      grad_pass_impl<float>(p);
-      break;
-    case DType::kFloat64:
-      grad_pass_impl<double>(p);
-      break;
-    case DType::kBFloat16:
-      grad_pass_impl<bf16>(p);
-      break;
-    case DType::kFloat16:
-      grad_pass_impl<f16>(p);
-      break;
-  }
+void shrink_entry(const ShrinkArgs& p) {
+  if (p.sums == nullptr && (p.M <= 0 || p.R <= 0)) return;
+  by_dtype(p.dtype, [&](auto t) { shrink_impl<decltype(t)>(p); });
 }
 
 void expand_reduce_entry(const ExpandReduceArgs& p) {
-  switch (p.dtype) {
-    case DType::kFloat32:
-      expand_reduce_impl<float>(p);
-      break;
-    case DType::kFloat64:
-      expand_reduce_impl<double>(p);
-      break;
-    case DType::kBFloat16:
-      expand_reduce_impl<bf16>(p);
-      break;
-    case DType::kFloat16:
-      expand_reduce_impl<f16>(p);
-      break;
-  }
+  by_dtype(p.dtype, [&](auto t) { expand_reduce_impl<decltype(t)>(p); });
+}
+
+void grad_pass_entry(const GradPassArgs& p) {
+  by_dtype(p.dtype, [&](auto t) { grad_pass_impl<decltype(t)>(p); });
 }
 
 }  // namespace

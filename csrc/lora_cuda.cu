@@ -294,40 +294,40 @@ cudaError_t reduce_typed(int64_t M, int64_t K, int64_t R2, const void* x, int64_
   return cudaGetLastError();
 }
 
+// fn(value of the storage type named by dtype): the typed launcher's result.
+template <class Fn>
+cudaError_t by_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return fn(float{});
+    case DType::kFloat64:
+      return fn(double{});
+    case DType::kBFloat16:
+      return fn(bf16{});
+    case DType::kFloat16:
+      return fn(f16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
 
 cudaError_t launch_shrink(DType dtype, int64_t M, int64_t K, int64_t R, const void* x,
                           int64_t ldx, const void* a, void* u, DeviceMask mask,
                           cudaStream_t stream) {
   if (M <= 0 || R <= 0) return cudaSuccess;
-  switch (dtype) {
-    case DType::kFloat32:
-      return shrink_typed<float>(M, K, R, x, ldx, a, u, mask, stream);
-    case DType::kFloat64:
-      return shrink_typed<double>(M, K, R, x, ldx, a, u, mask, stream);
-    case DType::kBFloat16:
-      return shrink_typed<bf16>(M, K, R, x, ldx, a, u, mask, stream);
-    case DType::kFloat16:
-      return shrink_typed<f16>(M, K, R, x, ldx, a, u, mask, stream);
-  }
-  return cudaErrorInvalidValue;
+  return by_dtype(dtype, [&](auto t) {
+    return shrink_typed<decltype(t)>(M, K, R, x, ldx, a, u, mask, stream);
+  });
 }
 
 cudaError_t launch_expand(DType dtype, int64_t M, int64_t K, int64_t R, void* out, int64_t ldo,
                           const void* g, const void* a, const void* s, DeviceMask mask,
                           cudaStream_t stream) {
   if (M <= 0 || K <= 0 || R <= 0) return cudaSuccess;
-  switch (dtype) {
-    case DType::kFloat32:
-      return expand_typed<float>(M, K, R, out, ldo, g, a, s, mask, stream);
-    case DType::kFloat64:
-      return expand_typed<double>(M, K, R, out, ldo, g, a, s, mask, stream);
-    case DType::kBFloat16:
-      return expand_typed<bf16>(M, K, R, out, ldo, g, a, s, mask, stream);
-    case DType::kFloat16:
-      return expand_typed<f16>(M, K, R, out, ldo, g, a, s, mask, stream);
-  }
-  return cudaErrorInvalidValue;
+  return by_dtype(dtype, [&](auto t) {
+    return expand_typed<decltype(t)>(M, K, R, out, ldo, g, a, s, mask, stream);
+  });
 }
 
 int64_t reduce_workspace_elements(int64_t M, int64_t K, int64_t R2) {
@@ -344,17 +344,9 @@ cudaError_t launch_reduce(DType dtype, int64_t M, int64_t K, int64_t R2, const v
     const size_t elem = dtype == DType::kFloat64 ? sizeof(double) : sizeof(float);
     return cudaMemsetAsync(sums, 0, elem * static_cast<size_t>(R2 * K), stream);
   }
-  switch (dtype) {
-    case DType::kFloat32:
-      return reduce_typed<float>(M, K, R2, x, ldx, g2, sums, workspace, mask, stream);
-    case DType::kFloat64:
-      return reduce_typed<double>(M, K, R2, x, ldx, g2, sums, workspace, mask, stream);
-    case DType::kBFloat16:
-      return reduce_typed<bf16>(M, K, R2, x, ldx, g2, sums, workspace, mask, stream);
-    case DType::kFloat16:
-      return reduce_typed<f16>(M, K, R2, x, ldx, g2, sums, workspace, mask, stream);
-  }
-  return cudaErrorInvalidValue;
+  return by_dtype(dtype, [&](auto t) {
+    return reduce_typed<decltype(t)>(M, K, R2, x, ldx, g2, sums, workspace, mask, stream);
+  });
 }
 
 cudaError_t launch_keep_mask(uint8_t* keep, int64_t M, int64_t K, DeviceMask mask,
