@@ -181,17 +181,6 @@ def test_no_dropout_forward_saves_no_u(dtype):
         torch.testing.assert_close(a, b2, msg=f"grad_{name}")
 
 
-def test_backward_rejects_an_empty_u_with_dropout():
-    x, W, b, A, B, s, p, seed = _op_args(torch.float32, 0.1)
-    with torch.no_grad():
-        y, _, keep_bits = torch.ops.lora_kernels.cpp_forward(x, W, b, A, B, s, p, seed)
-    with pytest.raises(RuntimeError, match=r"u may be empty \(\[0, R\]\) only without dropout"):
-        torch.ops.lora_kernels.cpp_backward(
-            torch.randn_like(y), x.detach(), W, A.detach(), B.detach(), s.detach(), p, seed,
-            torch.empty(0, A.shape[0]), keep_bits, True, True, False, False,
-        )  # fmt: skip
-
-
 @pytest.mark.parametrize(
     "M,K,p", [(63, 70, 0.1), (5, 1, 0.5), (3, 301, 0.9), (17, 64, 0.0), (0, 8, 0.1)]
 )
@@ -278,14 +267,26 @@ def test_backward_applies_the_saved_bits():
     assert torch.equal(grad_x, flipped.float() * dropout_scale(p))
 
 
-def test_backward_rejects_bits_of_the_wrong_shape():
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ("bits", r"keep_bits must be a contiguous \[M, ceil\(K / 8\)\]"),
+        # Without rows U is recomputed, which backward can do only without dropout.
+        ("empty u", r"u may be empty \(\[0, R\]\) only without dropout"),
+    ],
+)
+def test_backward_rejects_saved_tensors_it_cannot_use(bad, message):
     x, W, b, A, B, s, p, seed = _op_args(torch.float32, 0.1)
     with torch.no_grad():
         y, u, keep_bits = torch.ops.lora_kernels.cpp_forward(x, W, b, A, B, s, p, seed)
-    with pytest.raises(RuntimeError, match=r"keep_bits must be a contiguous \[M, ceil\(K / 8\)\]"):
+    if bad == "bits":
+        keep_bits = keep_bits[:, :-1].contiguous()
+    else:
+        u = u[:0]
+    with pytest.raises(RuntimeError, match=message):
         torch.ops.lora_kernels.cpp_backward(
             torch.randn_like(y), x.detach(), W, A.detach(), B.detach(), s.detach(), p, seed,
-            u, keep_bits[:, :-1].contiguous(), True, True, False, False,
+            u, keep_bits, True, True, False, False,
         )  # fmt: skip
 
 
