@@ -182,18 +182,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_forward(
   // pass over X that dA needs anyway), so u is returned empty ([0, R]) and nothing but x
   // is saved.
   const bool save_u = d.active() || steps.grad_pass == nullptr;
-  const auto saved = [&](const at::Tensor& u) {
-    return save_u ? u : at::empty({0, lora_A.size(0)}, x.options().dtype(acc_dtype(t)));
-  };
+  const at::Tensor unsaved_u =
+      save_u ? at::Tensor() : at::empty({0, lora_A.size(0)}, x.options().dtype(acc_dtype(t)));
+  const auto saved = [&](const at::Tensor& u) { return save_u ? u : unsaved_u; };
   if (fast) {
     const at::Tensor A = lora_A.to(t), B = lora_B.to(t);
+    const auto shrink_u = [&] {
+      return d.active() || steps.shrink_without_dropout ? steps.shrink(x2, lora_A, d)
+                                                        : at::mm(x2, A.t());
+    };
     if (fold_lora(fast, d, M, N, K)) {
+      // The folded GEMM needs no U; it is computed only where backward keeps it.
       const at::Tensor w = steps.fold(weight, B, A, scaling);
-      const at::Tensor u = save_u ? steps.shrink(x2, lora_A, d) : saved(at::Tensor());
-      return {linear(w), u, keep_bits};
+      return {linear(w), save_u ? shrink_u() : unsaved_u, keep_bits};
     }
-    at::Tensor u = d.active() || steps.shrink_without_dropout ? steps.shrink(x2, lora_A, d)
-                                                               : at::mm(x2, A.t());
+    at::Tensor u = shrink_u();
     if (bias.has_value() && steps.expand_write_reduce != nullptr) {
       // Y = b + s U B^T, written in the one pass over Y that the bias needs anyway (ATen's
       // addmm broadcasts b into Y before its GEMM), then the GEMM adds X W^T onto it.
