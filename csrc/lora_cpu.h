@@ -97,11 +97,12 @@ struct ExpandReduceArgs {
 
 // The backward pass without dropout when the forward did not save U: one walk over
 // the rows of X [M, K] and dY [M, N] (storage dtype, unit column stride). Per block of
-// rows, with X's rows read again from cache for the last step:
+// rows, in three passes over the block (X, dY, then X again from cache):
 //   U = X at                                  (when u != nullptr)
 //   G = dY bt                                 (when g != nullptr)
 //   dy_sums[r, n] = sum_m c[m, r] dY[m, n]    c = [U 1] (U only with u_sums, the column
-//                                             of ones only with ones; R2 of them)
+//                                             of ones only with ones; R2 of them); the
+//                                             U part shares the pass over dY with G
 //   x_sums[r, k] = sum_m G[m, r] X[m, k]      (when x_sums != nullptr)
 // U is bit-identical to the shrink's U = X at (same tiles, same order), and the sums do
 // not depend on the number of threads (the order over m is fixed by M, as in
