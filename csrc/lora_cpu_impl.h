@@ -781,7 +781,8 @@ LORA_ALWAYS_INLINE void sum_columns(acc* sums_t, int64_t Rv, int64_t r0, const a
 // vector axis), for columns c0 <= c < c0 + kc:
 //   sums_t[c, :] += sum_i rows[i][c] * coef[i, :]
 // and with kShrink, from the same broadcasts, gpart[i, :] += sum_c rows[i][c] * b[c, :]
-// (G = dY B, summed over c in order like shrink_tile).
+// (G = dY B, summed over c in order: one chain per row, which the kSumCols columns'
+// chains of the sums run beside).
 template <bool kShrink, class V, class acc>
 LORA_ALWAYS_INLINE void sum_rows_rv(acc* sums_t, int64_t Rv, const acc* const* rows,
                                     const acc* coef, int64_t c0, int64_t kc, acc* gpart,
@@ -877,6 +878,11 @@ void grad_pass_impl(const GradPassArgs& p) {
   acc* g = static_cast<acc*>(p.g);
   // float32 / float64 rows are read in place, 16-bit ones converted per block.
   constexpr bool kDirect = Same<T, acc>::value;
+  // U is computed where it is returned or dB's sums need it; the passes over X and dY
+  // run only for what they produce.
+  const bool need_u = u != nullptr || u_sums;
+  const bool x_pass = need_u || x_reduce;
+  const bool dy_pass = g != nullptr || u_sums || ones;
   ChunkSums<acc> dy_chunk_sums(dy_reduce ? nchunks : 1, R2, N, Np, dy_sums, N);
   ChunkSums<acc> x_chunk_sums(x_reduce ? nchunks : 1, R, K, Kp, x_sums, K);
 #pragma omp parallel num_threads(num_threads_for(p.num_threads))
@@ -892,7 +898,6 @@ void grad_pass_impl(const GradPassArgs& p) {
     Buffer<acc> racc_dy(dy_reduce ? R2 * Np : 1);
     Buffer<acc> racc_x(x_reduce ? R * Kp : 1);
     fill(zeros.p, max64(Kp, Np), acc(0));
-    fill(part_u.p, kBlockRows * Rv, acc(0));
     // Row pointers of one block: in place, or converted into `scratch`; zeros past nrows.
     const auto block_rows_of = [&](const acc** rows, acc* scratch, const T* src, int64_t ld,
                                    int64_t nrows, int64_t cols) {
@@ -917,11 +922,12 @@ void grad_pass_impl(const GradPassArgs& p) {
         const int64_t nrows = min64(kBlockRows, m_end - m0);
         const acc* xr[kBlockRows];
         const acc* dyr[kBlockRows];
-        block_rows_of(xr, x_rows.p, x + m0 * p.ldx, p.ldx, nrows, K);
-        block_rows_of(dyr, dy_rows.p, dy + m0 * p.lddy, p.lddy, nrows, N);
+        // (16-bit rows are converted only for the passes that read them.)
+        if (x_pass) block_rows_of(xr, x_rows.p, x + m0 * p.ldx, p.ldx, nrows, K);
+        if (dy_pass) block_rows_of(dyr, dy_rows.p, dy + m0 * p.lddy, p.lddy, nrows, N);
         // The tiles of kGradRows rows that hold any of the block's nrows rows.
         const int64_t ntiles = ceil_div(nrows, MR);
-        if (u != nullptr || u_sums) {
+        if (need_u) {
           fill(part_u.p, kBlockRows * Rv, acc(0));
           if (R > 0)
             for (int64_t c0 = 0; c0 < K; c0 += kChunk)
