@@ -176,8 +176,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_forward(
   const at::Tensor x2 = unit_column_stride(x);
   // float32 / float64: every GEMM in ATen, in x's dtype (which is the accumulation dtype).
   const bool fast = t == acc_dtype(t);
+  // X w^T + b; b added after the GEMM where the device prefers it (Steps::bias_after_gemm),
+  // only in the accumulation dtype (a 16-bit Y would be rounded twice).
   const auto linear = [&](const at::Tensor& w) {
-    return bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
+    if (!bias.has_value()) return at::mm(x2, w.t());
+    return fast && steps.bias_after_gemm ? at::mm(x2, w.t()).add_(*bias)
+                                         : at::addmm(*bias, x2, w.t());
   };
   // Without dropout, a device with the grad_pass step recomputes U in backward (in the
   // pass over X that dA needs anyway), so u is returned empty ([0, R]) and nothing but x
@@ -194,10 +198,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_forward(
     };
     if (fold_lora(fast, d, M, N, K)) {
       // The folded GEMM needs no U; it is computed only where backward keeps it.
-      const at::Tensor w = steps.fold(weight, B, A, scaling);
-      at::Tensor y = bias.has_value() && steps.bias_after_gemm ? at::mm(x2, w.t()).add_(*bias)
-                                                                : linear(w);
-      return {y, save_u ? shrink_u() : unsaved_u, keep_bits};
+      return {linear(steps.fold(weight, B, A, scaling)), save_u ? shrink_u() : unsaved_u,
+              keep_bits};
     }
     at::Tensor u = shrink_u();
     if (bias.has_value() && steps.expand_write_reduce != nullptr) {

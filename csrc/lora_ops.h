@@ -63,11 +63,11 @@ struct Steps {
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*grad_pass)(
       const at::Tensor& x, const at::Tensor& dy, const at::Tensor& A, const at::Tensor& B,
       bool want_u, bool want_g, bool u_sums, bool ones, bool x_sums) = nullptr;
-  // With the folded weight (p == 0, float32/float64, so Y is in the accumulation dtype
-  // and adding b after the GEMM rounds no more than addmm does): Y = X W^T + b as a GEMM
-  // without b (beta = 0), then one pass adding b, rather than ATen's addmm, which
-  // broadcasts b into Y and runs the GEMM with beta = 1 (so BLAS reads Y back inside its
-  // kernel). Set where it measures faster (the CPU); cuBLAS adds b in its epilogue.
+  // For float32/float64 x (Y in the accumulation dtype, so adding b after the GEMM
+  // rounds no more than addmm does): Y = X W^T + b as a GEMM without b (beta = 0), then
+  // one pass adding b, rather than ATen's addmm, which broadcasts b into Y and runs the
+  // GEMM with beta = 1 (so BLAS reads Y back inside its kernel). Set where it measures
+  // faster (the CPU); cuBLAS adds b in its epilogue.
   bool bias_after_gemm = false;
 };
 
