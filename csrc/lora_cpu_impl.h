@@ -550,13 +550,14 @@ LORA_ALWAYS_INLINE const float* block_factors(float* fac, const Mask& mk, int64_
   return fac;
 }
 
-// dst [nrows, R2] contiguous = the first R2 columns of nrows rows of src (stride ld):
-// the reduce's coefficients of one block, side by side.
+// The first ncols columns of nrows rows, from src (row stride ldsrc) to dst (ldd): a
+// block's reduce coefficients packed side by side, or a block's R-padded U or G rows
+// written out to [M, R].
 template <class acc>
-LORA_ALWAYS_INLINE void pack_rows(acc* dst, const acc* src, int64_t ld, int64_t nrows,
-                                  int64_t R2) {
+LORA_ALWAYS_INLINE void copy_rows(acc* dst, int64_t ldd, const acc* src, int64_t ldsrc,
+                                  int64_t nrows, int64_t ncols) {
   for (int64_t i = 0; i < nrows; ++i)
-    for (int64_t r = 0; r < R2; ++r) dst[i * R2 + r] = src[i * ld + r];
+    for (int64_t c = 0; c < ncols; ++c) dst[i * ldd + c] = src[i * ldsrc + c];
 }
 
 // Sums of each row chunk: written straight to `sums` with one chunk, otherwise staged
@@ -638,7 +639,7 @@ void shrink_impl(const ShrinkArgs& p) {
       for (int64_t m0 = chunk * rows_per_chunk; m0 < m_end; m0 += kBlockRows) {
         const int64_t nrows = min64(kBlockRows, m_end - m0);
         fill(part.p, kBlockRows * Rv, acc(0));
-        if (do_reduce) pack_rows(gb2.p, g2 + m0 * p.ldg2, p.ldg2, nrows, R2);
+        if (do_reduce) copy_rows(gb2.p, R2, g2 + m0 * p.ldg2, p.ldg2, nrows, R2);
         for (int64_t k0 = 0; k0 < Kp; k0 += kChunk) {
           const int64_t kc = min64(kChunk, Kp - k0);
           const int64_t nvalid = min64(kc, K - k0);
@@ -653,8 +654,7 @@ void shrink_impl(const ShrinkArgs& p) {
                 shrink_tile<V, acc>(part.p + i0 * Rv, Rv, rows + i0, at + k0 * Rv, kc);
           if (do_reduce) reduce_block<V, acc>(racc.p + k0, Kp, rows, nrows, gb2.p, R2, kc);
         }
-        for (int64_t i = 0; i < nrows; ++i)
-          for (int64_t r = 0; r < R; ++r) u[(m0 + i) * p.ldu + r] = part.p[i * Rv + r];
+        copy_rows(u + m0 * p.ldu, p.ldu, part.p, Rv, nrows, R);
       }
       if (do_reduce) chunk_sums.store(chunk, racc.p);
     }
@@ -719,7 +719,7 @@ void expand_reduce_impl(const ExpandReduceArgs& p) {
               for (int64_t i = 0; i < MR; ++i)
                 gb.p[i0 * R + r * MR + i] = i0 + i < nrows ? g[(m0 + i0 + i) * p.ldg + r] : acc(0);
         }
-        if (do_reduce) pack_rows(gb2.p, g2 + m0 * p.ldg2, p.ldg2, nrows, R2);
+        if (do_reduce) copy_rows(gb2.p, R2, g2 + m0 * p.ldg2, p.ldg2, nrows, R2);
         for (int64_t k0 = 0; k0 < Kp; k0 += kChunk) {
           const int64_t kc = min64(kChunk, Kp - k0);
           const int64_t nvalid = min64(kc, K - k0);
@@ -937,9 +937,7 @@ void grad_pass_impl(const GradPassArgs& p) {
                 shrink_tile<V, acc>(part_u.p + t * MR * Rv, Rv, rows, at + c0 * Rv,
                                     min64(kChunk, K - c0));
               }
-          if (u != nullptr)
-            for (int64_t i = 0; i < nrows; ++i)
-              for (int64_t r = 0; r < R; ++r) u[(m0 + i) * R + r] = part_u.p[i * Rv + r];
+          if (u != nullptr) copy_rows(u + m0 * R, R, part_u.p, Rv, nrows, R);
         }
         if (g != nullptr || u_sums) {
           fill(part_g.p, kBlockRows * Rv, acc(0));
@@ -959,9 +957,7 @@ void grad_pass_impl(const GradPassArgs& p) {
                 shrink_tile<V, acc>(gt, Rv, rows, bt + c0 * Rv, kc);
               }
             }
-          if (g != nullptr)
-            for (int64_t i = 0; i < nrows; ++i)
-              for (int64_t r = 0; r < R; ++r) g[(m0 + i) * R + r] = part_g.p[i * Rv + r];
+          if (g != nullptr) copy_rows(g + m0 * R, R, part_g.p, Rv, nrows, R);
         }
         if (ones) sum_rows_of_ones(sums_ones.p, dyr, nrows, N);
         if (x_reduce)
