@@ -116,8 +116,8 @@ struct GradPassArgs {
   int64_t lddy;
   const void* at;  // A^T [round_up(K, kPadK), round_up(R, kPadR)] contiguous, zero-padded
   const void* bt;  // B [round_up(N, kPadK), round_up(R, kPadR)] contiguous, zero-padded
-  void* u;         // accumulation dtype [M, R], or nullptr (then u_sums is false)
-  void* g;         // accumulation dtype [M, R], or nullptr (then no x_sums)
+  void* u;         // accumulation dtype [M, R], or nullptr (U not returned)
+  void* g;         // accumulation dtype [M, R], or nullptr (G not returned)
   bool u_sums;
   bool ones;
   void* dy_sums;  // accumulation dtype [R2, N] contiguous, or nullptr

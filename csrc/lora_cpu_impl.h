@@ -886,7 +886,7 @@ void grad_pass_impl(const GradPassArgs& p) {
   const bool dy_reduce = p.dy_sums != nullptr && R2 > 0;
   const bool u_sums = dy_reduce && p.u_sums && R > 0;
   const bool ones = dy_reduce && p.ones;
-  const bool x_reduce = p.x_sums != nullptr && p.g != nullptr && R > 0;
+  const bool x_reduce = p.x_sums != nullptr && R > 0;
   acc* dy_sums = static_cast<acc*>(p.dy_sums);
   acc* x_sums = static_cast<acc*>(p.x_sums);
   if (M <= 0 || (K <= 0 && N <= 0)) {
@@ -910,11 +910,13 @@ void grad_pass_impl(const GradPassArgs& p) {
   acc* g = static_cast<acc*>(p.g);
   // float32 / float64 rows are read in place, 16-bit ones converted per block.
   constexpr bool kDirect = Same<T, acc>::value;
-  // U is computed where it is returned or dB's sums need it; the passes over X and dY
-  // run only for what they produce.
+  // U and G are computed where they are returned or the sums need them (dB's U^T dY,
+  // dA's G^T X), and written out to [M, R] only where returned; the passes over X and
+  // dY run only for what they produce.
   const bool need_u = u != nullptr || u_sums;
+  const bool need_g = g != nullptr || x_reduce;
   const bool x_pass = need_u || x_reduce;
-  const bool dy_pass = g != nullptr || u_sums || ones;
+  const bool dy_pass = need_g || u_sums || ones;
   // dB's sums U^T dY in rows [0, R) of dy_sums, the bias's 1^T dY in its last row.
   TransposedChunkSums<acc> u_chunk_sums(u_sums, nchunks, R, N, Rv, dy_sums, N);
   ChunkSums<acc> ones_chunk_sums(ones ? nchunks : 1, 1, N, Np,
@@ -970,14 +972,14 @@ void grad_pass_impl(const GradPassArgs& p) {
               }
           if (u != nullptr) copy_rows(u + m0 * R, R, part_u.p, Rv, nrows, R);
         }
-        if (g != nullptr || u_sums) {
+        if (need_g || u_sums) {
           fill(part_g.p, kBlockRows * Rv, acc(0));
           for (int64_t c0 = 0; c0 < N; c0 += kChunk)
             for (int64_t t = 0; t < ntiles; ++t) {
               const int64_t kc = min64(kChunk, N - c0);
               acc* gt = part_g.p + t * MR * Rv;
               const acc* ut = part_u.p + t * MR * Rv;
-              if (u_sums && g != nullptr) {
+              if (u_sums && need_g) {
                 sum_rows<true, V, acc>(sums_dy_t, Rv, dyr + t * MR, ut, c0, kc, gt, bt);
               } else if (u_sums) {
                 sum_rows<false, V, acc>(sums_dy_t, Rv, dyr + t * MR, ut, c0, kc, nullptr,

@@ -286,12 +286,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
   bool grad_A_done = false;
   const Dropout no_dropout{0.0, seed};
   if (!u_saved) {
-    // U was not saved (no dropout): one pass over the rows of X and dY gives U, G, the
-    // dY sums and dA's sums G^T X.
+    // U was not saved (no dropout): one pass over the rows of X and dY gives the dY sums
+    // and dA's sums G^T X, and U and G where they are used below (ds; the unfolded dX).
     if (need_g || need_dy_sums) {
-      std::tie(u_used, g, dy_sums, grad_A) =
-          steps.grad_pass(x2, dy, lora_A, lora_B, need_grad_lora || need_grad_scaling, need_g,
-                          need_grad_lora, need_grad_bias, need_grad_lora);
+      std::tie(u_used, g, dy_sums, grad_A) = steps.grad_pass(
+          x2, dy, lora_A, lora_B, /*want_u=*/need_grad_scaling,
+          /*want_g=*/need_grad_scaling || (need_grad_x && !fold), need_grad_lora,
+          need_grad_bias, need_grad_lora);
       grad_A_done = need_grad_lora;
     }
   } else {
