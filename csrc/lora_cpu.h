@@ -32,8 +32,6 @@ struct Mask {
 
 // One pass over [M, K]:
 //   U[m, r] = sum_k D(X)[m, k] * at[k, r] for m < M, r < R
-//   and, when sums != nullptr, sums[r, k] = sum_m g2[m, r] * D(X)[m, k] for r < R2
-// (the backward pass over dY: G = dY B with [dB^T; db] = [U 1]^T dY).
 struct ShrinkArgs {
   DType dtype;  // of x
   int64_t M, K, R;
@@ -48,12 +46,6 @@ struct ShrinkArgs {
   // ldbits bytes), written here when not null and the mask is active.
   void* keep_bits_out = nullptr;
   int64_t ldbits = 0;
-  // reduce (optional)
-  const void* g2 = nullptr;
-  int64_t ldg2 = 0;
-  int64_t R2 = 0;
-  void* sums = nullptr;  // accumulation dtype [R2, ldsums]
-  int64_t ldsums = 0;
 };
 
 // One pass over [M, K] that does either step or both, sharing the mask:
@@ -95,10 +87,11 @@ struct ExpandReduceArgs {
   int num_threads;
 };
 
-// The backward pass without dropout when the forward did not save U: one walk over
-// the rows of X [M, K] and dY [M, N] (storage dtype, unit column stride). Per block of
-// rows, in three passes over the block (X, dY, then X again from cache):
-//   U = X at                                  (when u != nullptr)
+// The backward's walk over the rows of X [M, K] and dY [M, N] (storage dtype, unit
+// column stride). Per block of rows, in three passes over the block (X, dY, then X
+// again from cache):
+//   U = X at                                  (when u != nullptr; or U given as u_in,
+//                                             then no pass over X for it)
 //   G = dY bt                                 (when g != nullptr)
 //   dy_sums[r, n] = sum_m c[m, r] dY[m, n]    c = [U 1] (U only with u_sums, the column
 //                                             of ones only with ones; R2 of them); the
@@ -117,6 +110,9 @@ struct GradPassArgs {
   const void* at;  // A^T [round_up(K, kPadK), round_up(R, kPadR)] contiguous, zero-padded
   const void* bt;  // B [round_up(N, kPadK), round_up(R, kPadR)] contiguous, zero-padded
   void* u;         // accumulation dtype [M, R], or nullptr (U not returned)
+  const void* u_in;  // accumulation dtype [M, ldu_in]: U saved by the forward (D(X) A^T
+                     // with dropout), read instead of computed; or nullptr
+  int64_t ldu_in;
   void* g;         // accumulation dtype [M, R], or nullptr (G not returned)
   bool u_sums;
   bool ones;

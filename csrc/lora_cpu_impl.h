@@ -599,47 +599,39 @@ void zero_sums(acc* sums, int64_t R2, int64_t K, int64_t ldsums) {
     for (int64_t k = 0; k < K; ++k) sums[r * ldsums + k] = acc(0);
 }
 
-// U = D(X) at and, in the same pass over X, sums = g2^T D(X) when requested.
+// U = D(X) at, and the packed keep mask where requested.
 template <class T>
 void shrink_impl(const ShrinkArgs& p) {
   using acc = typename AccOf<T>::type;
   using V = typename Vec<acc>::type;
-  const int64_t M = p.M, K = p.K, R = p.R, R2 = p.R2;
-  const bool do_reduce = p.sums != nullptr;
-  acc* sums = static_cast<acc*>(p.sums);
+  const int64_t M = p.M, K = p.K, R = p.R;
   if (M <= 0 || K <= 0) {
-    if (do_reduce) zero_sums(sums, R2, K, p.ldsums);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t r = 0; r < R; ++r) static_cast<acc*>(p.u)[m * p.ldu + r] = acc(0);
     return;
   }
   const int64_t Kp = round_up(K, kPadK), Rv = round_up(R > 0 ? R : 1, kPadR);
   const int64_t gpr = groups_per_row(K);
-  const int64_t rows_per_chunk = do_reduce ? reduce_rows_per_chunk(M) : 4 * kBlockRows;
+  // Rows are independent here, so the chunks serve load balance only.
+  const int64_t rows_per_chunk = 4 * kBlockRows;
   const int64_t nchunks = ceil_div(M, rows_per_chunk);
   const T* x = static_cast<const T*>(p.x);
   const acc* at = static_cast<const acc*>(p.at);
-  const acc* g2 = static_cast<const acc*>(p.g2);
   acc* u = static_cast<acc*>(p.u);
   const Mask mk = p.mask;
-  ChunkSums<acc> chunk_sums(do_reduce ? nchunks : 1, R2, K, Kp, sums, p.ldsums);
 #pragma omp parallel num_threads(num_threads_for(p.num_threads))
   {
     Buffer<acc> d(kBlockRows * kChunk);
     Buffer<acc> zeros(kChunk);
     Buffer<float> fac(kBlockRows * kChunk);
     Buffer<acc> part(kBlockRows * Rv);
-    Buffer<acc> racc(do_reduce ? R2 * Kp : 1);
-    Buffer<acc> gb2(do_reduce ? kBlockRows * (R2 > 0 ? R2 : 1) : 1);
     fill(zeros.p, kChunk, acc(0));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t chunk = 0; chunk < nchunks; ++chunk) {
       const int64_t m_end = min64(M, (chunk + 1) * rows_per_chunk);
-      if (do_reduce) fill(racc.p, R2 * Kp, acc(0));
       for (int64_t m0 = chunk * rows_per_chunk; m0 < m_end; m0 += kBlockRows) {
         const int64_t nrows = min64(kBlockRows, m_end - m0);
         fill(part.p, kBlockRows * Rv, acc(0));
-        if (do_reduce) copy_rows(gb2.p, R2, g2 + m0 * p.ldg2, p.ldg2, nrows, R2);
         for (int64_t k0 = 0; k0 < Kp; k0 += kChunk) {
           const int64_t kc = min64(kChunk, Kp - k0);
           const int64_t nvalid = min64(kc, K - k0);
@@ -652,13 +644,10 @@ void shrink_impl(const ShrinkArgs& p) {
             for (int64_t i0 = 0; i0 < kBlockRows; i0 += kShrinkRows)
               if (i0 < nrows)
                 shrink_tile<V, acc>(part.p + i0 * Rv, Rv, rows + i0, at + k0 * Rv, kc);
-          if (do_reduce) reduce_block<V, acc>(racc.p + k0, Kp, rows, nrows, gb2.p, R2, kc);
         }
         copy_rows(u + m0 * p.ldu, p.ldu, part.p, Rv, nrows, R);
       }
-      if (do_reduce) chunk_sums.store(chunk, racc.p);
     }
-    if (do_reduce) chunk_sums.finish();
   }
 }
 
@@ -748,7 +737,7 @@ void expand_reduce_impl(const ExpandReduceArgs& p) {
   }
 }
 
-// ---- The backward pass without a saved U (grad_pass) -----------------------------------
+// ---- The backward's pass over X and dY (grad_pass) --------------------------------------
 // Rows per tile: over a tile's rows (one column chunk) U and G keep one register per
 // row (per vector of R), so each element of X or dY is loaded once per pass and, in the
 // pass over dY, one broadcast of it feeds both G's and dB's multiply-adds.
@@ -878,7 +867,9 @@ struct TransposedChunkSums {
   }
 };
 
-// The backward pass without a saved U (see GradPassArgs). Tasks are row chunks; per
+// The backward's pass over X and dY (see GradPassArgs): without dropout the whole of
+// it, U recomputed; with dropout only the pass over dY, the saved U read. Tasks are
+// row chunks; per
 // block of kBlockRows rows, column chunk by column chunk, in tiles of kGradRows rows,
 // three passes over the block:
 //   X:  U = X A^T                 shrink_tile, the forward's shrink (so the same U)
@@ -887,9 +878,11 @@ struct TransposedChunkSums {
 //   X:  dA's sums G^T X           sum_rows; the block's 64 KiB of X (K = 1024, float32)
 //                                 read again from L2, not DRAM
 // The R-wide sums stay transposed ([N, R], [K, R]: R is the vector axis) in each
-// chunk's slot of a TransposedChunkSums until the end. In a training step (one thread, M = 4096, K = N = 1024, R = 16, float32)
-// this took 4.5 ms standalone against 5.7 for the earlier pass, which summed dB and dA
-// vectorized over n and k in their own loops (C++ harness over csrc/, warm caches).
+// chunk's slot of a TransposedChunkSums until the end. In a training step (one thread,
+// M = 4096, K = N = 1024, R = 16, float32) this took 4.5 ms standalone against 5.7 for
+// the earlier pass, which summed dB and dA vectorized over n and k in their own loops
+// (C++ harness over csrc/, warm caches). With U given, the pass over dY alone takes
+// 1.85 ms against 2.66 for the shrink of dY followed by a separate reduce.
 template <class T>
 void grad_pass_impl(const GradPassArgs& p) {
   using acc = typename AccOf<T>::type;
@@ -924,12 +917,15 @@ void grad_pass_impl(const GradPassArgs& p) {
   acc* g = static_cast<acc*>(p.g);
   // float32 / float64 rows are read in place, 16-bit ones converted per block.
   constexpr bool kDirect = Same<T, acc>::value;
-  // U and G are computed where they are returned or the sums need them (dB's U^T dY,
-  // dA's G^T X), and written out to [M, R] only where returned; the passes over X and
-  // dY run only for what they produce.
+  // U (read from u_in where the forward saved it, else computed) and G are formed where
+  // they are returned or the sums need them (dB's U^T dY, dA's G^T X), and written out
+  // to [M, R] only where returned; the passes over X and dY run only for what they
+  // produce.
+  const acc* u_in = static_cast<const acc*>(p.u_in);
   const bool need_u = u != nullptr || u_sums;
+  const bool compute_u = need_u && u_in == nullptr;
   const bool need_g = g != nullptr || x_reduce;
-  const bool x_pass = need_u || x_reduce;
+  const bool x_pass = compute_u || x_reduce;
   const bool dy_pass = need_g || u_sums || ones;
   // dB's sums U^T dY in rows [0, R) of dy_sums, the bias's 1^T dY in its last row.
   TransposedChunkSums<acc> u_chunk_sums(u_sums, nchunks, R, N, Rv, dy_sums, N);
@@ -974,7 +970,11 @@ void grad_pass_impl(const GradPassArgs& p) {
         if (dy_pass) block_rows_of(dyr, dy_rows.p, dy + m0 * p.lddy, p.lddy, nrows, N);
         // The tiles of kGradRows rows that hold any of the block's nrows rows.
         const int64_t ntiles = ceil_div(nrows, MR);
-        if (need_u) {
+        if (need_u && !compute_u) {
+          fill(part_u.p, kBlockRows * Rv, acc(0));
+          copy_rows(part_u.p, Rv, u_in + m0 * p.ldu_in, p.ldu_in, nrows, R);
+          if (u != nullptr) copy_rows(u + m0 * R, R, part_u.p, Rv, nrows, R);
+        } else if (need_u) {
           fill(part_u.p, kBlockRows * Rv, acc(0));
           if (R > 0)
             for (int64_t c0 = 0; c0 < K; c0 += kChunk)
@@ -1059,7 +1059,7 @@ void by_dtype(DType dtype, Fn&& fn) {
 }
 
 void shrink_entry(const ShrinkArgs& p) {
-  if (p.sums == nullptr && (p.M <= 0 || p.R <= 0)) return;
+  if (p.M <= 0 || p.R <= 0) return;
   by_dtype(p.dtype, [&](auto t) { shrink_impl<decltype(t)>(p); });
 }
 

@@ -19,8 +19,9 @@
 // With p == 0 on the CPU (Steps::grad_pass) u is returned empty: backward recomputes U.
 //
 // Backward (the keep mask read from keep_bits, never generated again):
-//   G = dY B and              one custom pass over dY (shrink + reduce)
-//   [dB^T; db] = [U 1]^T dY     else ATen mm for G, a custom reduce for the sums
+//   G = dY B and              one custom pass over dY, the saved U read (the grad
+//   [dB^T; db] = [U 1]^T dY     pass's dY part: one load of dY feeds G and the sums)
+//                               else ATen mm for G, a custom reduce for the sums
 //   dX = s D(G A)             custom masked expand writing dX, sharing the mask and the
 //   dA = s G^T D(X)           pass with the custom reduce over the rows of X, then
 //   dX += dY W                ATen addmm_ (beta = 1)
@@ -290,11 +291,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
     // and dA's sums G^T X, and U and G where they are used below (ds; the unfolded dX).
     if (need_g || need_dy_sums) {
       std::tie(u_used, g, dy_sums, grad_A) = steps.grad_pass(
-          x2, dy, lora_A, lora_B, /*want_u=*/need_grad_scaling,
+          x2, dy, lora_A, lora_B, /*u_given=*/at::Tensor(), /*want_u=*/need_grad_scaling,
           /*want_g=*/need_grad_scaling || (need_grad_x && !fold), need_grad_lora,
           need_grad_bias, need_grad_lora);
       grad_A_done = need_grad_lora;
     }
+  } else if (need_g && need_dy_sums && steps.grad_pass != nullptr) {
+    // The saved U read, not recomputed: one pass over the rows of dY gives G and the dY
+    // sums, each element of dY loaded once for both.
+    std::tie(std::ignore, g, dy_sums, std::ignore) =
+        steps.grad_pass(x2, dy, lora_A, lora_B, /*u_given=*/u, /*want_u=*/false,
+                        /*want_g=*/true, need_grad_lora, need_grad_bias, /*x_sums=*/false);
   } else {
     at::Tensor coeff;
     if (need_grad_lora && need_grad_bias) {
@@ -304,14 +311,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
     } else if (need_grad_bias) {
       coeff = at::ones({M, 1}, u.options());
     }
-    if (need_g && need_dy_sums && steps.shrink_reduce != nullptr) {
-      std::tie(g, dy_sums) = steps.shrink_reduce(dy, lora_B.t(), coeff, no_dropout);
-    } else {
-      if (need_g) g = fast ? at::mm(dy, lora_B.to(t)) : steps.shrink(dy, lora_B.t(), no_dropout);
-      if (need_dy_sums) {
-        dy_sums = steps.expand_reduce(at::Tensor(), at::Tensor(), at::Tensor(), scaling, dy,
-                                      coeff, no_dropout);
-      }
+    if (need_g) g = fast ? at::mm(dy, lora_B.to(t)) : steps.shrink(dy, lora_B.t(), no_dropout);
+    if (need_dy_sums) {
+      dy_sums = steps.expand_reduce(at::Tensor(), at::Tensor(), at::Tensor(), scaling, dy,
+                                    coeff, no_dropout);
     }
   }
 
@@ -394,18 +397,12 @@ at::Tensor pack_shrink_operand(const at::Tensor& a_t, at::ScalarType acc) {
   return packed;
 }
 
-// U = D(x) a^T and, when g2 is defined, sums = g2^T D(x) in the same pass.
-std::tuple<at::Tensor, at::Tensor> cpu_shrink_reduce(const at::Tensor& x, const at::Tensor& a,
-                                                     const at::Tensor& g2, const Dropout& d) {
+// U = D(x) a^T; with dropout it also writes the packed keep mask into d.keep_bits.
+at::Tensor cpu_shrink(const at::Tensor& x, const at::Tensor& a, const Dropout& d) {
   const int64_t M = x.size(0), K = x.size(1), R = a.size(0);
   const auto acc = acc_dtype(x.scalar_type());
   at::Tensor u = at::empty({M, R}, x.options().dtype(acc));
-  at::Tensor g2_acc, sums;
-  if (g2.defined()) {
-    g2_acc = g2.to(acc).contiguous();
-    sums = at::empty({g2.size(1), K}, x.options().dtype(acc));
-  }
-  if ((M == 0 || R == 0) && !sums.defined()) return {u, sums};
+  if (M == 0 || R == 0) return u;
   const at::Tensor a_t = pack_shrink_operand(a.t(), acc);
   cpu::ShrinkArgs args{};
   args.dtype = cpu_dtype(x.scalar_type());
@@ -423,25 +420,15 @@ std::tuple<at::Tensor, at::Tensor> cpu_shrink_reduce(const at::Tensor& x, const 
     args.keep_bits_out = d.keep_bits.data_ptr();
     args.ldbits = d.keep_bits.stride(0);
   }
-  if (sums.defined()) {
-    args.g2 = g2_acc.data_ptr();
-    args.ldg2 = g2_acc.size(1);
-    args.R2 = g2_acc.size(1);
-    args.sums = sums.data_ptr();
-    args.ldsums = K;
-  }
   cpu::shrink(args);
-  return {u, sums};
-}
-
-at::Tensor cpu_shrink(const at::Tensor& x, const at::Tensor& a, const Dropout& d) {
-  return std::get<0>(cpu_shrink_reduce(x, a, at::Tensor(), d));
+  return u;
 }
 
 // The backward pass without a saved U (Steps::grad_pass, cpu::GradPassArgs).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_grad_pass(
     const at::Tensor& x, const at::Tensor& dy, const at::Tensor& A, const at::Tensor& B,
-    bool want_u, bool want_g, bool u_sums, bool ones, bool x_sums) {
+    const at::Tensor& u_given, bool want_u, bool want_g, bool u_sums, bool ones,
+    bool x_sums) {
   const int64_t M = x.size(0), K = x.size(1), N = dy.size(1), R = A.size(0);
   const auto acc = acc_dtype(x.scalar_type());
   const auto opts = x.options().dtype(acc);
@@ -464,6 +451,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_grad_pass(
   args.at = a_t.data_ptr();
   args.bt = b.data_ptr();
   args.u = want_u ? u.data_ptr() : nullptr;
+  const at::Tensor u_in = u_given.defined() ? unit_column_stride(u_given) : at::Tensor();
+  if (u_in.defined()) {
+    args.u_in = u_in.data_ptr();
+    args.ldu_in = u_in.stride(0);
+  }
   args.g = want_g ? g.data_ptr() : nullptr;
   args.u_sums = u_sums;
   args.ones = ones;
@@ -575,9 +567,8 @@ at::Tensor cpu_fold(const at::Tensor& weight, const at::Tensor& B, const at::Ten
 // float32; ATen's addmm spends a pass broadcasting b into Y and MKL's beta = 1 kernel
 // reads Y back).
 const Steps kCpuSteps = [] {
-  Steps s{&cpu_shrink,       &cpu_expand_reduce,       &cpu_dot,
-          &cpu_fold,         /*shrink_without_dropout=*/true,
-          &cpu_shrink_reduce, &cpu_expand_write_reduce, &cpu_grad_pass};
+  Steps s{&cpu_shrink, &cpu_expand_reduce, &cpu_dot, &cpu_fold,
+          /*shrink_without_dropout=*/true, &cpu_expand_write_reduce, &cpu_grad_pass};
   s.bias_after_gemm = true;
   return s;
 }();

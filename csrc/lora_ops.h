@@ -42,10 +42,6 @@ struct Steps {
   // step is the faster of the two for a rank-R product).
   bool shrink_without_dropout = false;
   // Optional fused forms; nullptr: the orchestration composes the steps above instead.
-  // One pass over x: {U = D(x) a^T [M, R], sums = g2^T D(x) [R2, K]}.
-  std::tuple<at::Tensor, at::Tensor> (*shrink_reduce)(const at::Tensor& x, const at::Tensor& a,
-                                                      const at::Tensor& g2,
-                                                      const Dropout& d) = nullptr;
   // One pass over out [M, K] that writes it without reading it:
   //   out = row + scaling * D(g a)   (row [K] broadcast over the rows, or undefined: 0)
   // and, when x and g2 are defined, returns sums = g2^T D(x) (else undefined). A GEMM
@@ -59,10 +55,14 @@ struct Steps {
   // [0, R]); backward recomputes it in its one pass over the rows of x and dy:
   //   {U = x A^T (if want_u), G = dy B (if want_g), dy_sums = c^T dy with c = [U 1]
   //    (U if u_sums, the ones if ones), x_sums = G^T x (if x_sums)}
-  // U needs no pass over x of its own: the pass that gives dA reads x anyway.
+  // U needs no pass over x of its own: the pass that gives dA reads x anyway. With
+  // u_given defined (U saved by the forward, with dropout) U is read, not computed, and
+  // without x_sums x is not read: the pass over dy alone gives G and the dy sums, one
+  // load of dy feeding both.
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*grad_pass)(
       const at::Tensor& x, const at::Tensor& dy, const at::Tensor& A, const at::Tensor& B,
-      bool want_u, bool want_g, bool u_sums, bool ones, bool x_sums) = nullptr;
+      const at::Tensor& u_given, bool want_u, bool want_g, bool u_sums, bool ones,
+      bool x_sums) = nullptr;
   // For float32/float64 x (Y in the accumulation dtype, so adding b after the GEMM
   // rounds no more than addmm does): Y = X W^T + b as a GEMM without b (beta = 0), then
   // one pass adding b, rather than ATen's addmm, which broadcasts b into Y and runs the
