@@ -869,9 +869,8 @@ struct TransposedChunkSums {
 
 // The backward's pass over X and dY (see GradPassArgs): without dropout the whole of
 // it, U recomputed; with dropout only the pass over dY, the saved U read. Tasks are
-// row chunks; per
-// block of kBlockRows rows, column chunk by column chunk, in tiles of kGradRows rows,
-// three passes over the block:
+// row chunks; per block of kBlockRows rows, column chunk by column chunk, in tiles of
+// kGradRows rows, three passes over the block:
 //   X:  U = X A^T                 shrink_tile, the forward's shrink (so the same U)
 //   dY: G = dY B and dB's sums    sum_rows: one broadcast of dY[m, n] feeds both
 //       U^T dY (+ the bias's 1^T dY, vectorized over n)
@@ -970,13 +969,11 @@ void grad_pass_impl(const GradPassArgs& p) {
         if (dy_pass) block_rows_of(dyr, dy_rows.p, dy + m0 * p.lddy, p.lddy, nrows, N);
         // The tiles of kGradRows rows that hold any of the block's nrows rows.
         const int64_t ntiles = ceil_div(nrows, MR);
-        if (need_u && !compute_u) {
+        if (need_u) {
           fill(part_u.p, kBlockRows * Rv, acc(0));
-          copy_rows(part_u.p, Rv, u_in + m0 * p.ldu_in, p.ldu_in, nrows, R);
-          if (u != nullptr) copy_rows(u + m0 * R, R, part_u.p, Rv, nrows, R);
-        } else if (need_u) {
-          fill(part_u.p, kBlockRows * Rv, acc(0));
-          if (R > 0)
+          if (!compute_u) {
+            copy_rows(part_u.p, Rv, u_in + m0 * p.ldu_in, p.ldu_in, nrows, R);
+          } else if (R > 0) {
             for (int64_t c0 = 0; c0 < K; c0 += kChunk)
               for (int64_t t = 0; t < ntiles; ++t) {
                 const acc* rows[MR];
@@ -984,6 +981,7 @@ void grad_pass_impl(const GradPassArgs& p) {
                 shrink_tile<V, acc>(part_u.p + t * MR * Rv, Rv, rows, at + c0 * Rv,
                                     min64(kChunk, K - c0));
               }
+          }
           if (u != nullptr) copy_rows(u + m0 * R, R, part_u.p, Rv, nrows, R);
         }
         if (need_g || u_sums) {

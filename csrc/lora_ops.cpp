@@ -424,7 +424,8 @@ at::Tensor cpu_shrink(const at::Tensor& x, const at::Tensor& a, const Dropout& d
   return u;
 }
 
-// The backward pass without a saved U (Steps::grad_pass, cpu::GradPassArgs).
+// The backward's pass over x and dy (Steps::grad_pass, cpu::GradPassArgs): U recomputed,
+// or read from u_given where the forward saved it.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_grad_pass(
     const at::Tensor& x, const at::Tensor& dy, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& u_given, bool want_u, bool want_g, bool u_sums, bool ones,
