@@ -927,9 +927,10 @@ void grad_pass_impl(const GradPassArgs& p) {
   const bool x_pass = compute_u || x_reduce;
   const bool dy_pass = need_g || u_sums || ones;
   // dB's sums U^T dY in rows [0, R) of dy_sums, the bias's 1^T dY in its last row.
+  // (The ones' sums are the case R = Rv = 1: a slot of N per chunk, no transpose.)
   TransposedChunkSums<acc> u_chunk_sums(u_sums, nchunks, R, N, Rv, dy_sums, N);
-  ChunkSums<acc> ones_chunk_sums(ones ? nchunks : 1, 1, N, Np,
-                                 ones ? dy_sums + (R2 - 1) * N : nullptr, N);
+  TransposedChunkSums<acc> ones_chunk_sums(ones, nchunks, 1, N, 1,
+                                          ones ? dy_sums + (R2 - 1) * N : nullptr, N);
   TransposedChunkSums<acc> x_chunk_sums(x_reduce, nchunks, R, K, Rv, x_sums, K);
 #pragma omp parallel num_threads(num_threads_for(p.num_threads))
   {
@@ -938,7 +939,6 @@ void grad_pass_impl(const GradPassArgs& p) {
     Buffer<acc> dy_rows(kDirect ? 1 : kBlockRows * max64(N, 1));
     Buffer<acc> part_u(kBlockRows * Rv);
     Buffer<acc> part_g(kBlockRows * Rv);
-    Buffer<acc> sums_ones(ones ? Np : 1);
     fill(zeros.p, max64(Kp, Np), acc(0));
     // Row pointers of one block: in place, or converted into `scratch`; zeros past nrows.
     const auto block_rows_of = [&](const acc** rows, acc* scratch, const T* src, int64_t ld,
@@ -959,7 +959,7 @@ void grad_pass_impl(const GradPassArgs& p) {
       const int64_t m_end = min64(M, (chunk + 1) * rows_per_chunk);
       acc* sums_dy_t = u_sums ? u_chunk_sums.begin(chunk) : nullptr;
       acc* sums_x_t = x_reduce ? x_chunk_sums.begin(chunk) : nullptr;
-      if (ones) fill(sums_ones.p, Np, acc(0));
+      acc* sums_ones = ones ? ones_chunk_sums.begin(chunk) : nullptr;
       for (int64_t m0 = chunk * rows_per_chunk; m0 < m_end; m0 += kBlockRows) {
         const int64_t nrows = min64(kBlockRows, m_end - m0);
         const acc* xr[kBlockRows];
@@ -1004,14 +1004,13 @@ void grad_pass_impl(const GradPassArgs& p) {
             }
           if (g != nullptr) copy_rows(g + m0 * R, R, part_g.p, Rv, nrows, R);
         }
-        if (ones) sum_rows_of_ones<V, acc>(sums_ones.p, dyr, nrows, N);
+        if (ones) sum_rows_of_ones<V, acc>(sums_ones, dyr, nrows, N);
         if (x_reduce)
           for (int64_t c0 = 0; c0 < K; c0 += kChunk)
             for (int64_t t = 0; t < ntiles; ++t)
               sum_rows<false, V, acc>(sums_x_t, Rv, xr + t * MR, part_g.p + t * MR * Rv, c0,
                                       min64(kChunk, K - c0), nullptr, nullptr);
       }
-      if (ones) ones_chunk_sums.store(chunk, sums_ones.p);
     }
     if (u_sums) u_chunk_sums.finish();
     if (ones) ones_chunk_sums.finish();
