@@ -275,8 +275,9 @@ def test_compile_fullgraph_patched_peft_model_with_dropout(llama_dir):
 
 def test_compile_fullgraph_with_gradient_checkpointing(llama_dir):
     """transformers' checkpointing under fullgraph: with use_cache=False and the input
-    requires_grad hook removed it traces, and the gradients equal the eager run without
-    checkpointing bit for bit (aot_eager: the same seeds, the same masks)."""
+    requires_grad hook removed it traces, the loss equals the eager run without
+    checkpointing bit for bit, and the gradients agree to float32 rounding (aot_eager:
+    the same seeds, the same masks)."""
     import warnings
 
     torch._dynamo.reset()
@@ -300,4 +301,10 @@ def test_compile_fullgraph_with_gradient_checkpointing(llama_dir):
     assert torch.equal(loss, loss_eager)
     assert len(grads) == 16
     for name, grad in grads.items():
-        assert torch.equal(grad, grads_eager[name]), name
+        # Not bit for bit: traced under checkpointing, transformers' SDPA attention gets an
+        # explicit causal mask and repeat_kv'd keys and values instead of is_causal=True
+        # with native GQA, so ATen's attention backward (and the sum over the repeated
+        # heads) rounds dQ/dK/dV differently, and on some CPUs (AMD EPYC) not to the same
+        # bits. Our op is not the source: given bit-identical inputs its backward returns
+        # bit-identical gradients. A different dropout mask would miss this by far more.
+        assert rel_err(grad, grads_eager[name]) <= FP32_TOL, name
