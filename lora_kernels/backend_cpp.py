@@ -181,7 +181,7 @@ def _load_extension() -> tuple[bool, str]:
 
 
 def _forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    from ._autograd import forward_fake  # here: setup.py loads this file outside the package
+    from .contract import forward_fake  # here: setup.py loads this file outside the package
 
     y, u, keep_bits = forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     if dropout_p == 0.0 and x.device.type == "cpu":
@@ -200,7 +200,7 @@ def _register_python_side() -> None:
     global _registered
     if _registered:
         return
-    from ._autograd import backward_fake, register_lora_autograd
+    from .contract import backward_fake, register_lora_autograd
 
     torch.library.register_fake("lora_kernels::cpp_forward")(_forward_fake)
     torch.library.register_fake("lora_kernels::cpp_backward")(backward_fake)

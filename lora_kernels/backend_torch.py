@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._autograd import backward_fake, forward_fake, register_lora_autograd
+from .contract import backward_fake, forward_fake, register_lora_autograd
 
 
 def _keep_mask(x: torch.Tensor, dropout_p: float, seed: torch.Tensor) -> torch.Tensor | None:

@@ -68,7 +68,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import reference
-from ._autograd import backward_fake, forward_fake, keep_bits_shape, register_lora_autograd
+from .contract import backward_fake, forward_fake, keep_bits_shape, register_lora_autograd
 
 # The kernels were decorated for the interpreter iff this was set when they were defined.
 _INTERPRET = bool(triton.knobs.runtime.interpret)

@@ -2,7 +2,7 @@
 
 Checks the arguments, flattens the leading dims of x, draws the dropout seed, picks
 the backend (`backends.resolve_backend`) and calls its forward op, whose autograd
-formula lives in `_autograd.py`. The math is in `reference.py`.
+formula lives in `contract.py`. The math is in `reference.py`.
 """
 
 from __future__ import annotations
