@@ -1,28 +1,28 @@
-"""The "torch" backend: the op in ATen calls, usable on any device.
+"""The "torch" backend: the op as a thin `torch.library` op around the references.
 
-The fallback everywhere. It follows the memory rule of the fused backends (saves x,
-U, the seed and the 1-bit keep mask, which backward unpacks), but runs the LoRA
-branch as separate ATen ops with temporaries: D(x) and the bool mask exist while the
-shrink runs, and are freed before forward returns.
+Usable on any device, and the fallback everywhere. Its forward and backward are
+`reference.lora_linear_forward_reference` and `reference.lora_linear_backward_reference`
+run in the accumulation dtype, under the same contract as the fused backends (the
+same argument checks, outputs and saved tensors: x, U, the seed and the 1-bit keep
+mask, which backward unpacks). Unlike the fused backends it runs the LoRA branch as
+separate ATen ops with temporaries: D(x) and the bool mask exist while the shrink
+runs, and are freed before forward returns.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import reference
-from .contract import backward_fake, forward_fake, register_lora_autograd
+from . import contract, reference
+
+_BACKEND = "torch"
 
 
-def _keep_mask(x: torch.Tensor, dropout_p: float, seed: torch.Tensor) -> torch.Tensor | None:
-    """The keep mask for x [M, K], or None without dropout."""
-    if dropout_p == 0.0:
-        return None
-    return reference.dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
-
-
-def _branch_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
+def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> None:
+    contract.check_op_inputs(
+        _BACKEND, contract.STORAGE_DTYPES, x, weight, lora_A, lora_B, scaling, dropout_p, seed
+    )
+    contract.check_bias(bias, x, weight)
 
 
 @torch.library.custom_op("lora_kernels::torch_forward", mutates_args=())
@@ -36,24 +36,20 @@ def torch_forward(
     dropout_p: float,
     seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    cdt = _branch_dtype(x)
-    keep = _keep_mask(x, dropout_p, seed)
-    if keep is None:
-        keep_bits = x.new_empty(0, dtype=torch.uint8)
-    else:
+    _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    M, K = x.shape
+    keep = None
+    keep_bits = x.new_empty(contract.keep_bits_shape(M, K, dropout_p), dtype=torch.uint8)
+    if dropout_p > 0.0:
+        keep = reference.dropout_keep_mask(seed, M, K, dropout_p, x.device)
         keep_bits = reference.pack_keep_mask(keep)
-    u = reference.apply_dropout(x.to(cdt), keep, dropout_p) @ lora_A.to(cdt).t()
-    y = torch.nn.functional.linear(x, weight, bias)
-    if y.dtype == cdt:
-        y.addmm_(u * scaling, lora_B.t().to(cdt))
-    else:
-        # In half precision s U alone may overflow where Y does not: form the sum in
-        # float32 and round once.
-        y = torch.addmm(y.to(cdt), u * scaling, lora_B.t().to(cdt)).to(x.dtype)
+    y, u = reference.lora_linear_forward_reference(
+        x, weight, bias, lora_A, lora_B, scaling, dropout_p, keep
+    )
     return y, u, keep_bits
 
 
-torch_forward.register_fake(forward_fake)
+torch_forward.register_fake(contract.forward_fake)
 
 
 @torch.library.custom_op("lora_kernels::torch_backward", mutates_args=())
@@ -73,40 +69,41 @@ def torch_backward(
     need_grad_scaling: bool,
     need_grad_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    cdt = u.dtype
+    _check_inputs(x, weight, None, lora_A, lora_B, scaling, dropout_p, seed)
+    contract.check_backward_inputs(x, weight, lora_A, grad_y, u, keep_bits, dropout_p)
+    # The forward's packed mask; without one (an empty tensor), the seed's.
     keep = None
-    if dropout_p > 0.0 and (need_grad_x or need_grad_lora):
-        # The forward's packed mask; without one (an empty tensor), the seed's.
-        if keep_bits.dim() == 2:
-            keep = reference.unpack_keep_mask(keep_bits, x.shape[1])
-        else:
-            keep = _keep_mask(x, dropout_p, seed)
-    g = grad_y.to(cdt) @ lora_B.to(cdt)  # [M, R]
+    if dropout_p > 0.0 and keep_bits.dim() == 2:
+        keep = reference.unpack_keep_mask(keep_bits, x.shape[1])
+    grads = reference.lora_linear_backward_reference(
+        grad_y,
+        x,
+        weight,
+        lora_A,
+        lora_B,
+        scaling,
+        dropout_p,
+        keep,
+        seed=seed,
+        u=u,
+        need_grad_x=need_grad_x,
+        need_grad_lora=need_grad_lora,
+        need_grad_scaling=need_grad_scaling,
+        need_grad_bias=need_grad_bias,
+    )
     # Gradients nobody asked for are empty tensors of the dtype they would have had.
-    grad_x = x.new_empty(0)
-    grad_A = lora_A.new_empty(0)
-    grad_B = lora_B.new_empty(0)
-    grad_scaling = scaling.new_empty(0)
-    grad_bias = x.new_empty(0)
-    if need_grad_x:
-        dropped_ga = reference.apply_dropout(g @ lora_A.to(cdt), keep, dropout_p)
-        # Summed in the branch dtype, rounded once (as the forward's LoRA term).
-        grad_x = ((grad_y @ weight).to(cdt) + scaling * dropped_ga).to(x.dtype)
-    if need_grad_lora:
-        dropped_x = reference.apply_dropout(x.to(cdt), keep, dropout_p)
-        grad_A = (scaling * g.t() @ dropped_x).to(lora_A.dtype)
-        grad_B = (scaling * grad_y.t().to(cdt) @ u).to(lora_B.dtype)
-    if need_grad_scaling:
-        grad_scaling = (g * u).sum().to(scaling.dtype)
-    if need_grad_bias:
-        grad_bias = grad_y.sum(0, dtype=cdt).to(x.dtype)
+    dtypes = (x.dtype, lora_A.dtype, lora_B.dtype, scaling.dtype, x.dtype)
+    grad_x, grad_A, grad_B, grad_scaling, grad_bias = (
+        x.new_empty(0, dtype=dtype) if grad is None else grad
+        for grad, dtype in zip(grads, dtypes, strict=True)
+    )
     return grad_x.contiguous(), grad_A, grad_B, grad_scaling, grad_bias
 
 
-torch_backward.register_fake(backward_fake)
+torch_backward.register_fake(contract.backward_fake)
 
 
-register_lora_autograd(torch_forward, torch_backward)
+contract.register_lora_autograd(torch_forward, torch_backward)
 
 
 def availability(name: str) -> tuple[bool, str]:

@@ -1,14 +1,24 @@
-"""The ground truth: the LoRA linear op and its dropout mask in plain PyTorch.
+"""The ground truth: the LoRA linear op, its backward and its dropout mask in plain PyTorch.
 
-Written for clarity, not speed. Every backend is tested against this module, so it
-follows the design notes literally:
+Written for clarity, not speed. Every backend is tested against this module, and the
+"torch" backend is a thin op around it. The forward (`lora_linear_forward_reference`):
 
-    D(X) = X * keep / (1 - p)
+    D(X) = X * keep / (1 - p)            (identity when p == 0 or not training)
     U    = D(X) A^T                      [M, R]
     Y    = X W^T + b + s * U B^T         [M, N]
 
-and the keep mask is Philox4x32-10 (Salmon et al., SC'11; the same generator as
-`triton.language.randint4x`), one call per four elements of a row:
+The backward (`lora_linear_backward_reference`), given dY [M, N]:
+
+    G  = dY B                            [M, R]
+    dX = dY W + s * D(G A)               [M, K]   (the same keep mask and 1/(1-p))
+    dA = s * G^T D(X)                    [R, K]
+    dB = s * dY^T U                      [N, R]
+    ds = sum(G * U)                      (a learnable scaling)
+    db = sum over rows of dY             (a bias that requires grad)
+
+W is frozen: there is no dW. The keep mask is Philox4x32-10 (Salmon et al., SC'11;
+the same generator as `triton.language.randint4x`), one call per four elements of a
+row (docs/design.md, "Dropout mask, bit for bit"):
 
     q       = m * ceil(K / 4) + k // 4        (64-bit counter)
     counter = (lo32(q), hi32(q), 0, 0)
@@ -22,6 +32,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from .contract import accumulation_dtype
 
 # Philox4x32 round multipliers and Weyl key increments (Random123).
 PHILOX_M0 = 0xD2511F53
@@ -153,6 +165,81 @@ def apply_dropout(x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch
     return x * keep * dropout_scale(p)
 
 
+def lora_linear_forward_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float | torch.Tensor,
+    dropout_p: float = 0.0,
+    keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y, U) for a 2-D x [M, K]: the forward as the op's contract shapes it.
+
+    U = D(X) A^T [M, R] is computed in the accumulation dtype (float32, float64 for
+    float64 x); Y = X W^T + b + s U B^T [M, N] is in x's dtype, the LoRA term added to
+    the base output in the accumulation dtype and rounded once. `keep` is the [M, K]
+    bool mask, or None for no dropout.
+    """
+    acc = accumulation_dtype(x.dtype)
+    u = apply_dropout(x.to(acc), keep, dropout_p) @ lora_A.to(acc).t()
+    base = torch.nn.functional.linear(x, weight, bias)
+    y = base.to(acc) + scaling * (u @ lora_B.to(acc).t())
+    return y.to(x.dtype), u
+
+
+def lora_linear_backward_reference(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float | torch.Tensor,
+    dropout_p: float = 0.0,
+    keep: torch.Tensor | None = None,
+    *,
+    seed: int | torch.Tensor | None = None,
+    u: torch.Tensor | None = None,
+    need_grad_x: bool = True,
+    need_grad_lora: bool = True,
+    need_grad_scaling: bool = False,
+    need_grad_bias: bool = False,
+) -> tuple[torch.Tensor | None, ...]:
+    """(grad_x, grad_A, grad_B, grad_scaling, grad_bias) of `lora_linear_forward_reference`.
+
+    grad_y [M, N] and x [M, K] are 2-D. The keep mask is `keep` ([M, K] bool) or, with
+    dropout and no `keep`, the mask of `seed`. `u` is the forward's U, recomputed when
+    None. A gradient not asked for is None. grad_x and grad_bias come in x's dtype,
+    grad_A and grad_B in the adapters', grad_scaling in the accumulation dtype; every
+    product accumulates in the accumulation dtype.
+    """
+    M, K = x.shape
+    if dropout_p > 0.0 and keep is None:
+        if seed is None:
+            raise ValueError("with dropout_p > 0, give the forward's keep mask or its seed")
+        keep = dropout_keep_mask(seed, M, K, dropout_p, x.device)
+    acc = accumulation_dtype(x.dtype)
+    dy = grad_y.to(acc)
+    g = dy @ lora_B.to(acc)  # G = dY B  [M, R]
+    grad_x = grad_A = grad_B = grad_scaling = grad_bias = None
+    if need_grad_x:
+        dropped_ga = apply_dropout(g @ lora_A.to(acc), keep, dropout_p)
+        grad_x = ((grad_y @ weight).to(acc) + scaling * dropped_ga).to(x.dtype)
+    if need_grad_lora or need_grad_scaling:
+        dropped_x = apply_dropout(x.to(acc), keep, dropout_p)
+        if u is None:
+            u = dropped_x @ lora_A.to(acc).t()
+        if need_grad_lora:
+            grad_A = (scaling * (g.t() @ dropped_x)).to(lora_A.dtype)
+            grad_B = (scaling * (dy.t() @ u)).to(lora_B.dtype)
+        if need_grad_scaling:
+            grad_scaling = (g * u).sum()
+    if need_grad_bias:
+        grad_bias = grad_y.sum(0, dtype=acc).to(x.dtype)
+    return grad_x, grad_A, grad_B, grad_scaling, grad_bias
+
+
 def lora_linear_reference(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -167,18 +254,15 @@ def lora_linear_reference(
     """Y = X W^T + b + s * (D(X) A^T) B^T with the mask of `dropout_keep_mask(seed, ...)`.
 
     x [*, K], weight [N, K], bias [N] or None, lora_A [R, K], lora_B [N, R]; returns
-    [*, N] in x's dtype. Differentiable with plain autograd in every argument. The
-    LoRA branch is computed in the promoted dtype of x and the adapters (float32
-    adapters on a bf16 layer compute the branch in float32, as peft does).
+    [*, N] in x's dtype. Differentiable with plain autograd in every argument; its
+    gradients are those of `lora_linear_backward_reference`. The LoRA branch is
+    computed in the accumulation dtype (`lora_linear_forward_reference`).
     """
     K = x.shape[-1]
     M = math.prod(x.shape[:-1])  # not reshape(-1, K): with K == 0 the -1 is ambiguous
-    x2d = x.reshape(M, K)
     p = dropout_p if training else 0.0
     keep = dropout_keep_mask(seed, M, K, p, x.device) if p > 0 else None
-    base = torch.nn.functional.linear(x2d, weight, bias)
-    branch_dtype = torch.promote_types(x.dtype, lora_A.dtype)
-    u = apply_dropout(x2d.to(branch_dtype), keep, p) @ lora_A.to(branch_dtype).t()
-    delta = scaling * (u @ lora_B.to(branch_dtype).t())
-    y = base + delta.to(base.dtype)
+    y, _ = lora_linear_forward_reference(
+        x.reshape(M, K), weight, bias, lora_A, lora_B, scaling, p, keep
+    )
     return y.reshape(*x.shape[:-1], weight.shape[0])

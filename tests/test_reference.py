@@ -8,6 +8,7 @@ import torch
 from lora_kernels.reference import (
     dropout_keep_mask,
     dropout_threshold,
+    lora_linear_backward_reference,
     lora_linear_reference,
     philox4x32_10,
 )
@@ -139,3 +140,54 @@ def test_reference_equals_plain_formula():
     torch.testing.assert_close(
         out_eval, x @ W.t() + b + s * (x @ A.t()) @ B.t(), rtol=1e-5, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize(
+    "shape", [(7, 13, 5, 3), (33, 70, 21, 16)], ids=lambda s: "M{}-K{}-N{}-R{}".format(*s)
+)
+def test_backward_reference_matches_autograd_of_the_forward_reference(shape, bias, p):
+    """The backward formula, written out, equals autograd through the forward formula
+    in float64, for every gradient, with the same keep mask."""
+    M, K, N, R = shape
+    g = torch.Generator().manual_seed(M * K + N * R)
+
+    def rand(*size):
+        return torch.randn(*size, generator=g, dtype=torch.float64)
+
+    x, W, A, B = rand(M, K).requires_grad_(), rand(N, K), rand(R, K), rand(N, R)
+    A.requires_grad_(), B.requires_grad_()
+    b = rand(N).requires_grad_() if bias else None
+    s = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    seed = 314159
+    y = lora_linear_reference(x, W, b, A, B, s, p, seed=seed)
+    grad_y = rand(M, N)
+    wrt = [t for t in (x, A, B, s, b) if t is not None]
+    expected = torch.autograd.grad(y, wrt, grad_y)
+    keep = dropout_keep_mask(seed, M, K, p) if p > 0 else None
+    with torch.no_grad():
+        grads = lora_linear_backward_reference(
+            grad_y, x, W, A, B, s, p, keep,
+            need_grad_scaling=True, need_grad_bias=bias,
+        )  # fmt: skip
+        from_seed = lora_linear_backward_reference(
+            grad_y, x, W, A, B, s, p, seed=seed,
+            need_grad_scaling=True, need_grad_bias=bias,
+        )  # fmt: skip
+    got = [t for t in grads if t is not None]
+    assert len(got) == len(expected)
+    for name, out, ref in zip(["x", "A", "B", "scaling", "bias"], got, expected, strict=False):
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12, msg=name)
+    for a, c in zip(grads, from_seed, strict=True):
+        assert (a is None and c is None) or torch.equal(a, c)
+
+
+def test_backward_reference_returns_only_what_is_asked():
+    x, W, A, B = torch.randn(4, 6), torch.randn(3, 6), torch.randn(2, 6), torch.randn(3, 2)
+    grads = lora_linear_backward_reference(
+        torch.randn(4, 3), x, W, A, B, 0.5, need_grad_x=False, need_grad_lora=False
+    )
+    assert grads == (None, None, None, None, None)
+    with pytest.raises(ValueError, match="keep mask or its seed"):
+        lora_linear_backward_reference(torch.randn(4, 3), x, W, A, B, 0.5, 0.1)
