@@ -153,13 +153,34 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(u, keep_bits)
 
 
-def _check_first_order(*grads: torch.Tensor) -> None:
-    if torch.is_grad_enabled() and any(g.requires_grad for g in grads):
-        raise RuntimeError(
-            "lora_kernels: double backward (a gradient of a gradient) through lora_linear "
-            "is not supported; use lora_kernels.reference.lora_linear_reference for "
-            "higher-order derivatives"
-        )
+_DOUBLE_BACKWARD = (
+    "lora_kernels: double backward (a gradient of a gradient) through lora_linear is not "
+    "supported; use lora_kernels.reference.lora_linear_reference for higher-order derivatives"
+)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Passes the first-order gradients through and raises if a gradient flows back
+    into them (as `torch.autograd.function.once_differentiable` does, but connected to
+    the op's inputs, so `torch.autograd.grad(..., inputs)` reaches the error)."""
+
+    @staticmethod
+    def forward(ctx, count, *tensors):
+        return tuple(g.view_as(g) for g in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_DOUBLE_BACKWARD)
+
+
+def _first_order_only(grads: tuple, inputs: tuple) -> tuple:
+    """The gradients, made to raise only if a second-order gradient flows through them:
+    under create_graph=True the first-order gradients are still returned."""
+    present = [g for g in grads if g is not None]
+    if not present:
+        return grads
+    wrapped = iter(_FirstOrderOnly.apply(len(present), *present, *inputs))
+    return tuple(None if g is None else next(wrapped) for g in grads)
 
 
 def register_lora_autograd(forward_op, backward_op) -> None:
@@ -168,25 +189,27 @@ def register_lora_autograd(forward_op, backward_op) -> None:
     def backward(ctx, grad_y, grad_u, grad_keep_bits):
         x, weight, lora_A, lora_B, scaling, seed, u, keep_bits = ctx.saved_tensors
         need = ctx.needs_input_grad
-        _check_first_order(grad_y, x, lora_A, lora_B, scaling)
         need_lora = need[LORA_A] or need[LORA_B]
-        grad_x, grad_A, grad_B, grad_scaling, grad_bias = backward_op(
-            grad_y,
-            x,
-            weight,
-            lora_A,
-            lora_B,
-            scaling,
-            ctx.dropout_p,
-            seed,
-            u,
-            keep_bits,
-            need[X],
-            need_lora,
-            need[SCALING],
-            need[BIAS],
-        )
-        return (
+        differentiable = [t for t in (grad_y, x, lora_A, lora_B, scaling) if t.requires_grad]
+        second_order = torch.is_grad_enabled() and bool(differentiable)
+        with torch.no_grad():
+            grad_x, grad_A, grad_B, grad_scaling, grad_bias = backward_op(
+                grad_y,
+                x,
+                weight,
+                lora_A,
+                lora_B,
+                scaling,
+                ctx.dropout_p,
+                seed,
+                u,
+                keep_bits,
+                need[X],
+                need_lora,
+                need[SCALING],
+                need[BIAS],
+            )
+        grads = (
             grad_x if need[X] else None,
             None,  # weight is frozen: lora_linear routes a trainable weight elsewhere
             grad_bias if need[BIAS] else None,
@@ -196,5 +219,6 @@ def register_lora_autograd(forward_op, backward_op) -> None:
             None,
             None,
         )
+        return _first_order_only(grads, differentiable) if second_order else grads
 
     torch.library.register_autograd(forward_op, backward, setup_context=_setup_context)

@@ -291,22 +291,36 @@ def test_double_backward_raises_not_supported_instead_of_a_wrong_result(device_t
     args = {k: v.to(device_type) for k, v in operands().items()}
     args[wrt].requires_grad_()
     y = lora_kernels.lora_linear(**args, scaling=0.5, dropout_p=0.1, backend=backend)
+    (first,) = torch.autograd.grad(y.square().sum(), args[wrt], retain_graph=True)
+    # create_graph=True alone is served: the first-order gradient, the same numbers.
+    (grad,) = torch.autograd.grad(y.square().sum(), args[wrt], create_graph=True)
+    assert torch.equal(grad.detach(), first) and first.abs().max() > 0
+    # A second-order gradient through the op is refused when it is taken.
     with pytest.raises(RuntimeError, match=r"double backward .*lora_linear is not supported"):
-        torch.autograd.grad(y.square().sum(), args[wrt], create_graph=True)
-    # A first-order gradient of the same graph still works.
-    (grad,) = torch.autograd.grad(y.square().sum(), args[wrt])
-    assert torch.isfinite(grad).all() and grad.abs().max() > 0
+        torch.autograd.grad(grad.square().sum(), args[wrt])
 
 
 @pytest.mark.parametrize("device_type, backend", backend_device_params())
-def test_double_backward_through_the_layer_raises_not_supported(device_type, backend):
+def test_create_graph_through_the_layer_gives_first_order_gradients(device_type, backend):
+    """A trainer that passes create_graph=True for another reason (a gradient penalty on
+    other parameters) can train; a penalty on the adapter's own gradient is refused."""
+    torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(12, 5, device=device_type), rank=3, backend=backend)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    head = nn.Linear(5, 1, device=device_type)
     x = torch.randn(4, 12, device=device_type)
-    (grad_A,) = torch.autograd.grad(layer(x).sum(), layer.lora_A)
-    # A gradient penalty on the adapter needs the gradient's own graph.
+    expected = torch.autograd.grad(head(layer(x)).sum(), [layer.lora_A, layer.lora_B])
+    loss = head(layer(x)).sum()
+    grad_A, grad_B = torch.autograd.grad(loss, [layer.lora_A, layer.lora_B], create_graph=True)
+    assert torch.equal(grad_A.detach(), expected[0]) and torch.equal(grad_B.detach(), expected[1])
+    # A penalty on another parameter's gradient, taken through the op's forward: served.
+    loss = head(layer(x)).square().sum()
+    grad_head, grad_A = torch.autograd.grad(loss, [head.weight, layer.lora_A], create_graph=True)
+    grad_head.square().sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_A.grad.abs().max() > 0
     with pytest.raises(RuntimeError, match="double backward.*not supported"):
-        torch.autograd.grad(layer(x).sum(), layer.lora_A, create_graph=True)
-    assert torch.isfinite(grad_A).all()
+        grad_A.square().sum().backward()
 
 
 def mlp():
