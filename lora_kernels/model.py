@@ -8,24 +8,25 @@ parameters ("layers.0.attn.q_proj.lora_A").
 from __future__ import annotations
 
 import contextlib
-import re
 import warnings
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from .layer import (
-    LoRALinear,
-    _check_flag,
+from .layer import LoRALinear
+from .validation import (
+    ALL_LINEAR,
     check_alpha,
     check_backend,
+    check_dropout_p,
+    check_flag,
     check_init,
+    check_module,
     check_rank,
+    module_matcher,
 )
-from .ops import check_dropout_p
 
-ALL_LINEAR = "all-linear"
 # How many module names an error message lists before it says "and N more".
 _MAX_LISTED = 40
 
@@ -35,35 +36,6 @@ def _listing(names: list[str]) -> str:
     if len(names) > _MAX_LISTED:
         shown += f", ... and {len(names) - _MAX_LISTED} more"
     return f"[{shown}]"
-
-
-def _matcher(argument: str, spec):
-    """A predicate name -> bool for target_modules / exclude_modules (peft's rules).
-
-    None or "all-linear" matches everything; any other string is a regex that must
-    match the whole name; a list/tuple/set of names matches a module whose full name
-    equals an entry or ends with "." + entry.
-    """
-    if spec is None or spec == ALL_LINEAR:
-        return lambda name: True
-    if isinstance(spec, str):
-        try:
-            pattern = re.compile(spec)
-        except re.error as error:
-            raise ValueError(f"{argument} is not a valid regex: {spec!r} ({error})") from None
-        return lambda name: pattern.fullmatch(name) is not None
-    if isinstance(spec, (list, tuple, set, frozenset)):
-        entries = list(spec)
-        for entry in entries:
-            if not isinstance(entry, str) or not entry:
-                raise TypeError(
-                    f"{argument} entries must be non-empty module names (str), got {entry!r}"
-                )
-        return lambda name: any(name == e or name.endswith("." + e) for e in entries)
-    raise TypeError(
-        f"{argument} must be None, {ALL_LINEAR!r}, a regex string or a list of module "
-        f"names, got {spec!r} ({type(spec).__name__})"
-    )
 
 
 def _inside(name: str, prefixes: set[str]) -> bool:
@@ -112,8 +84,7 @@ def apply_lora(
     Returns:
         `model`.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     if isinstance(model, nn.Linear):
         raise TypeError(
             "apply_lora replaces submodules in place and cannot replace the model itself; "
@@ -124,15 +95,15 @@ def apply_lora(
     check_alpha(alpha)
     check_dropout_p(dropout, "dropout")
     check_init(init)
-    _check_flag("use_rslora", use_rslora)
-    _check_flag("learnable_scaling", learnable_scaling)
+    check_flag("use_rslora", use_rslora)
+    check_flag("learnable_scaling", learnable_scaling)
     check_backend(backend)
     explicit = target_modules is not None and target_modules != ALL_LINEAR
-    is_target = _matcher("target_modules", target_modules)
+    is_target = module_matcher("target_modules", target_modules)
     is_excluded = (
         (lambda name: False)
         if exclude_modules is None
-        else _matcher("exclude_modules", exclude_modules)
+        else module_matcher("exclude_modules", exclude_modules)
     )
 
     modules = list(model.named_modules(remove_duplicate=False))
@@ -263,8 +234,7 @@ def set_lora_enabled(model: nn.Module, flag: bool) -> None:
 
     Disabling a merged layer unmerges it first (see `LoRALinear.enabled`).
     """
-    if not isinstance(flag, bool):
-        raise TypeError(f"flag must be a bool, got {flag!r} ({type(flag).__name__})")
+    check_flag("flag", flag)
     for _, layer in lora_layers(model):
         layer.enabled = flag
 

@@ -32,9 +32,10 @@ import types
 import torch
 from torch import nn
 
-from .layer import LoRALinear, check_alpha, check_rank
+from .layer import LoRALinear
 from .model import mark_only_lora_as_trainable
-from .ops import check_dropout_p, lora_linear
+from .ops import lora_linear
+from .validation import check_alpha, check_backend, check_dropout_p, check_rank
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -730,8 +731,6 @@ def patch_peft(peft_model: nn.Module, backend: str | None = None) -> PatchReport
     peft_lora_layer = _require_peft()
     if not isinstance(peft_model, nn.Module):
         raise TypeError(f"peft_model must be a torch.nn.Module, got {type(peft_model).__name__}")
-    from .layer import check_backend
-
     check_backend(backend)
     report = PatchReport()
     lora_modules = [
