@@ -38,10 +38,26 @@ def _listing(names: list[str]) -> str:
     return f"[{shown}]"
 
 
-def _inside(name: str, prefixes: set[str]) -> bool:
+def is_inside(name: str, prefixes: set[str]) -> bool:
     """Whether `name` is a strict descendant of a module named in `prefixes`."""
     parts = name.split(".")
     return any(".".join(parts[:i]) in prefixes for i in range(1, len(parts)))
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Register `new` at `name` ("a.b.c") of `model`, in place of what was there."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def lora_places(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """Every (name, layer) where a LoRALinear is registered, shared ones at each name."""
+    return [
+        (name, m)
+        for name, m in model.named_modules(remove_duplicate=False)
+        if isinstance(m, LoRALinear)
+    ]
 
 
 def apply_lora(
@@ -90,14 +106,38 @@ def apply_lora(
             "apply_lora replaces submodules in place and cannot replace the model itself; "
             "wrap a bare nn.Linear with LoRALinear(layer, ...) instead"
         )
-    # Check every argument before the model is touched.
-    rank = check_rank(rank)
-    check_alpha(alpha)
-    check_dropout_p(dropout, "dropout")
-    check_init(init)
-    check_flag("use_rslora", use_rslora)
-    check_flag("learnable_scaling", learnable_scaling)
-    check_backend(backend)
+    # Every argument is checked before the model is touched.
+    settings = {
+        "rank": check_rank(rank),
+        "alpha": check_alpha(alpha),
+        "dropout": check_dropout_p(dropout, "dropout"),
+        "init": check_init(init),
+        "use_rslora": check_flag("use_rslora", use_rslora),
+        "learnable_scaling": check_flag("learnable_scaling", learnable_scaling),
+        "backend": check_backend(backend),
+    }
+    targets, skipped_mha = _select_targets(model, target_modules, exclude_modules)
+    if skipped_mha:
+        warnings.warn(
+            f"apply_lora: left {_listing(skipped_mha)} without adapter: nn.MultiheadAttention "
+            "reads out_proj.weight directly, so a LoRA adapter there would be bypassed",
+            stacklevel=2,
+        )
+    if init == "svd":
+        _check_svd_rank(targets, settings["rank"])
+    for lora, names in _build_layers(model, targets, settings):
+        for name in names:
+            replace_module(model, name, lora)
+    mark_only_lora_as_trainable(model)
+    return model
+
+
+def _select_targets(
+    model: nn.Module, target_modules, exclude_modules
+) -> tuple[list[tuple[nn.Linear, list[str]]], list[str]]:
+    """The nn.Linear layers apply_lora wraps, each with every name it is registered
+    under, and the nn.MultiheadAttention out_proj names it skipped; raises when an
+    explicit target cannot be adapted or nothing matches."""
     explicit = target_modules is not None and target_modules != ALL_LINEAR
     is_target = module_matcher("target_modules", target_modules)
     is_excluded = (
@@ -115,7 +155,7 @@ def apply_lora(
     targets: dict[int, nn.Linear] = {}
     names_of: dict[int, list[str]] = {}
     # The root cannot be replaced in place, and what a LoRALinear wraps is not a candidate.
-    modules = [(n, m) for n, m in modules if n and not _inside(n, lora_names)]
+    modules = [(n, m) for n, m in modules if n and not is_inside(n, lora_names)]
     for name, module in modules:
         names_of.setdefault(id(module), []).append(name)
     skipped_mha: list[str] = []
@@ -161,56 +201,38 @@ def apply_lora(
                 else ""
             )
         )
-    if skipped_mha:
-        warnings.warn(
-            f"apply_lora: left {_listing(skipped_mha)} without adapter: nn.MultiheadAttention "
-            "reads out_proj.weight directly, so a LoRA adapter there would be bypassed",
-            stacklevel=2,
-        )
+    return [(linear, names_of[key]) for key, linear in targets.items()], skipped_mha
 
-    if init == "svd":
-        for key, linear in targets.items():
-            if rank > min(linear.in_features, linear.out_features):
-                raise ValueError(
-                    "init='svd' needs rank <= min(in_features, out_features); "
-                    f"{names_of[key][0]!r} is [{linear.out_features}, {linear.in_features}], "
-                    f"got rank={rank}"
-                )
 
-    # Building a LoRALinear freezes its layer (and init="svd" rewrites the weight):
-    # build them all, undoing that if one fails, before the model changes.
+def _check_svd_rank(targets: list[tuple[nn.Linear, list[str]]], rank: int) -> None:
+    """init="svd" takes R singular triplets: R <= min(K, N) for every target."""
+    for linear, names in targets:
+        if rank > min(linear.in_features, linear.out_features):
+            raise ValueError(
+                "init='svd' needs rank <= min(in_features, out_features); "
+                f"{names[0]!r} is [{linear.out_features}, {linear.in_features}], "
+                f"got rank={rank}"
+            )
+
+
+def _build_layers(
+    model: nn.Module, targets: list[tuple[nn.Linear, list[str]]], settings: dict
+) -> list[tuple[LoRALinear, list[str]]]:
+    """One LoRALinear per target, all or none: building one freezes its layer (and
+    init="svd" rewrites the weight), so a failure undoes the ones already built and
+    restores every requires_grad flag before it propagates."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     built: list[tuple[LoRALinear, list[str]]] = []
     try:
-        for key, linear in targets.items():
-            lora = LoRALinear(
-                linear,
-                rank=rank,
-                alpha=alpha,
-                dropout=dropout,
-                init=init,
-                use_rslora=use_rslora,
-                learnable_scaling=learnable_scaling,
-                backend=backend,
-            )
-            built.append((lora, names_of[key]))
+        for linear, names in targets:
+            built.append((LoRALinear(linear, **settings), names))
     except Exception:
         for lora, _ in built:
             lora.unwrap()
         for p, flag in flags:
             p.requires_grad_(flag)
         raise
-    for lora, names in built:
-        for name in names:
-            _replace(model, name, lora)
-    mark_only_lora_as_trainable(model)
-    return model
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    return built
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -218,15 +240,6 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             yield name, module
-
-
-def _lora_places(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    """Every (name, layer) where a LoRALinear is registered, shared ones at each name."""
-    return [
-        (name, m)
-        for name, m in model.named_modules(remove_duplicate=False)
-        if isinstance(m, LoRALinear)
-    ]
 
 
 def set_lora_enabled(model: nn.Module, flag: bool) -> None:
@@ -266,7 +279,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     Returns:
         `model`, without any `LoRALinear`.
     """
-    places = _lora_places(model)
+    places = lora_places(model)
     layers = list({id(layer): layer for _, layer in places}.values())
     merged_here: list[tuple[LoRALinear, bool]] = []
     try:
@@ -283,7 +296,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
             layer.enabled = was_enabled
         raise
     for name, layer in places:
-        _replace(model, name, layer.original_linear)
+        replace_module(model, name, layer.original_linear)
     return model
 
 
@@ -294,10 +307,10 @@ def remove_lora(model: nn.Module) -> nn.Module:
     Returns:
         `model`, without any `LoRALinear`.
     """
-    places = _lora_places(model)
+    places = lora_places(model)
     originals = {id(layer): layer.unwrap() for _, layer in places}
     for name, layer in places:
-        _replace(model, name, originals[id(layer)])
+        replace_module(model, name, originals[id(layer)])
     return model
 
 
