@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import lora_kernels
-import lora_kernels.peft_compat as peft_compat
+import lora_kernels.adapter_format as adapter_format
+import lora_kernels.peft_patch as peft_patch
 from lora_kernels import (
     LoRALinear,
     apply_lora,
@@ -96,13 +97,13 @@ class CallCounter:
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        original = peft_compat.lora_linear
+        original = peft_patch.lora_linear
 
         def counting(*args, **kwargs):
             self.calls += 1
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(peft_compat, "lora_linear", counting)
+        monkeypatch.setattr(peft_patch, "lora_linear", counting)
 
 
 # ----------------------------------------------------------------------------------------
@@ -708,9 +709,13 @@ def test_patch_peft_errors(monkeypatch):
 
 
 def test_lora_kernels_exports():
-    for name in ("save_adapter", "load_adapter", "patch_peft", "unpatch_peft", "PatchReport"):
-        assert name in lora_kernels.__all__
-        assert getattr(lora_kernels, name) is getattr(peft_compat, name)
+    for module, names in (
+        (adapter_format, ("save_adapter", "load_adapter")),
+        (peft_patch, ("patch_peft", "unpatch_peft", "PatchReport")),
+    ):
+        for name in names:
+            assert name in lora_kernels.__all__
+            assert getattr(lora_kernels, name) is getattr(module, name)
 
 
 def test_load_adapter_result_is_lora_linear(tmp_path):
