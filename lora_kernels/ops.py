@@ -108,7 +108,7 @@ def _check_arguments(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> flo
     return check_dropout_p(dropout_p)
 
 
-def _autocast(x, weight, bias, lora_A, lora_B):
+def autocast_operands(x, weight, bias, lora_A, lora_B):
     """Cast like nn.Linear under torch.autocast: every operand to the autocast dtype."""
     device_type = x.device.type
     autocast_device = torch.amp.is_autocast_available(device_type)
@@ -155,7 +155,7 @@ def lora_linear(
     # Under autocast, operands of mixed dtypes are legal (nn.Linear accepts them):
     # cast first, then check what the kernels will see.
     if isinstance(x, torch.Tensor) and x.dtype in _FLOAT_DTYPES:
-        x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
+        x, weight, bias, lora_A, lora_B = autocast_operands(x, weight, bias, lora_A, lora_B)
     p = _check_arguments(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {training!r} ({type(training).__name__})")

@@ -15,7 +15,7 @@ import types
 import torch
 from torch import nn
 
-from .ops import lora_linear
+from .ops import autocast_operands, lora_linear
 from .validation import check_backend, check_module
 
 
@@ -99,6 +99,18 @@ def _is_plain(t: torch.Tensor | None) -> bool:
     return t is None or type(t) in (torch.Tensor, nn.Parameter)
 
 
+def _dtypes_fit_op(x, weight, bias, A, B) -> bool:
+    """Whether lora_linear's checks take these dtypes: W and b in x's dtype, A and B
+    sharing one, x's or float32."""
+    # Not accumulation_dtype(x.dtype): the op takes float32 adapters with float64 x too.
+    return (
+        weight.dtype == x.dtype
+        and (bias is None or bias.dtype == x.dtype)
+        and A.dtype == B.dtype
+        and A.dtype in (x.dtype, torch.float32)
+    )
+
+
 def _fused_forward(self, x, *args, **kwargs):
     """peft's lora.Linear.forward, with the one-active-adapter case run by lora_linear.
 
@@ -123,17 +135,12 @@ def _fused_forward(self, x, *args, **kwargs):
     A, B = lora_A.weight, lora_B.weight
     if not isinstance(x, torch.Tensor) or not all(_is_plain(t) for t in (x, weight, bias, A, B)):
         return peft_forward(self, x)
-    if torch.is_autocast_enabled(x.device.type):
-        # What autocast does to peft's three nn.Linear calls: every operand in the
-        # autocast dtype (the casts of A and B are differentiable, W and b are frozen).
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight, bias, A, B = (t if t is None else t.to(dtype) for t in (x, weight, bias, A, B))
-    if (
-        weight.dtype != x.dtype
-        or (bias is not None and bias.dtype != x.dtype)
-        or A.dtype != B.dtype
-        or A.dtype not in (x.dtype, torch.float32)
-        or any(_has_hooks(m) for m in (base, lora_A, lora_B, dropout))
+    # The op's own cast: under autocast, what autocast does to peft's three nn.Linear
+    # calls for floating-point operands. Any other tensor keeps its dtype, as autocast
+    # leaves it, and is then served or refused as it would be without autocast.
+    x, weight, bias, A, B = autocast_operands(x, weight, bias, A, B)
+    if not _dtypes_fit_op(x, weight, bias, A, B) or any(
+        _has_hooks(m) for m in (base, lora_A, lora_B, dropout)
     ):
         return peft_forward(self, x)
     if isinstance(dropout, nn.Dropout):
