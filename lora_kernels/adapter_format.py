@@ -102,6 +102,7 @@ _UNSUPPORTED_ENTRIES = {
 
 
 def _require_safetensors():
+    """safetensors.torch, or an ImportError saying how to install it."""
     try:
         import safetensors.torch
     except ImportError as error:

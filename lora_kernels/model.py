@@ -32,6 +32,7 @@ _MAX_LISTED = 40
 
 
 def _listing(names: list[str]) -> str:
+    """names as "['a', 'b', ...]" for an error message, at most _MAX_LISTED of them."""
     shown = ", ".join(repr(n) for n in names[:_MAX_LISTED])
     if len(names) > _MAX_LISTED:
         shown += f", ... and {len(names) - _MAX_LISTED} more"

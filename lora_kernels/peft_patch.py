@@ -20,6 +20,7 @@ from .validation import check_backend, check_module
 
 
 def _require_peft():
+    """peft's lora layer module, or an ImportError saying how to install peft."""
     try:
         from peft.tuners.lora import layer as peft_lora_layer
     except ImportError as error:
@@ -96,6 +97,7 @@ def _has_hooks(module: nn.Module) -> bool:
 
 
 def _is_plain(t: torch.Tensor | None) -> bool:
+    """None or a plain tensor/parameter (no subclass such as DTensor or a quantized one)."""
     return t is None or type(t) in (torch.Tensor, nn.Parameter)
 
 
@@ -166,6 +168,7 @@ def _fused_forward(self, x, *args, **kwargs):
 
 
 def _is_patched(module: nn.Module) -> bool:
+    """Whether `patch_peft` put the fused forward on `module`."""
     forward = module.__dict__.get("forward")
     return getattr(forward, "__func__", None) is _fused_forward
 
