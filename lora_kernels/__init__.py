@@ -1,5 +1,6 @@
 """Fused kernels for LoRA fine-tuning: Y = X W^T + b + s * (dropout(X) A^T) B^T."""
 
+from .adapter_format import load_adapter, save_adapter
 from .backends import BACKENDS, available_backends
 from .layer import LoRALinear
 from .model import (
@@ -15,7 +16,7 @@ from .model import (
     set_lora_enabled,
 )
 from .ops import lora_linear
-from .peft_compat import PatchReport, load_adapter, patch_peft, save_adapter, unpatch_peft
+from .peft_patch import PatchReport, patch_peft, unpatch_peft
 from .reference import dropout_keep_mask, lora_linear_reference
 
 __version__ = "0.1.0"

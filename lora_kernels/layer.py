@@ -15,56 +15,20 @@ those who want half-precision adapters. The adapter lives on the wrapped layer's
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 
 import torch
 from torch import nn
 
-from . import backends
-from .ops import check_dropout_p, lora_linear
-
-INITS = ("kaiming", "gaussian", "svd")
-
-
-def check_rank(rank) -> int:
-    """rank as an int >= 1, or a TypeError/ValueError naming it."""
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
-        raise TypeError(f"rank must be an int >= 1, got {rank!r} ({type(rank).__name__})")
-    if rank < 1:
-        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
-    return int(rank)
-
-
-def check_alpha(alpha) -> float:
-    """alpha as a finite float > 0, or a TypeError/ValueError naming it."""
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
-        raise TypeError(
-            f"alpha must be a finite number > 0, got {alpha!r} ({type(alpha).__name__})"
-        )
-    if not (math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
-    return float(alpha)
-
-
-def check_init(init) -> str:
-    """init as one of INITS, or a ValueError naming it."""
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    return init
-
-
-def check_backend(backend) -> str | None:
-    """backend as None or a known backend name, or a ValueError naming it."""
-    if backend is not None:
-        backends.check_name(backend)
-    return backend
-
-
-def _check_flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
-    return value
+from .ops import lora_linear
+from .validation import (
+    check_alpha,
+    check_backend,
+    check_dropout_p,
+    check_flag,
+    check_init,
+    check_rank,
+)
 
 
 def adapter_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
@@ -126,8 +90,8 @@ class LoRALinear(nn.Module):
         self.alpha = check_alpha(alpha)
         self.dropout = check_dropout_p(dropout, "dropout")
         self.init = check_init(init)
-        self.use_rslora = _check_flag("use_rslora", use_rslora)
-        learnable_scaling = _check_flag("learnable_scaling", learnable_scaling)
+        self.use_rslora = check_flag("use_rslora", use_rslora)
+        learnable_scaling = check_flag("learnable_scaling", learnable_scaling)
         self.backend = check_backend(backend)
 
         self.in_features = original_linear_layer.in_features
@@ -175,7 +139,7 @@ class LoRALinear(nn.Module):
 
     @enabled.setter
     def enabled(self, flag: bool) -> None:
-        _check_flag("enabled", flag)
+        check_flag("enabled", flag)
         # A merged layer carries the update in its weight: disabling must take it out.
         if not flag and self._merged:
             self.unmerge()

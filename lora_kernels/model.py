@@ -8,68 +8,57 @@ parameters ("layers.0.attn.q_proj.lora_A").
 from __future__ import annotations
 
 import contextlib
-import re
 import warnings
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from .layer import (
-    LoRALinear,
-    _check_flag,
+from .layer import LoRALinear
+from .validation import (
+    ALL_LINEAR,
     check_alpha,
     check_backend,
+    check_dropout_p,
+    check_flag,
     check_init,
+    check_module,
     check_rank,
+    module_matcher,
 )
-from .ops import check_dropout_p
 
-ALL_LINEAR = "all-linear"
 # How many module names an error message lists before it says "and N more".
 _MAX_LISTED = 40
 
 
 def _listing(names: list[str]) -> str:
+    """names as "['a', 'b', ...]" for an error message, at most _MAX_LISTED of them."""
     shown = ", ".join(repr(n) for n in names[:_MAX_LISTED])
     if len(names) > _MAX_LISTED:
         shown += f", ... and {len(names) - _MAX_LISTED} more"
     return f"[{shown}]"
 
 
-def _matcher(argument: str, spec):
-    """A predicate name -> bool for target_modules / exclude_modules (peft's rules).
-
-    None or "all-linear" matches everything; any other string is a regex that must
-    match the whole name; a list/tuple/set of names matches a module whose full name
-    equals an entry or ends with "." + entry.
-    """
-    if spec is None or spec == ALL_LINEAR:
-        return lambda name: True
-    if isinstance(spec, str):
-        try:
-            pattern = re.compile(spec)
-        except re.error as error:
-            raise ValueError(f"{argument} is not a valid regex: {spec!r} ({error})") from None
-        return lambda name: pattern.fullmatch(name) is not None
-    if isinstance(spec, (list, tuple, set, frozenset)):
-        entries = list(spec)
-        for entry in entries:
-            if not isinstance(entry, str) or not entry:
-                raise TypeError(
-                    f"{argument} entries must be non-empty module names (str), got {entry!r}"
-                )
-        return lambda name: any(name == e or name.endswith("." + e) for e in entries)
-    raise TypeError(
-        f"{argument} must be None, {ALL_LINEAR!r}, a regex string or a list of module "
-        f"names, got {spec!r} ({type(spec).__name__})"
-    )
-
-
-def _inside(name: str, prefixes: set[str]) -> bool:
+def is_inside(name: str, prefixes: set[str]) -> bool:
     """Whether `name` is a strict descendant of a module named in `prefixes`."""
     parts = name.split(".")
     return any(".".join(parts[:i]) in prefixes for i in range(1, len(parts)))
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Register `new` at `name` ("a.b.c") of `model`, in place of what was there."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def lora_places(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """Every (name, layer) where a LoRALinear is registered, shared ones at each name."""
+    return [
+        (name, m)
+        for name, m in model.named_modules(remove_duplicate=False)
+        if isinstance(m, LoRALinear)
+    ]
 
 
 def apply_lora(
@@ -112,27 +101,50 @@ def apply_lora(
     Returns:
         `model`.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     if isinstance(model, nn.Linear):
         raise TypeError(
             "apply_lora replaces submodules in place and cannot replace the model itself; "
             "wrap a bare nn.Linear with LoRALinear(layer, ...) instead"
         )
-    # Check every argument before the model is touched.
-    rank = check_rank(rank)
-    check_alpha(alpha)
-    check_dropout_p(dropout, "dropout")
-    check_init(init)
-    _check_flag("use_rslora", use_rslora)
-    _check_flag("learnable_scaling", learnable_scaling)
-    check_backend(backend)
+    # Every argument is checked before the model is touched.
+    settings = {
+        "rank": check_rank(rank),
+        "alpha": check_alpha(alpha),
+        "dropout": check_dropout_p(dropout, "dropout"),
+        "init": check_init(init),
+        "use_rslora": check_flag("use_rslora", use_rslora),
+        "learnable_scaling": check_flag("learnable_scaling", learnable_scaling),
+        "backend": check_backend(backend),
+    }
+    targets, skipped_mha = _select_targets(model, target_modules, exclude_modules)
+    if skipped_mha:
+        warnings.warn(
+            f"apply_lora: left {_listing(skipped_mha)} without adapter: nn.MultiheadAttention "
+            "reads out_proj.weight directly, so a LoRA adapter there would be bypassed",
+            stacklevel=2,
+        )
+    if init == "svd":
+        _check_svd_rank(targets, settings["rank"])
+    for lora, names in _build_layers(model, targets, settings):
+        for name in names:
+            replace_module(model, name, lora)
+    mark_only_lora_as_trainable(model)
+    return model
+
+
+def _select_targets(
+    model: nn.Module, target_modules, exclude_modules
+) -> tuple[list[tuple[nn.Linear, list[str]]], list[str]]:
+    """The nn.Linear layers apply_lora wraps, each with every name it is registered
+    under, and the nn.MultiheadAttention out_proj names it skipped; raises when an
+    explicit target cannot be adapted or nothing matches."""
     explicit = target_modules is not None and target_modules != ALL_LINEAR
-    is_target = _matcher("target_modules", target_modules)
+    is_target = module_matcher("target_modules", target_modules)
     is_excluded = (
         (lambda name: False)
         if exclude_modules is None
-        else _matcher("exclude_modules", exclude_modules)
+        else module_matcher("exclude_modules", exclude_modules)
     )
 
     modules = list(model.named_modules(remove_duplicate=False))
@@ -144,7 +156,7 @@ def apply_lora(
     targets: dict[int, nn.Linear] = {}
     names_of: dict[int, list[str]] = {}
     # The root cannot be replaced in place, and what a LoRALinear wraps is not a candidate.
-    modules = [(n, m) for n, m in modules if n and not _inside(n, lora_names)]
+    modules = [(n, m) for n, m in modules if n and not is_inside(n, lora_names)]
     for name, module in modules:
         names_of.setdefault(id(module), []).append(name)
     skipped_mha: list[str] = []
@@ -190,56 +202,38 @@ def apply_lora(
                 else ""
             )
         )
-    if skipped_mha:
-        warnings.warn(
-            f"apply_lora: left {_listing(skipped_mha)} without adapter: nn.MultiheadAttention "
-            "reads out_proj.weight directly, so a LoRA adapter there would be bypassed",
-            stacklevel=2,
-        )
+    return [(linear, names_of[key]) for key, linear in targets.items()], skipped_mha
 
-    if init == "svd":
-        for key, linear in targets.items():
-            if rank > min(linear.in_features, linear.out_features):
-                raise ValueError(
-                    "init='svd' needs rank <= min(in_features, out_features); "
-                    f"{names_of[key][0]!r} is [{linear.out_features}, {linear.in_features}], "
-                    f"got rank={rank}"
-                )
 
-    # Building a LoRALinear freezes its layer (and init="svd" rewrites the weight):
-    # build them all, undoing that if one fails, before the model changes.
+def _check_svd_rank(targets: list[tuple[nn.Linear, list[str]]], rank: int) -> None:
+    """init="svd" takes R singular triplets: R <= min(K, N) for every target."""
+    for linear, names in targets:
+        if rank > min(linear.in_features, linear.out_features):
+            raise ValueError(
+                "init='svd' needs rank <= min(in_features, out_features); "
+                f"{names[0]!r} is [{linear.out_features}, {linear.in_features}], "
+                f"got rank={rank}"
+            )
+
+
+def _build_layers(
+    model: nn.Module, targets: list[tuple[nn.Linear, list[str]]], settings: dict
+) -> list[tuple[LoRALinear, list[str]]]:
+    """One LoRALinear per target, all or none: building one freezes its layer (and
+    init="svd" rewrites the weight), so a failure undoes the ones already built and
+    restores every requires_grad flag before it propagates."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     built: list[tuple[LoRALinear, list[str]]] = []
     try:
-        for key, linear in targets.items():
-            lora = LoRALinear(
-                linear,
-                rank=rank,
-                alpha=alpha,
-                dropout=dropout,
-                init=init,
-                use_rslora=use_rslora,
-                learnable_scaling=learnable_scaling,
-                backend=backend,
-            )
-            built.append((lora, names_of[key]))
+        for linear, names in targets:
+            built.append((LoRALinear(linear, **settings), names))
     except Exception:
         for lora, _ in built:
             lora.unwrap()
         for p, flag in flags:
             p.requires_grad_(flag)
         raise
-    for lora, names in built:
-        for name in names:
-            _replace(model, name, lora)
-    mark_only_lora_as_trainable(model)
-    return model
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    return built
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -249,22 +243,12 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield name, module
 
 
-def _lora_places(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    """Every (name, layer) where a LoRALinear is registered, shared ones at each name."""
-    return [
-        (name, m)
-        for name, m in model.named_modules(remove_duplicate=False)
-        if isinstance(m, LoRALinear)
-    ]
-
-
 def set_lora_enabled(model: nn.Module, flag: bool) -> None:
     """Turn every adapter of `model` on or off; off gives the base model's output.
 
     Disabling a merged layer unmerges it first (see `LoRALinear.enabled`).
     """
-    if not isinstance(flag, bool):
-        raise TypeError(f"flag must be a bool, got {flag!r} ({type(flag).__name__})")
+    check_flag("flag", flag)
     for _, layer in lora_layers(model):
         layer.enabled = flag
 
@@ -296,7 +280,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     Returns:
         `model`, without any `LoRALinear`.
     """
-    places = _lora_places(model)
+    places = lora_places(model)
     layers = list({id(layer): layer for _, layer in places}.values())
     merged_here: list[tuple[LoRALinear, bool]] = []
     try:
@@ -313,7 +297,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
             layer.enabled = was_enabled
         raise
     for name, layer in places:
-        _replace(model, name, layer.original_linear)
+        replace_module(model, name, layer.original_linear)
     return model
 
 
@@ -324,10 +308,10 @@ def remove_lora(model: nn.Module) -> nn.Module:
     Returns:
         `model`, without any `LoRALinear`.
     """
-    places = _lora_places(model)
+    places = lora_places(model)
     originals = {id(layer): layer.unwrap() for _, layer in places}
     for name, layer in places:
-        _replace(model, name, originals[id(layer)])
+        replace_module(model, name, originals[id(layer)])
     return model
 
 

@@ -13,6 +13,7 @@ import numbers
 import torch
 
 from . import backends, reference
+from .validation import check_dropout_p
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # The largest seed plus one: seeds are 63-bit so that they fit a signed int64.
@@ -42,17 +43,6 @@ def _check_tensor(name: str, t, ndim: int | None = None) -> None:
         )
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {_shape(t)}")
-
-
-def check_dropout_p(dropout_p, name: str = "dropout_p") -> float:
-    """dropout_p as a float in [0, 1), or a TypeError/ValueError naming the argument."""
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(
-            f"{name} must be a float in [0, 1), got {dropout_p!r} ({type(dropout_p).__name__})"
-        )
-    if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"{name} must be a float in [0, 1), got {dropout_p!r}")
-    return float(dropout_p)
 
 
 def _check_arguments(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> float:
@@ -118,7 +108,7 @@ def _check_arguments(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> flo
     return check_dropout_p(dropout_p)
 
 
-def _autocast(x, weight, bias, lora_A, lora_B):
+def autocast_operands(x, weight, bias, lora_A, lora_B):
     """Cast like nn.Linear under torch.autocast: every operand to the autocast dtype."""
     device_type = x.device.type
     autocast_device = torch.amp.is_autocast_available(device_type)
@@ -165,7 +155,7 @@ def lora_linear(
     # Under autocast, operands of mixed dtypes are legal (nn.Linear accepts them):
     # cast first, then check what the kernels will see.
     if isinstance(x, torch.Tensor) and x.dtype in _FLOAT_DTYPES:
-        x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
+        x, weight, bias, lora_A, lora_B = autocast_operands(x, weight, bias, lora_A, lora_B)
     p = _check_arguments(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {training!r} ({type(training).__name__})")

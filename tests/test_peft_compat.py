@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import lora_kernels
-import lora_kernels.peft_compat as peft_compat
+import lora_kernels.adapter_format as adapter_format
+import lora_kernels.peft_patch as peft_patch
 from lora_kernels import (
     LoRALinear,
     apply_lora,
@@ -96,13 +97,13 @@ class CallCounter:
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        original = peft_compat.lora_linear
+        original = peft_patch.lora_linear
 
         def counting(*args, **kwargs):
             self.calls += 1
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(peft_compat, "lora_linear", counting)
+        monkeypatch.setattr(peft_patch, "lora_linear", counting)
 
 
 # ----------------------------------------------------------------------------------------
@@ -663,6 +664,77 @@ def test_patched_peft_under_autocast_runs_the_fused_op(monkeypatch):
         assert rel_err(grad, grads_ref[name]) <= 3e-2, name
 
 
+def one_patched_linear(base_dtype, adapter_dtype):
+    """A patched peft lora.Linear [6, 8] with random adapters in `adapter_dtype`."""
+    torch.manual_seed(0)
+    model = get_peft_model(
+        nn.Sequential(nn.Linear(8, 6)).to(base_dtype),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["0"]),
+    )
+    randomize(model)
+    layer = model.base_model.model[0]
+    layer.lora_A["default"].to(adapter_dtype)
+    layer.lora_B["default"].to(adapter_dtype)
+    patch_peft(model)
+    return layer.eval()
+
+
+@pytest.mark.parametrize(
+    "base_dtype, adapter_dtype, x_dtype, autocast_dtype",
+    [
+        (torch.float32, torch.float32, torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.float32, torch.float32, torch.float16),
+        (torch.float32, torch.float32, torch.float64, torch.bfloat16),
+        (torch.float64, torch.float32, torch.float64, None),
+        (torch.bfloat16, torch.float32, torch.bfloat16, None),
+    ],
+    ids=[
+        "fp32-model-bf16-autocast",
+        "bf16-model-fp32-x-fp16-autocast",
+        "fp32-model-fp64-x-bf16-autocast",
+        "fp64-model-fp32-adapters",
+        "bf16-model-fp32-adapters",
+    ],
+)
+def test_patched_forward_casts_and_takes_dtypes_as_lora_linear(
+    monkeypatch, base_dtype, adapter_dtype, x_dtype, autocast_dtype
+):
+    """The patched forward serves every call lora_linear takes after its own autocast
+    cast, float32 adapters with float64 x included, with lora_linear's exact output."""
+    layer = one_patched_linear(base_dtype, adapter_dtype)
+    counter = CallCounter(monkeypatch)
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3)).to(x_dtype)
+    enabled = autocast_dtype is not None
+    with torch.no_grad(), torch.autocast("cpu", dtype=autocast_dtype, enabled=enabled):
+        out = layer(x)
+        expected = lora_kernels.lora_linear(
+            x,
+            layer.base_layer.weight,
+            layer.base_layer.bias,
+            layer.lora_A["default"].weight,
+            layer.lora_B["default"].weight,
+            layer.scaling["default"],
+        )
+    assert counter.calls == 1
+    assert out.dtype == expected.dtype
+    assert torch.equal(out, expected)
+
+
+def test_patched_forward_leaves_non_float_input_under_autocast_to_peft(monkeypatch):
+    """Autocast casts floating-point tensors only; an int64 x is peft's to refuse."""
+    layer = one_patched_linear(torch.float32, torch.float32)
+    counter = CallCounter(monkeypatch)
+    x = torch.randint(0, 3, (5, 8))
+    errors = []
+    for forward in (layer.forward, type(layer).forward.__get__(layer)):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            with pytest.raises(RuntimeError) as error:
+                forward(x)
+        errors.append(str(error.value))
+    assert counter.calls == 0
+    assert errors[0] == errors[1]
+
+
 def test_patch_keeps_module_tree_parameter_names_and_save_pretrained(tmp_path):
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q", "v"])
     model = peft_tiny(config)
@@ -708,9 +780,13 @@ def test_patch_peft_errors(monkeypatch):
 
 
 def test_lora_kernels_exports():
-    for name in ("save_adapter", "load_adapter", "patch_peft", "unpatch_peft", "PatchReport"):
-        assert name in lora_kernels.__all__
-        assert getattr(lora_kernels, name) is getattr(peft_compat, name)
+    for module, names in (
+        (adapter_format, ("save_adapter", "load_adapter")),
+        (peft_patch, ("patch_peft", "unpatch_peft", "PatchReport")),
+    ):
+        for name in names:
+            assert name in lora_kernels.__all__
+            assert getattr(lora_kernels, name) is getattr(module, name)
 
 
 def test_load_adapter_result_is_lora_linear(tmp_path):
