@@ -20,6 +20,7 @@ import warnings
 import torch
 from torch import nn
 
+from .contract import accumulation_dtype
 from .ops import lora_linear
 from .validation import (
     check_alpha,
@@ -36,14 +37,6 @@ def adapter_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
     if weight_dtype in (torch.float16, torch.bfloat16):
         return torch.float32
     return weight_dtype
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Where a delta, a merge or a residual is formed: float32, or float64 for float64.
-
-    The sum W + s B A is then rounded to W's dtype once.
-    """
-    return torch.promote_types(dtype, torch.float32)
 
 
 class LoRALinear(nn.Module):
@@ -156,8 +149,8 @@ class LoRALinear(nn.Module):
         if self._svd_US is None:
             return
         weight = self.original_linear.weight
-        cdt = _compute_dtype(weight.dtype)
-        restored = weight.to(cdt) + self._svd_US.to(cdt) @ self._svd_Vh.to(cdt)
+        acc = accumulation_dtype(weight.dtype)
+        restored = weight.to(acc) + self._svd_US.to(acc) @ self._svd_Vh.to(acc)
         weight.copy_(restored)
         self._svd_US = None
         self._svd_Vh = None
@@ -196,16 +189,16 @@ class LoRALinear(nn.Module):
         if not (math.isfinite(s) and s > 0):
             raise ValueError(f"init='svd' needs a finite scaling > 0, got {s!r}")
         weight = self.original_linear.weight
-        cdt = _compute_dtype(weight.dtype)
-        U, S, Vh = torch.linalg.svd(weight.to(cdt), full_matrices=False)
+        acc = accumulation_dtype(weight.dtype)
+        U, S, Vh = torch.linalg.svd(weight.to(acc), full_matrices=False)
         R = self.rank
         root = S[:R].sqrt()
         self.lora_A.copy_((root[:, None] * Vh[:R]) / math.sqrt(s))
         self.lora_B.copy_((U[:, :R] * root[None, :]) / math.sqrt(s))
         # s B A from the stored (rounded) factors: what forward adds back to the residual.
-        self._svd_US = s * self.lora_B.to(cdt)
-        self._svd_Vh = self.lora_A.to(cdt).clone()
-        weight.copy_(weight.to(cdt) - self._svd_US @ self._svd_Vh)
+        self._svd_US = s * self.lora_B.to(acc)
+        self._svd_Vh = self.lora_A.to(acc).clone()
+        weight.copy_(weight.to(acc) - self._svd_US @ self._svd_Vh)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [*, K] -> [*, N] in x's dtype; the base layer alone when disabled or merged."""
@@ -234,8 +227,8 @@ class LoRALinear(nn.Module):
         """W + s B A in W's dtype, rounded once; refuses (like peft's safe_merge) when
         the result is not finite."""
         weight = self.original_linear.weight
-        cdt = _compute_dtype(weight.dtype)
-        merged = (weight.to(cdt) + self._delta(cdt)).to(weight.dtype)
+        acc = accumulation_dtype(weight.dtype)
+        merged = (weight.to(acc) + self._delta(acc)).to(weight.dtype)
         if not torch.isfinite(merged).all():
             bad = int((~torch.isfinite(merged)).sum())
             raise ValueError(
@@ -298,8 +291,8 @@ class LoRALinear(nn.Module):
             warnings.warn("LoRALinear.unmerge(): not merged, nothing done", stacklevel=2)
             return
         weight = self.original_linear.weight
-        cdt = _compute_dtype(weight.dtype)
-        weight.copy_(weight.to(cdt) - self._delta(cdt))
+        acc = accumulation_dtype(weight.dtype)
+        weight.copy_(weight.to(acc) - self._delta(acc))
         self._merged = False
 
     @torch.no_grad()

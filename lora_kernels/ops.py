@@ -12,10 +12,10 @@ import numbers
 
 import torch
 
-from . import backends, reference
-from .validation import check_dropout_p
+from . import backends, contract, reference
+from .validation import check_backend, check_dropout_p, check_flag
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_FLOAT_DTYPES = contract.STORAGE_DTYPES
 # The largest seed plus one: seeds are 63-bit so that they fit a signed int64.
 SEED_BOUND = 2**63 - 1
 
@@ -157,17 +157,15 @@ def lora_linear(
     if isinstance(x, torch.Tensor) and x.dtype in _FLOAT_DTYPES:
         x, weight, bias, lora_A, lora_B = autocast_operands(x, weight, bias, lora_A, lora_B)
     p = _check_arguments(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    if not isinstance(training, bool):
-        raise TypeError(f"training must be a bool, got {training!r} ({type(training).__name__})")
-    if backend is not None:
-        backends.check_name(backend)
+    check_flag("training", training)
+    check_backend(backend)
     if not training:
         p = 0.0
     K = x.shape[-1]
     N = weight.shape[0]
     # Not reshape(-1, K): with K == 0 the -1 could be any M.
     x2d = x.reshape(math.prod(x.shape[:-1]), K)
-    branch_dtype = torch.promote_types(x.dtype, torch.float32)
+    acc = contract.accumulation_dtype(x.dtype)
     # No draw from the generator when there is no dropout: eval runs leave RNG alone.
     seed = draw_seed(x.device) if p > 0 else torch.zeros((), dtype=torch.int64, device=x.device)
 
@@ -182,9 +180,9 @@ def lora_linear(
         return y.reshape(*x.shape[:-1], N)
 
     if isinstance(scaling, torch.Tensor):
-        scaling_t = scaling.reshape(()).to(branch_dtype)
+        scaling_t = scaling.reshape(()).to(acc)
     else:
-        scaling_t = torch.full((), float(scaling), dtype=branch_dtype, device=x.device)
+        scaling_t = torch.full((), float(scaling), dtype=acc, device=x.device)
     with torch.autocast(x.device.type, enabled=False):
         forward_op, _ = backends.backend_ops(backends.resolve_backend(x.device.type, backend))
         y, _, _ = forward_op(x2d, weight, bias, lora_A, lora_B, scaling_t, p, seed)
