@@ -1,7 +1,7 @@
 """Ahead-of-time compile report for the Triton kernels of the "triton" backend.
 
-Compiles every kernel with every autotune config (`backend_triton.kernel_configs`, the
-list the autotuner itself uses) for sm_80 and sm_90, for bfloat16, float16 and float32
+Compiles every kernel with every autotune config (`backend_triton.configs.kernel_configs`,
+the list the autotuner itself uses) for sm_80 and sm_90, for bfloat16, float16 and float32
 (float32 with TF32 and with IEEE dots), and bfloat16 x with float32 adapters, at every
 BLOCK_R the launchers can pass, via `triton.compile(ASTSource(...),
 target=GPUTarget(...))`. No GPU is needed.
@@ -51,7 +51,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lora_kernels import backend_triton as bt  # noqa: E402
+from lora_kernels.backend_triton import configs, kernels  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 TARGET_NAMES = {(8, 0): "sm_80", (9, 0): "sm_90"}
@@ -85,82 +85,83 @@ class KernelSpec:
     """How a launcher calls one kernel: pointer dtypes, unit strides, fixed constexprs."""
 
     fn: object
-    pointers: dict  # argument -> "x" | "lora" | "fp32" | "i64" | "i8" | "u8"
+    pointers: dict  # argument -> "x" | "lora" | "fp32" | "i64" | "i8" | "u8" | None (absent)
     unit_strides: set  # strides that are 1 for contiguous operands (specialised by Triton)
     constexprs: dict = field(default_factory=dict)
 
 
 def kernel_specs(block_r: int, fma: bool, dropout: bool, rank_tf32: bool) -> dict:
-    """The kernels as the launchers call them for contiguous operands."""
+    """The kernels as the launchers call them for contiguous operands, with the sizes
+    the launchers choose on a GPU (`configs.GPU_SIZES`)."""
+    sizes = configs.GPU_SIZES
+    bits = "u8" if dropout else None  # without dropout the launchers pass keep_bits=None
     return {
         "shrink": KernelSpec(
-            bt._lora_shrink_kernel,
-            {"x": "x", "a": "lora", "u": "fp32", "keep_bits": "u8", "seed": "i64"},
+            kernels.lora_shrink_kernel,
+            {"x": "x", "a": "lora", "u": "fp32", "keep_bits": bits, "seed": "i64"},
             {"s_xk", "s_ak", "s_ur", "s_kb"},
             {"HAS_DROPOUT": dropout, "BLOCK_R": block_r},
         ),
         "fwd": KernelSpec(
-            bt._lora_fwd_kernel,
+            kernels.lora_fwd_kernel,
             {"x": "x", "w": "x", "bias": "x", "u": "fp32", "b": "lora", "y": "x"}
             | {"scaling": "fp32"},
             {"s_xk", "s_wk", "s_ur", "s_br", "s_yn"},
             {"HAS_BIAS": True, "RANK_TF32": rank_tf32, "BLOCK_R": block_r},
         ),
         "bwd_dy": KernelSpec(
-            bt._lora_bwd_dy_kernel,
+            kernels.lora_bwd_dy_kernel,
             {"dy": "x", "b": "lora", "u": "fp32", "g_part": "fp32", "db_part": "fp32"}
             | {"dbias_part": "fp32", "ds_part": "fp32"},
             {"s_dyn", "s_br", "s_ur"},
             {
                 "NEED_G": True,
                 # The launchers fuse dB into this pass for R <= 16, i.e. BLOCK_R == 16.
-                "COMPUTE_DB": block_r <= bt._FUSED_DB_MAX_R,
+                "COMPUTE_DB": block_r <= configs.FUSED_DB_MAX_R,
                 "COMPUTE_DS": True,
                 "COMPUTE_DBIAS": True,
                 "RANK_TF32": rank_tf32,
-                "BLOCK_M": bt.dy_block_m(block_r, fma),
+                "BLOCK_M": sizes.dy_block_m(block_r, fma),
                 "BLOCK_R": block_r,
             },
         ),
         "bwd_dx": KernelSpec(
-            bt._lora_bwd_dx_kernel,
+            kernels.lora_bwd_dx_kernel,
             {"dy": "x", "w": "x", "g": "fp32", "a": "lora", "dx": "x", "scaling": "fp32"}
-            | {"keep_bits": "u8"},
+            | {"keep_bits": bits},
             {"s_dyn", "s_wk", "s_gr", "s_ak", "s_dxk", "s_kb"},
             {"HAS_DROPOUT": dropout, "RANK_TF32": rank_tf32, "BLOCK_R": block_r},
         ),
         "bwd_da": KernelSpec(
-            bt._lora_bwd_tn_kernel,
-            {"lhs": "fp32", "rhs": "x", "c_part": "fp32", "keep_bits": "u8"},
-            {"s_lp", "s_rq", "s_kb"},
-            {"HAS_DROPOUT": dropout, "DOT_LHS_DTYPE": False, "BLOCK_P": block_r}
-            | {"RANK_TF32": rank_tf32},
+            kernels.lora_bwd_da_kernel,
+            {"g": "fp32", "x": "x", "da_part": "fp32", "keep_bits": bits},
+            {"s_gr", "s_xk", "s_kb"},
+            {"HAS_DROPOUT": dropout, "BLOCK_R": block_r, "RANK_TF32": rank_tf32},
         ),
         "bwd_db": KernelSpec(
-            bt._lora_bwd_tn_kernel,
-            {"lhs": "x", "rhs": "fp32", "c_part": "fp32", "keep_bits": "fp32"},
-            {"s_lp", "s_rq"},
-            {"HAS_DROPOUT": False, "DOT_LHS_DTYPE": True, "BLOCK_Q": block_r}
-            | {"RANK_TF32": rank_tf32},
+            kernels.lora_bwd_db_kernel,
+            {"dy": "x", "u": "fp32", "db_part": "fp32"},
+            {"s_dyn", "s_ur"},
+            {"BLOCK_R": block_r, "RANK_TF32": rank_tf32},
         ),
         "sum_partials": KernelSpec(
-            bt._sum_partials_kernel,
+            kernels.sum_partials_kernel,
             {"part": "fp32", "out": "x", "scaling": "fp32"},
             set(),
-            {"HAS_SCALING": True, "BLOCK_T": bt._SUM_BLOCK_T, "BLOCK_L": bt._SUM_BLOCK_L},
+            {"HAS_SCALING": True, "BLOCK_T": sizes.sum_block_t, "BLOCK_L": sizes.sum_block_l},
         ),
         "dropout_mask": KernelSpec(
-            bt._dropout_mask_kernel,
+            kernels.dropout_mask_kernel,
             {"keep": "i8", "seed": "i64"},
             {"s_kk"},
-            {"PACK_BITS": False, "BLOCK_M": bt._MASK_BLOCK_M, "BLOCK_K": bt._MASK_BLOCK_K},
+            {"PACK_BITS": False, "BLOCK_M": sizes.mask_block_m, "BLOCK_K": sizes.mask_block_k},
         ),
         # The same kernel writing packed bits: what backward runs when given no bits.
         "dropout_bits": KernelSpec(
-            bt._dropout_mask_kernel,
+            kernels.dropout_mask_kernel,
             {"keep": "u8", "seed": "i64"},
             {"s_kk"},
-            {"PACK_BITS": True, "BLOCK_M": bt._MASK_BLOCK_M, "BLOCK_K": bt._MASK_BLOCK_K},
+            {"PACK_BITS": True, "BLOCK_M": sizes.mask_block_m, "BLOCK_K": sizes.mask_block_k},
         ),
     }
 
@@ -175,10 +176,10 @@ _DROPOUT_KERNELS = ("shrink", "bwd_dx", "bwd_da")
 def configs_for(name, target, case, block_r, dropout) -> list:
     if name in _HELPERS:
         return [triton.Config({}, num_warps=4, num_stages=1)]
-    return bt.kernel_configs(
+    return configs.kernel_configs(
         name,
         capability=target,
-        smem_limit=bt.SHARED_MEMORY_LIMIT[target],
+        smem_limit=configs.SHARED_MEMORY_LIMIT[target],
         dtype=case.x,
         BLOCK_R=block_r,
         INPUT_PRECISION=case.precision,
@@ -222,6 +223,9 @@ def _signature(spec: KernelSpec, case: DtypeCase, config: triton.Config):
             signature[name] = "constexpr"
             if name not in constexprs:
                 raise KeyError(f"{fn.__name__}: no value for constexpr {name}")
+        elif name in spec.pointers and spec.pointers[name] is None:
+            signature[name] = "constexpr"
+            constexprs[name] = None
         elif name in spec.pointers:
             signature[name] = pointer_types[spec.pointers[name]]
             attrs[(index,)] = [["tt.divisibility", 16]]
@@ -304,7 +308,7 @@ def compile_one(name, spec, case, config, target, block_r, dropout, shared_limit
         problems = []
         if row.spill_bytes > 0:
             problems.append(f"spills {row.spill_bytes} B")
-        limit = shared_limit or bt.SHARED_MEMORY_LIMIT[target]
+        limit = shared_limit or configs.SHARED_MEMORY_LIMIT[target]
         if row.shared > limit:
             problems.append(f"shared {row.shared} B > {limit} B")
         row.problem = "; ".join(problems)
@@ -314,11 +318,11 @@ def compile_one(name, spec, case, config, target, block_r, dropout, shared_limit
     return row
 
 
-def plan(quick: bool, kernels: tuple | None):
+def plan(quick: bool, only: tuple | None):
     """(name, spec, dtype case, config, target, block_r, dropout) for every compile."""
-    names = kernels or (*bt.KERNEL_NAMES, *_HELPERS)
+    names = only or (*configs.KERNEL_NAMES, *_HELPERS)
     cases = (DTYPE_CASES[0],) if quick else DTYPE_CASES
-    for target in bt.TARGETS:
+    for target in configs.TARGETS:
         for name in names:
             for case in cases:
                 if case.x != case.lora and name not in _LOADS_ADAPTERS:
@@ -326,14 +330,14 @@ def plan(quick: bool, kernels: tuple | None):
                 if name in _NO_FLOAT and case is not cases[0]:
                     continue
                 fma = case.x == torch.float32 and case.precision == "ieee"
-                values = (0,) if name in _HELPERS else bt.launch_block_r_values(name, fma)
+                values = (0,) if name in _HELPERS else configs.launch_block_r_values(name, fma)
                 flags = (True, False) if name in _DROPOUT_KERNELS and not quick else (True,)
                 for block_r in values[-1:] if quick else values:
                     for dropout in flags:
                         rank_tf32 = case.x != torch.float32
                         spec = kernel_specs(block_r, fma, dropout, rank_tf32)[name]
-                        configs = configs_for(name, target, case, block_r, dropout)
-                        for config in configs[:1] if quick else configs:
+                        listed = configs_for(name, target, case, block_r, dropout)
+                        for config in listed[:1] if quick else listed:
                             yield name, spec, case, config, target, block_r, dropout
 
 

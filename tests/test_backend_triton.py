@@ -3,7 +3,7 @@
 On a machine without CUDA every test runs the kernels on CPU tensors under
 TRITON_INTERPRET=1 (set here before anything imports Triton); on a GPU the same tests
 run natively. Every buffer the backend allocates is poisoned with NaN (see
-`poison_buffers`), so an element a kernel never writes fails the comparison.
+`poisoned_empty`), so an element a kernel never writes fails the comparison.
 """
 
 from __future__ import annotations
@@ -23,10 +23,14 @@ import lora_kernels  # noqa: E402
 from lora_kernels import ops, reference  # noqa: E402
 
 bt = pytest.importorskip("lora_kernels.backend_triton", reason="Triton is not installed")
+from lora_kernels.backend_triton import configs, interpreter, launch  # noqa: E402
 
 USABLE, WHY = bt.availability("triton")
-pytestmark = pytest.mark.skipif(not USABLE, reason=f"triton backend not usable: {WHY}")
-DEVICE = torch.device("cuda" if torch.cuda.is_available() and not bt._INTERPRET else "cpu")
+pytestmark = [
+    pytest.mark.skipif(not USABLE, reason=f"triton backend not usable: {WHY}"),
+    pytest.mark.usefixtures("poisoned_empty"),
+]
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not interpreter.ACTIVE else "cpu")
 REPO = Path(__file__).resolve().parents[1]
 
 # ||out - ref|| / ||ref|| against float64, by x's dtype. Measured under the interpreter:
@@ -37,15 +41,20 @@ REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 6e-3}
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-@pytest.fixture(autouse=True)
-def poison_buffers(monkeypatch):
-    """Every output and intermediate buffer of the backend starts as NaN (int8: -1)."""
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty returns NaN-filled floating-point tensors (integer ones all -1, bytes
+    0xFF): every output and intermediate buffer of the backend starts poisoned."""
+    empty = torch.empty
 
-    def poisoned(shape, dtype, device):
-        t = torch.empty(shape, dtype=dtype, device=device)
-        return t.fill_(float("nan") if t.is_floating_point() else -1)
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        if t.is_floating_point() or (not t.is_complex() and t.dtype != torch.bool):
+            with torch.no_grad():
+                t.fill_(float("nan") if t.is_floating_point() else -1)
+        return t
 
-    monkeypatch.setattr(bt, "_empty", poisoned)
+    monkeypatch.setattr(torch, "empty", poisoned)
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -231,7 +240,7 @@ def test_output_and_gradients_match_reference_grid(case):
 )
 def test_keep_mask_is_bit_identical_to_reference(M, K, p, seed):
     seed_t = torch.tensor(seed, dtype=torch.int64, device=DEVICE)
-    keep = bt._keep_mask_bytes(seed_t, M, K, p)
+    keep = launch.keep_mask_bytes(seed_t, M, K, p)
     assert set(keep.unique().tolist()) <= {0, 1}, "unwritten or non-boolean mask bytes"
     expected = reference.dropout_keep_mask(seed, M, K, p)
     assert torch.equal(keep.cpu().bool(), expected)
@@ -296,7 +305,7 @@ def test_forward_keep_bits_are_the_packed_reference_mask(M, K, R, p, seed):
     expected = reference.pack_keep_mask(reference.dropout_keep_mask(seed, M, K, p))
     assert keep_bits.dtype == torch.uint8 and keep_bits.shape == (M, (K + 7) // 8)
     assert torch.equal(keep_bits.cpu(), expected)
-    assert torch.equal(bt._keep_mask_bits(seed_t, M, K, p).cpu(), expected)
+    assert torch.equal(launch.keep_mask_bits(seed_t, M, K, p).cpu(), expected)
 
 
 def test_forward_without_dropout_returns_empty_bits():
@@ -476,7 +485,7 @@ def test_empty_input_returns_empty_output_and_zero_gradients_without_launching(l
     def no_launch(kernel):
         raise AssertionError(f"launched {kernel} for an empty input")
 
-    monkeypatch.setattr(bt, "wrap_triton", no_launch)
+    monkeypatch.setattr(launch, "wrap_triton", no_launch)
     K, N, R = 20, 12, 4
     x, weight, b, lora_A, lora_B, s = make_inputs(1, K, N, R, torch.float32)
     x = torch.zeros(*lead, K, device=DEVICE, requires_grad=True)
@@ -611,6 +620,38 @@ def test_without_interpreter_explicit_triton_on_cpu_raises_with_the_reason():
     assert "triton" in out.stdout and "TRITON_INTERPRET=1" in out.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_setting_triton_interpret_after_import_raises_saying_it_was_too_late():
+    """The kernels are defined (compiled or interpreted) at import: TRITON_INTERPRET=1 set
+    afterwards cannot make CPU tensors usable, and both the backend's availability and
+    the op say why, naming the variable and that it must be set before the import."""
+    code = (
+        "import os, torch, lora_kernels\n"
+        "from lora_kernels.backend_triton import availability\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "print('AVAILABLE', availability('triton'))\n"
+        "x = torch.randn(4, 8); w = torch.randn(6, 8)\n"
+        "a = torch.randn(2, 8); b = torch.randn(6, 2)\n"
+        "s = torch.tensor(1.0); seed = torch.tensor(0)\n"
+        "try:\n"
+        "    torch.ops.lora_kernels.triton_forward(x, w, None, a, b, s, 0.0, seed)\n"
+        "except ValueError as e:\n"
+        "    print('RAISED', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+    assert "RAISED" in lines and "AVAILABLE" in lines, out.stdout + out.stderr
+    for line in (lines["AVAILABLE"], lines["RAISED"]):
+        assert "TRITON_INTERPRET=1 was set after lora_kernels was imported" in line
+        assert "set it before importing lora_kernels" in line
+    assert lines["AVAILABLE"].startswith("(False,")
+    assert "x must be a CUDA tensor for the triton backend" in lines["RAISED"]
+
+
 def test_ops_pass_opcheck_schema_autograd_and_fake_tensor_checks():
     """What can be checked without a GPU of the op's torch.compile support: its schema,
     autograd registration and fake (meta) implementation. (On CPU the interpreter runs
@@ -648,14 +689,17 @@ def test_gpu_autotuner_prunes_to_kernel_configs(name):
     """The GPU path's autotuner (built here without a GPU, never launched) prunes its
     candidates to exactly `kernel_configs` for what a launcher passes."""
     target = ((9, 0), bt.SHARED_MEMORY_LIMIT[(9, 0)])
-    tuner = bt._tuned(name, target)
+    tuner = launch.tuned(name, target)
     assert tuner.early_config_prune is not None
+    sizes = configs.GPU_SIZES
     for dtype, precision in [(torch.bfloat16, "ieee"), (torch.float32, "tf32")]:
         for dropout in (False, True):
-            block = bt.r_step_block(64) if name in ("fwd", "bwd_dx") else bt.r_tile_block(64, False)
-            kwargs = {bt._BLOCK_R_ARG[name]: block, "INPUT_PRECISION": precision}
-            kwargs["HAS_DROPOUT"] = dropout
-            named = {bt._DTYPE_ARG[name]: torch.empty(0, dtype=dtype)}
+            if name in ("fwd", "bwd_dx"):
+                block = sizes.r_step_block(64)
+            else:
+                block = sizes.r_tile_block(64, False)
+            kwargs = {"BLOCK_R": block, "INPUT_PRECISION": precision, "HAS_DROPOUT": dropout}
+            named = {configs.DTYPE_ARG[name]: torch.empty(0, dtype=dtype)}
             pruned = tuner.early_config_prune(tuner.configs, named, **kwargs)
             expected = bt.kernel_configs(
                 name,
@@ -666,8 +710,8 @@ def test_gpu_autotuner_prunes_to_kernel_configs(name):
                 INPUT_PRECISION=precision,
                 HAS_DROPOUT=dropout,
             )
-            keys = sorted(bt._config_key(c) for c in pruned)
-            assert keys == sorted(bt._config_key(c) for c in expected)
+            keys = sorted(configs.config_key(c) for c in pruned)
+            assert keys == sorted(configs.config_key(c) for c in expected)
 
 
 # --------------------------------------------------------------------------------------

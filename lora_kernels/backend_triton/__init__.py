@@ -1,0 +1,161 @@
+"""The "triton" backend: fused Triton kernels for the LoRA linear op and its backward.
+
+Two `torch.library` ops, `lora_kernels::triton_forward` and `triton_backward`, with the
+contract's fakes and autograd formula (`lora_kernels.contract`), and the backend
+contract functions `availability`, `serves` and `load` (docs/backends.md). The package:
+
+    kernels.py      the @triton.jit kernels, and the plan of what each one computes
+    configs.py      the autotune policy: candidate configs, register and shared-memory
+                    estimates, the sizes the launchers choose (read by
+                    benchmarks/compile_report.py)
+    launch.py       one launch_<kernel>() per kernel; forward and backward as their calls
+    interpreter.py  what differs under TRITON_INTERPRET=1 (CPU tensors, slow, small
+                    tiles), which is read once, when this package is imported
+
+Forward is two launches (shrink U = D(X) A^T with the keep mask's bits, then
+Y = X W^T + b + s U B^T); backward is one pass over dY (G = dY B with dB, db and ds
+partials), dX, dA (and dB above R = 16), each reduction summed from fp32 partials in a
+fixed order. Configs come from `configs.kernel_configs` (autotuned on the problem
+sizes, pruned to what compiles without spills, checked for sm_80 and sm_90 by
+benchmarks/compile_report.py); under TRITON_INTERPRET=1 the same kernels run on CPU
+tensors with one small config.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from torch.library import triton_op
+
+from ..contract import backward_fake, forward_fake, keep_bits_shape, register_lora_autograd
+from . import interpreter, launch
+from .configs import KERNEL_NAMES, SHARED_MEMORY_LIMIT, TARGETS, kernel_configs
+
+__all__ = ["KERNEL_NAMES", "SHARED_MEMORY_LIMIT", "TARGETS", "availability", "kernel_configs"]
+__all__ += ["dropout_keep_mask", "load", "serves", "triton_backward", "triton_forward"]
+
+
+@triton_op("lora_kernels::triton_forward", mutates_args=())
+def triton_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: torch.Tensor,
+    dropout_p: float,
+    seed: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    M, K = x.shape[0], x.shape[-1]  # forward_into checks that x is 2-D
+    y = torch.empty((M, weight.shape[0]), dtype=x.dtype, device=x.device)
+    u = torch.empty((M, lora_A.shape[0]), dtype=torch.float32, device=x.device)
+    # With dropout the shrink writes the mask's bits here; else an empty [0].
+    keep_bits = torch.empty(keep_bits_shape(M, K, dropout_p), dtype=torch.uint8, device=x.device)
+    with interpreter.one_at_a_time():
+        launch.forward_into(
+            x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, u, keep_bits
+        )
+    return y, u, keep_bits
+
+
+triton_forward.register_fake(forward_fake)
+
+
+@triton_op("lora_kernels::triton_backward", mutates_args=())
+def triton_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: torch.Tensor,
+    dropout_p: float,
+    seed: torch.Tensor,
+    u: torch.Tensor,
+    keep_bits: torch.Tensor,
+    need_grad_x: bool,
+    need_grad_lora: bool,
+    need_grad_scaling: bool,
+    need_grad_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    M, K = x.shape
+    N, R = lora_B.shape
+
+    def buffer(flag, shape, dtype):
+        return torch.empty(shape if flag else (0,), dtype=dtype, device=x.device)
+
+    out = (
+        buffer(need_grad_x, (M, K), x.dtype),
+        buffer(need_grad_lora, (R, K), lora_A.dtype),
+        buffer(need_grad_lora, (N, R), lora_B.dtype),
+        buffer(need_grad_scaling, (), scaling.dtype),
+        buffer(need_grad_bias, (N,), x.dtype),
+    )
+    flags = (need_grad_x, need_grad_lora, need_grad_lora, need_grad_scaling, need_grad_bias)
+    grads = launch.Grads(*(t if flag else None for t, flag in zip(out, flags, strict=True)))
+    with interpreter.one_at_a_time():
+        launch.backward_into(
+            grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, u, keep_bits, grads
+        )
+    return out
+
+
+triton_backward.register_fake(backward_fake)
+
+
+register_lora_autograd(triton_forward, triton_backward)
+
+
+def dropout_keep_mask(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
+    """The keep mask [M, K] (bool) exactly as the kernels make it.
+
+    `seed` is a 0-dim int64 tensor on the device; for tests against
+    `reference.dropout_keep_mask`.
+    """
+    return launch.keep_mask_bytes(seed, M, K, p) == 1
+
+
+# ---------------------------------------------------------------------------------------
+# The backend contract (docs/backends.md)
+# ---------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _availability() -> tuple[bool, str]:
+    if interpreter.ACTIVE:
+        return True, f"Triton {triton.__version__} interpreter (TRITON_INTERPRET=1), CPU tensors"
+    if not torch.cuda.is_available():
+        return False, (
+            "no CUDA device (to run the Triton kernels on CPU tensors, set "
+            "TRITON_INTERPRET=1 before importing lora_kernels)"
+        )
+    if torch.version.cuda is None:
+        return False, "the Triton kernels are built and tuned for NVIDIA GPUs only"
+    capability = torch.cuda.get_device_capability()
+    if capability < (8, 0):
+        return False, f"needs an NVIDIA GPU of compute capability 8.0 or newer, got {capability}"
+    return True, f"Triton {triton.__version__} on {torch.cuda.get_device_name()}"
+
+
+def availability(name: str) -> tuple[bool, str]:
+    """(usable on this machine, why not). Cheap after the first call; never raises."""
+    try:
+        usable, reason = _availability()
+    except Exception as error:  # a broken CUDA setup makes the backend unusable, not fatal
+        return False, f"{type(error).__name__}: {error}"
+    late = interpreter.late_switch()
+    if not usable and late:
+        return False, f"{reason}; {late}"
+    return usable, reason
+
+
+def serves(name: str, device_type: str) -> bool:
+    """CUDA tensors; CPU tensors too under TRITON_INTERPRET=1 (as set at import)."""
+    return device_type == "cuda" or (interpreter.ACTIVE and device_type == "cpu")
+
+
+def load(name: str):
+    """(forward_op, backward_op) of the triton backend."""
+    return torch.ops.lora_kernels.triton_forward, torch.ops.lora_kernels.triton_backward

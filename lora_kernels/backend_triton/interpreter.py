@@ -1,0 +1,84 @@
+"""What differs under TRITON_INTERPRET=1, where the kernels run on CPU tensors.
+
+`triton.jit` makes an interpreted function or a compiled one when a kernel is defined,
+so the mode is fixed when this package is imported: `ACTIVE`, which every launcher and
+the backend contract read. Changing TRITON_INTERPRET later changes nothing: kernels
+defined for the GPU keep running on CUDA tensors, interpreted ones on CPU tensors. What
+cannot work, CPU tensors after TRITON_INTERPRET=1 was set too late, fails with a message
+that says so (`late_switch`).
+
+Everything special-cased for the interpreter lives here: its bfloat16 fixes (a constexpr
+the kernels read), its lock, its one small config per kernel and its host-chosen sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import triton
+import triton.language as tl
+
+from .configs import LaunchSizes
+
+ACTIVE = bool(triton.knobs.runtime.interpret)
+
+# Two bfloat16 defects of Triton 3.9's interpreter, worked around only under it: tl.dot
+# multiplies bf16 operands as their raw uint16 bits (kernels._dot widens them to fp32
+# first: exact, same fp32 accumulation), and fp32 -> bf16 casts truncate where the GPU
+# rounds to nearest even (kernels._cast rounds the fp32 bits first).
+BF16_FIX = tl.constexpr(ACTIVE)
+
+# Small, so that the tests' shapes (M up to 129, R up to 256) take several tiles, R-steps
+# and splits on every path.
+SIZES = LaunchSizes(
+    r_step_max=32,
+    r_tile_max=32,
+    r_tile_max_fma=32,
+    n_chunk_align=16,
+    m_chunk_align=32,
+    dy_rows=16,
+    dy_rows_wide_r=16,
+    dy_rows_fma=16,
+    sum_block_t=4,
+    sum_block_l=64,
+    mask_block_m=16,
+    mask_block_k=32,
+)
+# How many programs a split aims for (two per SM on a GPU).
+TARGET_PROGRAMS = 4
+
+_BLOCKS = {
+    "fwd": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2},
+    "bwd_dx": {"BLOCK_M": 16, "BLOCK_K": 32, "BLOCK_N": 32, "GROUP_M": 2},
+    "shrink": {"BLOCK_M": 16, "BLOCK_K": 32},
+    "bwd_dy": {"BLOCK_N": 16},
+    "bwd_da": {"BLOCK_K": 32, "BLOCK_M": 16},
+    "bwd_db": {"BLOCK_N": 16, "BLOCK_M": 16},
+}
+
+
+def config(name: str) -> triton.Config:
+    """The one config of kernel `name` under the interpreter."""
+    return triton.Config(_BLOCKS[name], num_warps=4, num_stages=1)
+
+
+# Triton's interpreter keeps global state while a kernel runs and is not thread-safe:
+# under it, one op at a time (compiled kernels need no lock).
+_LOCK = threading.Lock()
+
+
+def one_at_a_time():
+    """The interpreter's lock under TRITON_INTERPRET=1, else a no-op context."""
+    return _LOCK if ACTIVE else contextlib.nullcontext()
+
+
+def late_switch() -> str:
+    """Why CPU tensors are refused although TRITON_INTERPRET=1 is set now ("" if not)."""
+    if ACTIVE or not triton.knobs.runtime.interpret:
+        return ""
+    return (
+        "TRITON_INTERPRET=1 was set after lora_kernels was imported, when the kernels "
+        "had already been defined for the GPU (triton.jit decides when a kernel is "
+        "defined); set it before importing lora_kernels"
+    )

@@ -1,0 +1,469 @@
+"""Host launchers of the triton backend: one `launch_<kernel>` per kernel, and the
+forward and backward passes written as a few of those calls.
+
+Every launcher takes the tensors it reads and writes and a `Launch` (device target,
+dot precision, host-chosen sizes); buffers of partial sums are allocated here with
+`torch.empty`, each element of them written by a kernel before it is read. Launches
+go through `wrap_triton`, so that `torch.compile` traces them. No launcher reads a
+tensor's value on the host (`.item()`), so the ops stay traceable.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import typing
+
+import torch
+import triton
+from torch.library import wrap_triton
+
+from .. import reference
+from ..contract import check_backward_inputs, check_bias, check_op_inputs, keep_bits_shape
+from . import configs, interpreter, kernels
+from .configs import LaunchSizes
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+F32 = torch.float32
+
+_JIT_KERNELS = {
+    "shrink": kernels.lora_shrink_kernel,
+    "fwd": kernels.lora_fwd_kernel,
+    "bwd_dy": kernels.lora_bwd_dy_kernel,
+    "bwd_dx": kernels.lora_bwd_dx_kernel,
+    "bwd_da": kernels.lora_bwd_da_kernel,
+    "bwd_db": kernels.lora_bwd_db_kernel,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# The device, the autotuner and the launch parameters
+# ---------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _device_target(device_index: int) -> tuple[tuple[int, int], int]:
+    """(compute capability, opt-in shared memory per block in bytes) of a CUDA device."""
+    props = torch.cuda.get_device_properties(device_index)
+    capability = (props.major, props.minor)
+    limit = getattr(props, "shared_memory_per_block_optin", 0)
+    if not limit:
+        limit = configs.SHARED_MEMORY_LIMIT.get(capability, configs.DEFAULT_SHARED_MEMORY)
+    return capability, int(limit)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.cache
+def tuned(name: str, target: tuple | None):
+    """Kernel `name` under triton.autotune for a device `target` = (capability, shared
+    memory limit), its candidates pruned to `configs.kernel_configs` per launch; None:
+    the interpreter, one small config."""
+    kernel = _JIT_KERNELS[name]
+    keys = configs.AUTOTUNE_KEYS[name]
+    if target is None:
+        return triton.autotune([interpreter.config(name)], key=keys)(kernel)
+    capability, smem_limit = target
+
+    def prune(candidates, named_args, **kwargs):
+        allowed = configs.kernel_configs(
+            name,
+            capability=capability,
+            smem_limit=smem_limit,
+            dtype=named_args[configs.DTYPE_ARG[name]].dtype,
+            BLOCK_R=kwargs["BLOCK_R"],
+            INPUT_PRECISION=kwargs["INPUT_PRECISION"],
+            HAS_DROPOUT=kwargs.get("HAS_DROPOUT", False),
+        )
+        allowed_keys = {configs.config_key(c) for c in allowed}
+        return [c for c in candidates if configs.config_key(c) in allowed_keys]
+
+    return triton.autotune(
+        configs.all_candidates(name), key=keys, prune_configs_by={"early_config_prune": prune}
+    )(kernel)
+
+
+class Launch(typing.NamedTuple):
+    """What every launch of one op call shares."""
+
+    target: tuple | None  # (capability, shared memory limit); None under the interpreter
+    programs: int  # how many programs keep the device busy
+    precision: str  # tl.dot's input_precision for x's dtype
+    fma: bool  # fp32 without TF32: dots on the FMA units, smaller tiles
+    rank_tf32: bool  # half-precision x: the rank-R products in fp32 on TF32
+    sizes: LaunchSizes
+
+
+def launch_params(x: torch.Tensor) -> Launch:
+    """The `Launch` of an op call on x (its device and dtype)."""
+    if interpreter.ACTIVE:
+        target, programs, sizes = None, interpreter.TARGET_PROGRAMS, interpreter.SIZES
+    else:
+        index = x.device.index if x.device.index is not None else 0
+        target, programs, sizes = _device_target(index), 2 * _sm_count(index), configs.GPU_SIZES
+    # TF32 for float32 exactly when torch allows it (the interpreter has no TF32).
+    tf32 = not interpreter.ACTIVE and torch.backends.cuda.matmul.allow_tf32
+    precision = "tf32" if x.dtype == torch.float32 and tf32 else "ieee"
+    fma = x.dtype == torch.float32 and precision == "ieee"
+    return Launch(target, programs, precision, fma, x.dtype != torch.float32, sizes)
+
+
+def dropout_args(dropout_p: float) -> tuple[bool, int, float]:
+    """(has dropout, threshold as the int32 bit pattern of the uint32 T, 1 / (1 - p)).
+
+    Dropout is on for every p > 0, as for the contract's keep_bits: a p below 2^-32 has
+    T = 0, keeps everything and still has its (all-ones) bits written and read.
+    """
+    threshold = reference.dropout_threshold(dropout_p)
+    if dropout_p == 0.0:
+        return False, 0, 1.0
+    # Passed as int32 (so the kernel's signature never changes), reinterpreted as uint32.
+    signed = threshold - 2**32 if threshold >= 2**31 else threshold
+    return True, signed, reference.dropout_scale(dropout_p)
+
+
+def split(total: int, other_programs: int, align: int, target: int) -> tuple[int, int]:
+    """(chunk, splits) cutting `total` into aligned chunks so that splits * other_programs
+    reaches `target`."""
+    if total == 0:
+        return align, 1
+    splits = max(1, min(math.ceil(target / max(other_programs, 1)), math.ceil(total / align)))
+    chunk = math.ceil(math.ceil(total / splits) / align) * align
+    return chunk, math.ceil(total / chunk)
+
+
+def _bits_strides(keep_bits: torch.Tensor | None) -> tuple[int, int]:
+    return (0, 0) if keep_bits is None else (keep_bits.stride(0), keep_bits.stride(-1))
+
+
+# ---------------------------------------------------------------------------------------
+# One launcher per kernel
+# ---------------------------------------------------------------------------------------
+
+
+def launch_shrink(lp: Launch, x, lora_A, u, keep_bits, seed, threshold, dropout_scale) -> None:
+    """U = D(X) A^T into u [M, R] fp32 and, with dropout (keep_bits not None), the mask's
+    bits into keep_bits [M, ceil(K/8)]."""
+    M, K = x.shape
+    R = lora_A.shape[0]
+    BLOCK_R = lp.sizes.r_tile_block(R, lp.fma)
+    # At least one R-tile: its programs write the mask's bits (R = 0 in a direct op call).
+    r_tiles = max(triton.cdiv(R, BLOCK_R), 1)
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]), r_tiles)
+    s_km, s_kb = _bits_strides(keep_bits)
+    wrap_triton(tuned("shrink", lp.target))[grid](
+        x, lora_A, u, keep_bits, seed,
+        M, K, R,
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
+        u.stride(0), u.stride(1), s_km, s_kb,
+        threshold, dropout_scale,
+        HAS_DROPOUT=keep_bits is not None,
+        INPUT_PRECISION=lp.precision,
+        BLOCK_R=BLOCK_R,
+    )  # fmt: skip
+
+
+def launch_fwd(lp: Launch, x, weight, bias, u, lora_B, y, scaling) -> None:
+    """Y = X W^T + b + s U B^T into y [M, N]; bias may be None."""
+    M, K = x.shape
+    N, R = lora_B.shape
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
+    wrap_triton(tuned("fwd", lp.target))[grid](
+        x, weight, bias, u, lora_B, y, scaling,
+        M, N, K, R,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        u.stride(0), u.stride(1), lora_B.stride(0), lora_B.stride(1),
+        y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None,
+        INPUT_PRECISION=lp.precision,
+        RANK_TF32=lp.rank_tf32,
+        BLOCK_R=lp.sizes.r_step_block(R),
+    )  # fmt: skip
+
+
+class DyPartials(typing.NamedTuple):
+    """The fp32 partial sums of the dY pass, None where not asked for."""
+
+    g: torch.Tensor | None  # [N_SPLIT, M, R]
+    db: torch.Tensor | None  # [M_TILES, N, R], unscaled
+    dbias: torch.Tensor | None  # [M_TILES, N]
+    ds: torch.Tensor | None  # [programs]
+
+
+def launch_bwd_dy(lp: Launch, grad_y, lora_B, u, need_g, need_db, need_ds, need_dbias):
+    """One pass over dY [M, N]: partial sums of G = dY B, dB = dY^T U, db and ds, as the
+    flags ask (`DyPartials`)."""
+    M, N = grad_y.shape
+    R = lora_B.shape[1]
+    BLOCK_R = lp.sizes.r_tile_block(R, lp.fma)
+    BLOCK_M = lp.sizes.dy_block_m(BLOCK_R, lp.fma)
+    m_tiles = triton.cdiv(M, BLOCK_M)
+    r_tiles = triton.cdiv(R, BLOCK_R)
+    n_chunk, n_split = split(N, m_tiles * r_tiles, lp.sizes.n_chunk_align, lp.programs)
+    device = grad_y.device
+    part = DyPartials(
+        torch.empty((n_split, M, R), dtype=F32, device=device) if need_g else None,
+        torch.empty((m_tiles, N, R), dtype=F32, device=device) if need_db else None,
+        torch.empty((m_tiles, N), dtype=F32, device=device) if need_dbias else None,
+        torch.empty((m_tiles * n_split * r_tiles,), dtype=F32, device=device) if need_ds else None,
+    )
+    wrap_triton(tuned("bwd_dy", lp.target))[(m_tiles, n_split, r_tiles)](
+        grad_y, lora_B, u, part.g, part.db, part.dbias, part.ds,
+        M, N, R, n_chunk,
+        grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1),
+        u.stride(0), u.stride(1),
+        NEED_G=need_g,
+        COMPUTE_DB=need_db,
+        COMPUTE_DS=need_ds,
+        COMPUTE_DBIAS=need_dbias,
+        INPUT_PRECISION=lp.precision,
+        RANK_TF32=lp.rank_tf32,
+        BLOCK_M=BLOCK_M,
+        BLOCK_R=BLOCK_R,
+    )  # fmt: skip
+    return part
+
+
+def launch_bwd_dx(lp: Launch, grad_y, weight, g, lora_A, grad_x, scaling, keep_bits, scale):
+    """dX = s D(G A) + dY W into grad_x [M, K]; keep_bits None without dropout, scale the
+    1 / (1 - p) of dropout."""
+    M, K = grad_x.shape
+    N = grad_y.shape[1]
+    R = lora_A.shape[0]
+    s_km, s_kb = _bits_strides(keep_bits)
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"]),)
+    wrap_triton(tuned("bwd_dx", lp.target))[grid](
+        grad_y, weight, g, lora_A, grad_x, scaling, keep_bits,
+        M, N, K, R,
+        grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
+        g.stride(0), g.stride(1), lora_A.stride(0), lora_A.stride(1),
+        grad_x.stride(0), grad_x.stride(1), s_km, s_kb,
+        scale,
+        HAS_DROPOUT=keep_bits is not None,
+        INPUT_PRECISION=lp.precision,
+        RANK_TF32=lp.rank_tf32,
+        BLOCK_R=lp.sizes.r_step_block(R),
+    )  # fmt: skip
+
+
+def launch_bwd_da(lp: Launch, g, x, keep_bits) -> torch.Tensor:
+    """fp32 partials [M_SPLIT, R, K] of G^T D(X) (unscaled), split over M; keep_bits None
+    without dropout."""
+    M, K = x.shape
+    R = g.shape[1]
+    BLOCK_R = lp.sizes.r_tile_block(R, lp.fma)
+    other = triton.cdiv(R, BLOCK_R) * triton.cdiv(K, 128)
+    m_chunk, m_split = split(M, other, lp.sizes.m_chunk_align, lp.programs)
+    da_part = torch.empty((m_split, R, K), dtype=F32, device=x.device)
+    s_km, s_kb = _bits_strides(keep_bits)
+    grid = lambda META: (triton.cdiv(R, BLOCK_R) * triton.cdiv(K, META["BLOCK_K"]), m_split)
+    wrap_triton(tuned("bwd_da", lp.target))[grid](
+        g, x, da_part, keep_bits,
+        M, R, K, m_chunk,
+        g.stride(0), g.stride(1), x.stride(0), x.stride(1), s_km, s_kb,
+        HAS_DROPOUT=keep_bits is not None,
+        INPUT_PRECISION=lp.precision,
+        RANK_TF32=lp.rank_tf32,
+        BLOCK_R=BLOCK_R,
+    )  # fmt: skip
+    return da_part
+
+
+def launch_bwd_db(lp: Launch, grad_y, u) -> torch.Tensor:
+    """fp32 partials [M_SPLIT, N, R] of dY^T U (unscaled), split over M."""
+    M, N = grad_y.shape
+    R = u.shape[1]
+    BLOCK_R = lp.sizes.r_tile_block(R, lp.fma)
+    other = triton.cdiv(N, 128) * triton.cdiv(R, BLOCK_R)
+    m_chunk, m_split = split(M, other, lp.sizes.m_chunk_align, lp.programs)
+    db_part = torch.empty((m_split, N, R), dtype=F32, device=u.device)
+    grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]) * triton.cdiv(R, BLOCK_R), m_split)
+    wrap_triton(tuned("bwd_db", lp.target))[grid](
+        grad_y, u, db_part,
+        M, N, R, m_chunk,
+        grad_y.stride(0), grad_y.stride(1), u.stride(0), u.stride(1),
+        INPUT_PRECISION=lp.precision,
+        RANK_TF32=lp.rank_tf32,
+        BLOCK_R=BLOCK_R,
+    )  # fmt: skip
+    return db_part
+
+
+def launch_sum_partials(sizes: LaunchSizes, part, out, scale: float, scaling) -> None:
+    """out = scale (* scaling) * part.sum(0) for part [T, *out.shape] fp32; scaling may
+    be None."""
+    T = part.shape[0]
+    L = out.numel()
+    if L == 0:
+        return
+    grid = (triton.cdiv(L, sizes.sum_block_l),)
+    wrap_triton(kernels.sum_partials_kernel)[grid](
+        part, out, scaling,
+        T, L, scale,
+        HAS_SCALING=scaling is not None,
+        BLOCK_T=sizes.sum_block_t,
+        BLOCK_L=sizes.sum_block_l,
+    )  # fmt: skip
+
+
+def launch_dropout_mask(sizes: LaunchSizes, seed, threshold: int, out, K: int, pack: bool):
+    """The mask [M, K] of a p > 0 from the seed into out: [M, ceil(K/8)] uint8 bits if
+    pack, else [M, K] int8 0/1. Takes no lock (callers hold it)."""
+    M = out.shape[0]
+    if M == 0 or K == 0:
+        return
+    grid = (triton.cdiv(M, sizes.mask_block_m), triton.cdiv(K, sizes.mask_block_k))
+    wrap_triton(kernels.dropout_mask_kernel)[grid](
+        out, seed,
+        M, K, out.stride(0), out.stride(1),
+        threshold,
+        PACK_BITS=pack,
+        BLOCK_M=sizes.mask_block_m,
+        BLOCK_K=sizes.mask_block_k,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------
+# Checks, forward and backward
+# ---------------------------------------------------------------------------------------
+
+
+def check_inputs(x, weight, lora_A, lora_B, scaling, dropout_p, seed) -> None:
+    """The contract's checks of the op inputs, then the triton backend's device."""
+    check_op_inputs("triton", DTYPES, x, weight, lora_A, lora_B, scaling, dropout_p, seed)
+    device = x.device
+    if device.type != "cuda" and not (interpreter.ACTIVE and device.type == "cpu"):
+        why = interpreter.late_switch() or (
+            "CPU tensors need TRITON_INTERPRET=1 set before lora_kernels is imported"
+        )
+        raise ValueError(f"x must be a CUDA tensor for the triton backend ({why}), got {device}")
+
+
+def forward_into(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, u, keep_bits):
+    """Write Y [M, N] into y, U [M, R] (fp32) into u and, with dropout, the keep mask
+    packed one bit per element into keep_bits [M, ceil(K/8)] uint8 (else keep_bits is
+    the empty [0]); launches nothing when M == 0."""
+    check_inputs(x, weight, lora_A, lora_B, scaling, dropout_p, seed)
+    check_bias(bias, x, weight)
+    has_dropout, threshold, dropout_scale = dropout_args(dropout_p)
+    if x.shape[0] == 0:
+        return
+    lp = launch_params(x)
+    bits = keep_bits if has_dropout else None
+    launch_shrink(lp, x, lora_A, u, bits, seed, threshold, dropout_scale)
+    if weight.shape[0] > 0:
+        launch_fwd(lp, x, weight, bias, u, lora_B, y, scaling)
+
+
+class Grads(typing.NamedTuple):
+    """The backward op's output buffers; None where the gradient is not wanted."""
+
+    x: torch.Tensor | None  # [M, K], x's dtype
+    A: torch.Tensor | None  # [R, K], the adapters' dtype (with B)
+    B: torch.Tensor | None  # [N, R]
+    scaling: torch.Tensor | None  # [], fp32
+    bias: torch.Tensor | None  # [N], x's dtype
+
+
+def backward_into(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, u, keep_bits,
+                  grads: Grads) -> None:  # fmt: skip
+    """Write the gradients asked for into `grads`' buffers.
+
+    With dropout the keep mask is read from keep_bits [M, ceil(K/8)] uint8; an empty
+    keep_bits (shape [0]) has the mask made from the seed first.
+    """
+    check_inputs(x, weight, lora_A, lora_B, scaling, dropout_p, seed)
+    check_backward_inputs(x, weight, lora_A, grad_y, u, keep_bits, dropout_p)
+    M, K = x.shape
+    N = weight.shape[0]
+    R = lora_A.shape[0]
+    need_lora = grads.A is not None
+    if M == 0:
+        # Sums over no rows: zeros; no launch.
+        for out in (grads.A, grads.B, grads.scaling, grads.bias):
+            if out is not None:
+                out.zero_()
+        return
+    lp = launch_params(x)
+    has_dropout, threshold, dropout_scale = dropout_args(dropout_p)
+    if not has_dropout:
+        keep_bits = None
+    elif tuple(keep_bits.shape) == (0,) and (grads.x is not None or need_lora):
+        # No saved bits (a direct op call): the mask from the seed, packed, then read.
+        keep_bits = torch.empty(
+            keep_bits_shape(M, K, dropout_p), dtype=torch.uint8, device=x.device
+        )
+        launch_dropout_mask(lp.sizes, seed, threshold, keep_bits, K, pack=True)
+
+    # 3. One pass over dY: G (partials over N-chunks), dB, db and ds partials.
+    need_g = grads.x is not None or need_lora or grads.scaling is not None
+    fused_db = need_lora and R <= configs.FUSED_DB_MAX_R
+    g = None
+    if need_g or grads.bias is not None:
+        need_ds, need_dbias = grads.scaling is not None, grads.bias is not None
+        part = launch_bwd_dy(lp, grad_y, lora_B, u, need_g, fused_db, need_ds, need_dbias)
+        if need_g:
+            g = part.g[0]
+            if part.g.shape[0] > 1:
+                g = torch.empty((M, R), dtype=F32, device=x.device)
+                launch_sum_partials(lp.sizes, part.g, g, 1.0, None)
+        if fused_db:
+            launch_sum_partials(lp.sizes, part.db, grads.B, 1.0, scaling)
+        if need_dbias:
+            launch_sum_partials(lp.sizes, part.dbias, grads.bias, 1.0, None)
+        if need_ds:
+            launch_sum_partials(lp.sizes, part.ds, grads.scaling, 1.0, None)
+
+    # 4. dX = s D(G A) + dY W.
+    if grads.x is not None and K > 0:
+        launch_bwd_dx(lp, grad_y, weight, g, lora_A, grads.x, scaling, keep_bits, dropout_scale)
+
+    # 5. dA = s G^T D(X) (and dB = s dY^T U when not fused), split over M.
+    if need_lora and K > 0:
+        da_part = launch_bwd_da(lp, g, x, keep_bits)
+        launch_sum_partials(lp.sizes, da_part, grads.A, dropout_scale, scaling)
+    if need_lora and not fused_db and N > 0:
+        db_part = launch_bwd_db(lp, grad_y, u)
+        launch_sum_partials(lp.sizes, db_part, grads.B, 1.0, scaling)
+
+
+# ---------------------------------------------------------------------------------------
+# The keep mask alone (for tests against the reference)
+# ---------------------------------------------------------------------------------------
+
+
+def _check_seed(seed) -> None:
+    if not isinstance(seed, torch.Tensor) or seed.shape != () or seed.dtype != torch.int64:
+        raise TypeError(f"seed must be a 0-dim int64 tensor, got {seed!r:.80}")
+
+
+def _mask_sizes() -> LaunchSizes:
+    return interpreter.SIZES if interpreter.ACTIVE else configs.GPU_SIZES
+
+
+def keep_mask_bytes(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
+    """The keep mask [M, K] as int8 0/1, written by `dropout_mask_kernel`."""
+    _check_seed(seed)
+    keep = torch.empty((M, K), dtype=torch.int8, device=seed.device)
+    has_dropout, threshold, _ = dropout_args(p)
+    if not has_dropout:
+        return keep.fill_(1)
+    with interpreter.one_at_a_time():
+        launch_dropout_mask(_mask_sizes(), seed, threshold, keep, K, pack=False)
+    return keep
+
+
+def keep_mask_bits(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
+    """The keep mask packed one bit per element, [M, ceil(K/8)] uint8, written by
+    `dropout_mask_kernel` alone (what backward makes when given no bits); p > 0."""
+    _check_seed(seed)
+    has_dropout, threshold, _ = dropout_args(p)
+    if not has_dropout:
+        raise ValueError(f"the packed keep mask exists only for dropout_p > 0, got {p!r}")
+    keep_bits = torch.empty((M, (K + 7) // 8), dtype=torch.uint8, device=seed.device)
+    with interpreter.one_at_a_time():
+        launch_dropout_mask(_mask_sizes(), seed, threshold, keep_bits, K, pack=True)
+    return keep_bits
