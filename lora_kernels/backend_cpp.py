@@ -29,11 +29,36 @@ import torch
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
-# Sources of the extension; the CUDA ones are added only where both a CUDA build of
-# torch and nvcc are present.
-CPU_SOURCES = ("lora_ops.cpp", "lora_cpu.cpp", "lora_cpu_avx2.cpp", "lora_cpu_avx512.cpp")
-CUDA_SOURCES = ("lora_cuda.cpp", "lora_cuda.cu")
-HEADERS = ("philox.h", "lora_math.h", "lora_cpu.h", "lora_cpu_impl.h", "lora_ops.h", "lora_cuda.h")
+# Sources of the extension, relative to csrc/ (layout in docs/backends.md): the op
+# schemas, the shared checks, then each device's implementation and kernels. The CUDA
+# ones are added only where both a CUDA build of torch and a CUDA toolkit are present.
+# Every source has its own file stem: the builds name object files by stem.
+CPU_SOURCES = (
+    "lora_ops.cpp",
+    "common/op_common.cpp",
+    "cpu/lora_cpu.cpp",
+    "cpu/cpu_steps.cpp",
+    "cpu/cpu_kernels.cpp",
+    "cpu/cpu_kernels_avx2.cpp",
+    "cpu/cpu_kernels_avx512.cpp",
+)
+CUDA_SOURCES = ("cuda/lora_cuda.cpp", "cuda/cuda_kernels.cu")
+HEADERS = (
+    "common/dropout_mask.h",
+    "common/element_math.h",
+    "common/kernel_dtype.h",
+    "common/op_common.h",
+    "common/philox.h",
+    "cpu/cpu_common.h",
+    "cpu/cpu_grad_pass.h",
+    "cpu/cpu_kernels.h",
+    "cpu/cpu_kernels_impl.h",
+    "cpu/cpu_mask.h",
+    "cpu/cpu_passes.h",
+    "cpu/cpu_steps.h",
+    "cpu/cpu_tiles.h",
+    "cuda/cuda_kernels.h",
+)
 
 # The reason shown when a JIT build fails keeps the end of the compiler output.
 _MAX_REASON_CHARS = 4000
@@ -186,7 +211,7 @@ def _forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     y, u, keep_bits = forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     if dropout_p == 0.0 and x.device.type == "cpu":
         # Without dropout the CPU backward recomputes U in its pass over x (the pass dA
-        # needs anyway), so the forward saves no U (csrc/lora_ops.h, Steps::grad_pass).
+        # needs anyway), so the forward saves no U (csrc/cpu/lora_cpu.cpp).
         u = u.new_empty(0, lora_A.shape[0])
     return y, u, keep_bits
 
