@@ -29,11 +29,36 @@ import torch
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
-# Sources of the extension; the CUDA ones are added only where both a CUDA build of
-# torch and nvcc are present.
-CPU_SOURCES = ("lora_ops.cpp", "lora_cpu.cpp", "lora_cpu_avx2.cpp", "lora_cpu_avx512.cpp")
-CUDA_SOURCES = ("lora_cuda.cpp", "lora_cuda.cu")
-HEADERS = ("philox.h", "lora_math.h", "lora_cpu.h", "lora_cpu_impl.h", "lora_ops.h", "lora_cuda.h")
+# Sources of the extension, relative to csrc/ (layout in docs/backends.md): the op
+# schemas, the shared checks, then each device's implementation and kernels. The CUDA
+# ones are added only where both a CUDA build of torch and a CUDA toolkit are present.
+# Every source has its own file stem: the builds name object files by stem.
+CPU_SOURCES = (
+    "lora_ops.cpp",
+    "common/op_common.cpp",
+    "cpu/lora_cpu.cpp",
+    "cpu/cpu_steps.cpp",
+    "cpu/cpu_kernels.cpp",
+    "cpu/cpu_kernels_avx2.cpp",
+    "cpu/cpu_kernels_avx512.cpp",
+)
+CUDA_SOURCES = ("cuda/lora_cuda.cpp", "cuda/cuda_kernels.cu")
+HEADERS = (
+    "common/dropout_mask.h",
+    "common/element_math.h",
+    "common/kernel_dtype.h",
+    "common/op_common.h",
+    "common/philox.h",
+    "cpu/cpu_common.h",
+    "cpu/cpu_grad_pass.h",
+    "cpu/cpu_kernels.h",
+    "cpu/cpu_kernels_impl.h",
+    "cpu/cpu_mask.h",
+    "cpu/cpu_passes.h",
+    "cpu/cpu_steps.h",
+    "cpu/cpu_tiles.h",
+    "cuda/cuda_kernels.h",
+)
 
 # The reason shown when a JIT build fails keeps the end of the compiler output.
 _MAX_REASON_CHARS = 4000
@@ -43,20 +68,105 @@ _status: tuple[bool, str] | None = None
 _registered = False
 
 
+def _nvcc_top(nvcc: str) -> str | None:
+    """The toolkit root the nvcc at this path really runs from (a wrapper script that
+    execs another nvcc reports the real one's), from `nvcc --dryrun`'s TOP line."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            [nvcc, "-v", "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (out.stdout + out.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            return os.path.realpath(line[len("#$ TOP=") :].strip())
+    return None
+
+
+def _is_toolkit(home: str | os.PathLike | None) -> bool:
+    return bool(home) and all(
+        Path(home, *part).exists()
+        for part in (("bin", "nvcc"), ("include", "cuda_runtime.h"))
+    )
+
+
+_cuda_home: tuple[str | None, str] | None = None
+
+
+def _with_skipped(how: str, tried: list[str]) -> str:
+    return f"{how}; not used: {'; '.join(tried)}" if tried else how
+
+
+def find_cuda_home() -> tuple[str | None, str]:
+    """(toolkit root, how it was found), or (None, why not): a directory holding
+    bin/nvcc and include/cuda_runtime.h, from CUDA_HOME / CUDA_PATH, the nvcc on PATH
+    (followed through wrapper scripts), torch's own guess, or /usr/local/cuda.
+
+    torch's guess alone is not enough: with CUDA_HOME unset it takes the parent of the
+    nvcc on PATH, which for a wrapper such as /usr/local/bin/nvcc holds no headers.
+    """
+    global _cuda_home
+    if _cuda_home is not None:
+        return _cuda_home
+    tried = []
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        value = os.environ.get(var)
+        if value:
+            if _is_toolkit(value):
+                _cuda_home = (value, f"${var}")
+                return _cuda_home
+            tried.append(f"${var}={value} (no bin/nvcc and include/cuda_runtime.h)")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        for home, how in (
+            (str(Path(real).parent.parent), f"nvcc on PATH ({nvcc})"),
+            (_nvcc_top(nvcc), f"the toolkit that {nvcc} runs"),
+        ):
+            if _is_toolkit(home):
+                _cuda_home = (home, _with_skipped(how, tried))
+                return _cuda_home
+        tried.append(f"nvcc on PATH ({nvcc}): its toolkit has no include/cuda_runtime.h")
+    else:
+        tried.append("no nvcc on PATH")
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME as torch_guess
+    except Exception:  # the guess is optional
+        torch_guess = None
+    for home, how in ((torch_guess, "torch's CUDA_HOME"), ("/usr/local/cuda", "/usr/local/cuda")):
+        if _is_toolkit(home):
+            _cuda_home = (home, _with_skipped(how, tried))
+            return _cuda_home
+        if home:
+            tried.append(f"{how} = {home} (no toolkit there)")
+    _cuda_home = (None, "no CUDA toolkit found: " + "; ".join(tried) + " (set CUDA_HOME)")
+    return _cuda_home
+
+
 def cuda_build_possible() -> tuple[bool, str]:
-    """Whether the CUDA sources can be compiled here: a CUDA torch and nvcc.
+    """Whether the CUDA sources can be compiled here, and why: a CUDA build of torch and
+    a CUDA toolkit that is really there (find_cuda_home).
 
     Decided from the installed torch and the toolkit, never from a visible GPU, so a
-    build machine without a GPU still builds the CUDA kernels.
+    build machine without a GPU still builds the CUDA kernels. Where the toolkit found
+    is not the one torch guessed, torch's build helpers are pointed at it.
     """
     if torch.version.cuda is None:
         return False, f"torch {torch.__version__} is a CPU-only build"
-    from torch.utils.cpp_extension import CUDA_HOME
+    home, how = find_cuda_home()
+    if home is None:
+        return False, how
+    from torch.utils import cpp_extension
 
-    nvcc = Path(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
-    if nvcc is None or not (nvcc.exists() or shutil.which("nvcc")):
-        return False, "no CUDA toolkit found (nvcc; set CUDA_HOME)"
-    return True, f"CUDA {torch.version.cuda}, toolkit at {CUDA_HOME}"
+    if cpp_extension.CUDA_HOME != home:
+        # BuildExtension and load() read this module global for nvcc and the headers.
+        cpp_extension.CUDA_HOME = home
+    return True, f"CUDA {torch.version.cuda} torch, toolkit at {home} (from {how})"
 
 
 def cxx_flags() -> list[str]:
@@ -114,11 +224,14 @@ def _build_digest(with_cuda: bool) -> str:
     return h.hexdigest()[:16]
 
 
-def _jit_build() -> str:
-    """Compile csrc/ with ninja into the cache and load it; returns the build folder."""
+# Why the CUDA sources are not in the loaded extension where a CUDA build was tried
+# and failed (the CPU-only build then ran): the `cuda` backend's reason.
+_cuda_build_error: str | None = None
+
+
+def _jit_build_once(with_cuda: bool) -> str:
     from torch.utils import cpp_extension
 
-    with_cuda, _ = cuda_build_possible()
     name = f"lora_kernels_C_{_build_digest(with_cuda)}"
     build_dir = _cache_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -135,6 +248,22 @@ def _jit_build() -> str:
         verbose=False,
     )
     return str(build_dir)
+
+
+def _jit_build() -> str:
+    """Compile csrc/ with ninja into the cache and load it; returns the build folder.
+
+    A failed build with the CUDA sources never takes the CPU backend down: the
+    CPU-only build runs next, and the failure becomes the `cuda` backend's reason.
+    """
+    global _cuda_build_error
+    with_cuda, _ = cuda_build_possible()
+    if with_cuda:
+        try:
+            return _jit_build_once(True)
+        except Exception as error:
+            _cuda_build_error = f"building the CUDA sources failed: {_short(error)}"
+    return _jit_build_once(False)
 
 
 def _short(error: BaseException) -> str:
@@ -177,7 +306,10 @@ def _load_extension() -> tuple[bool, str]:
         build_dir = _jit_build()
     except Exception as error:  # a compiler error makes the backend unusable, not the package
         return False, f"building the C++ extension failed: {_short(error)}"
-    return True, f"C++ extension built from csrc/ with ninja in {build_dir}"
+    how = f"C++ extension built from csrc/ with ninja in {build_dir}"
+    if _cuda_build_error is not None:
+        how += " (CPU sources only: the build with the CUDA sources failed)"
+    return True, how
 
 
 def _forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
@@ -186,7 +318,7 @@ def _forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     y, u, keep_bits = forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     if dropout_p == 0.0 and x.device.type == "cpu":
         # Without dropout the CPU backward recomputes U in its pass over x (the pass dA
-        # needs anyway), so the forward saves no U (csrc/lora_ops.h, Steps::grad_pass).
+        # needs anyway), so the forward saves no U (csrc/cpu/lora_cpu.cpp).
         u = u.new_empty(0, lora_A.shape[0])
     return y, u, keep_bits
 
@@ -240,7 +372,12 @@ def availability(name: str) -> tuple[bool, str]:
         if name == "cuda":
             if not _has_cuda_kernels():
                 possible, why = cuda_build_possible()
-                reason = why if not possible else "the extension was built without CUDA sources"
+                if _cuda_build_error is not None:
+                    reason = _cuda_build_error
+                elif not possible:
+                    reason = why
+                else:
+                    reason = "the extension was built without CUDA sources"
                 return False, f"no CUDA kernels in the extension: {reason}"
             if not torch.cuda.is_available():
                 return False, "the CUDA kernels are built, but no CUDA device is visible"

@@ -391,3 +391,70 @@ def test_cli_reports_cpu_usable():
     ).stdout
     line = next(row for row in out.splitlines() if row.strip().startswith("cpu "))
     assert " usable " in line, out
+
+
+# ---- Build decisions (no compiler runs) ------------------------------------------------
+
+
+@pytest.fixture
+def fresh_cuda_home(monkeypatch):
+    """find_cuda_home() recomputed under the test's environment, restored afterwards."""
+    monkeypatch.setattr(backend_cpp, "_cuda_home", None)
+    yield
+    backend_cpp._cuda_home = None
+
+
+def test_cuda_home_is_rejected_without_headers(fresh_cuda_home, monkeypatch, tmp_path):
+    """A CUDA_HOME without bin/nvcc and include/cuda_runtime.h is not taken, and the
+    reason names it."""
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    home, why = backend_cpp.find_cuda_home()
+    assert home != str(tmp_path)
+    assert f"$CUDA_HOME={tmp_path}" in why
+
+
+def test_nvcc_wrapper_script_leads_to_the_real_toolkit(fresh_cuda_home, monkeypatch, tmp_path):
+    """An nvcc on PATH that is a script exec'ing the real one (its parent holds no
+    headers) still finds the toolkit that nvcc runs."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    real = shutil.which("nvcc")
+    if real is None:
+        pytest.skip("no nvcc on PATH")
+    wrapper = tmp_path / "bin" / "nvcc"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}")
+    home, why = backend_cpp.find_cuda_home()
+    assert home is not None, why
+    assert Path(home, "include", "cuda_runtime.h").exists()
+    assert str(tmp_path) not in home
+
+
+def test_failed_cuda_build_falls_back_to_the_cpu_build(monkeypatch):
+    """A JIT build whose CUDA sources fail builds the CPU sources next; the failure is
+    the cuda backend's reason."""
+    builds = []
+
+    def fake_build(with_cuda):
+        builds.append(with_cuda)
+        if with_cuda:
+            raise RuntimeError("nvcc fatal: broken toolkit")
+        return "/cache/cpu-only"
+
+    monkeypatch.setattr(backend_cpp, "cuda_build_possible", lambda: (True, "test"))
+    monkeypatch.setattr(backend_cpp, "_jit_build_once", fake_build)
+    monkeypatch.setattr(backend_cpp, "_cuda_build_error", None)
+    assert backend_cpp._jit_build() == "/cache/cpu-only"
+    assert builds == [True, False]
+    assert "nvcc fatal: broken toolkit" in backend_cpp._cuda_build_error
+    monkeypatch.setattr(backend_cpp, "_has_cuda_kernels", lambda: False)
+    usable, why = backend_cpp.availability("cuda")
+    assert not usable and "nvcc fatal: broken toolkit" in why
+    assert backend_cpp.availability("cpu")[0]

@@ -1,38 +1,64 @@
-"""Every CUDA source in csrc/ compiles with nvcc for sm_80 and sm_90a, warnings as
-errors, so a broken kernel cannot land unnoticed on a machine without a GPU.
+"""The CUDA sources build on a machine without a GPU.
 
-The .cu files include only CUDA headers (torch-facing code lives in .cpp files), so
-this needs nvcc and nothing else: no GPU, no CUDA build of torch.
+- Every .cu file under csrc/ compiles with nvcc for sm_80 and sm_90a, warnings as
+  errors. The .cu files include only CUDA headers (torch-facing code lives in .cpp
+  files), so this needs nvcc and nothing else: no GPU, no CUDA build of torch.
+- The host side of the CUDA implementation (cuda/*.cpp) compiles, syntax only, against
+  torch's CUDA headers and the toolkit's, where the installed torch ships them.
+- The extension's source lists name every file in csrc/, and no two sources share a
+  file stem (the builds name object files by stem, so two would collide in ninja).
 """
 
-import os
-import shutil
 import subprocess
+import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
+
+from lora_kernels import backend_cpp
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-CU_FILES = sorted(CSRC.glob("*.cu"))
+CU_FILES = sorted(CSRC.rglob("*.cu"))
+CUDA_HOST_FILES = sorted((CSRC / "cuda").glob("*.cpp"))
+
+CUDA_HOME, CUDA_HOME_WHY = backend_cpp.find_cuda_home()
+NVCC = str(Path(CUDA_HOME, "bin", "nvcc")) if CUDA_HOME else None
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason=f"no CUDA toolkit: {CUDA_HOME_WHY}")
 
 
-def _find_nvcc():
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
-    candidate = Path(home, "bin", "nvcc")
-    return str(candidate) if candidate.exists() else None
-
-
-NVCC = _find_nvcc()
-needs_nvcc = pytest.mark.skipif(
-    NVCC is None, reason="nvcc not found (no CUDA toolkit on PATH, in CUDA_HOME or /usr/local/cuda)"
-)
+def _rel(path: Path) -> str:
+    return path.relative_to(CSRC).as_posix()
 
 
 def test_there_are_cuda_sources():
-    assert [p.name for p in CU_FILES] == ["lora_cuda.cu"]
+    assert [_rel(p) for p in CU_FILES] == ["cuda/cuda_kernels.cu"]
+    assert [_rel(p) for p in CUDA_HOST_FILES] == ["cuda/lora_cuda.cpp"]
+
+
+def test_source_lists_name_every_file_in_csrc():
+    """sdists, the JIT build's digest and the staleness check see every file."""
+    listed_sources = set(backend_cpp.CPU_SOURCES + backend_cpp.CUDA_SOURCES)
+    on_disk_sources = {_rel(p) for ext in ("*.cpp", "*.cu") for p in CSRC.rglob(ext)}
+    assert listed_sources == on_disk_sources
+    assert set(backend_cpp.HEADERS) == {_rel(p) for p in CSRC.rglob("*.h")}
+
+
+def test_sources_have_distinct_object_names():
+    """setup.py's ninja build and the JIT build name each object file by the source's
+    stem (csrc/a.cpp and csrc/a.cu would both make a.o: 'multiple rules generate')."""
+    stems = [Path(name).stem.lower() for name in backend_cpp.sources(True)]
+    duplicates = sorted({s for s in stems if stems.count(s) > 1})
+    assert not duplicates, f"sources sharing an object name: {duplicates}"
+
+
+def test_cuda_host_code_includes_no_cuda_library_headers():
+    """ATen/cuda/CUDAContext.h pulls in cuBLAS, cuSPARSE and cuSOLVER headers, which a
+    minimal toolkit lacks; the stream comes from c10/cuda/CUDAStream.h."""
+    for path in CUDA_HOST_FILES:
+        text = path.read_text()
+        assert "ATen/cuda/CUDAContext.h" not in text, path.name
+        assert "c10/cuda/CUDAStream.h" in text, path.name
 
 
 @needs_nvcc
@@ -60,3 +86,46 @@ def test_cuda_source_compiles_without_warnings(source, arch, std, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
     assert (tmp_path / f"{source.stem}.o").stat().st_size > 0
+
+
+def _torch_include_paths():
+    """torch's own include directories (the toolkit's is added from CUDA_HOME above)."""
+    from torch.utils import cpp_extension
+
+    return [p for p in cpp_extension.include_paths() if Path(p).is_dir()]
+
+
+TORCH_INCLUDES = _torch_include_paths()
+# A CPU-only torch ships some c10/cuda headers but not the generated macros they need.
+TORCH_HAS_CUDA_HEADERS = any(
+    Path(p, "c10", "cuda", "impl", "cuda_cmake_macros.h").exists() for p in TORCH_INCLUDES
+)
+
+
+@needs_nvcc
+@pytest.mark.skipif(
+    not TORCH_HAS_CUDA_HEADERS,
+    reason=f"torch {torch.__version__} ships no CUDA headers (c10/cuda/impl/cuda_cmake_macros.h): "
+    "a CPU-only build; the host CUDA code is checked where torch is a CUDA build",
+)
+@pytest.mark.parametrize("source", CUDA_HOST_FILES, ids=lambda p: p.name)
+def test_cuda_host_source_compiles(source):
+    """Syntax only, with the host compiler, against torch's headers and the toolkit's
+    include directory alone (so a header that needs more of the toolkit fails here)."""
+    command = [
+        "c++",
+        "-fsyntax-only",
+        "-std=c++20",  # what torch's extension builds use
+        "-Wall",
+        "-Werror",
+        f"-I{CSRC}",
+        *(f"-I{p}" for p in TORCH_INCLUDES),
+        f"-I{Path(CUDA_HOME, 'include')}",
+        f"-I{sysconfig.get_paths()['include']}",
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        "-DTORCH_EXTENSION_NAME=_C",
+        str(source),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
+

@@ -1,5 +1,5 @@
 // CPU kernels: the baseline build (the compiler's default target) and the run-time
-// choice between the baseline, AVX2 and AVX-512 builds of lora_cpu_impl.h.
+// choice between the baseline, AVX2 and AVX-512 builds of cpu_kernels_impl.h.
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -7,7 +7,7 @@
 #include <atomic>
 
 #define LORA_CPU_NS baseline
-#include "lora_cpu_impl.h"
+#include "cpu/cpu_kernels_impl.h"
 #undef LORA_CPU_NS
 
 namespace lora {
@@ -72,7 +72,7 @@ const char* isa(const char* request) {
 void shrink(const ShrinkArgs& args) { active()->shrink(args); }
 void expand_reduce(const ExpandReduceArgs& args) { active()->expand_reduce(args); }
 void grad_pass(const GradPassArgs& args) { active()->grad_pass(args); }
-void keep_mask(uint8_t* keep, int64_t M, int64_t K, const Mask& mask, int num_threads) {
+void keep_mask(uint8_t* keep, int64_t M, int64_t K, const DropoutMask& mask, int num_threads) {
   active()->keep_mask(keep, M, K, mask, num_threads);
 }
 

@@ -1,5 +1,6 @@
-// CUDA kernels of the LoRA op (launchers declared in lora_cuda.h). Only CUDA headers:
-// the element math and the Philox mask come from lora_math.h / philox.h, the same
+// CUDA kernels of the LoRA op (launchers declared in cuda_kernels.h). Only CUDA headers:
+// the element math and the Philox mask come from common/element_math.h and
+// common/philox.h, the same
 // functions the CPU kernels run, so the CPU tests check this arithmetic too.
 //
 //   shrink_kernel   U = D(X) A^T        a block per kShrinkRows rows; D(X) staged in
@@ -13,9 +14,11 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "lora_cuda.h"
-#include "lora_math.h"
-#include "philox.h"
+#include "common/dropout_mask.h"
+#include "common/element_math.h"
+#include "common/kernel_dtype.h"
+#include "common/philox.h"
+#include "cuda/cuda_kernels.h"
 
 namespace lora {
 namespace cuda {
@@ -29,39 +32,31 @@ constexpr int64_t kShrinkBytes = 16384;
 constexpr int kReduceRanks = 16;
 constexpr int64_t kReduceRows = kReduceChunkRows;
 
-struct MaskState {
-  bool active;
-  uint32_t seed_lo, seed_hi, threshold;
-  float scale;
-  const uint8_t* bits;
-  int64_t ldbits;
-};
-
-__device__ __forceinline__ MaskState load_mask(const DeviceMask& mask) {
-  MaskState ms{mask.active, 0u, 0u, mask.threshold, mask.scale, mask.bits, mask.ldbits};
-  if (mask.active && mask.bits == nullptr) {
-    const uint64_t seed = static_cast<uint64_t>(*mask.seed);
-    ms.seed_lo = static_cast<uint32_t>(seed);
-    ms.seed_hi = static_cast<uint32_t>(seed >> 32);
+// The mask as a kernel applies it: the seed loaded from the device where it is used.
+__device__ __forceinline__ DropoutMask load_mask(const DropoutMask& mask) {
+  DropoutMask ms = mask;
+  if (mask.active && mask.keep_bits == nullptr) {
+    ms.seed = static_cast<uint64_t>(*mask.device_seed);
   }
   return ms;
 }
 
 // Factors of the four elements of group g of row m: keep_factor(), or 1 without dropout.
-__device__ __forceinline__ void group_factors(const MaskState& ms, int64_t m, int64_t g,
+__device__ __forceinline__ void group_factors(const DropoutMask& ms, int64_t m, int64_t g,
                                               int64_t gpr, float f[4]) {
   if (!ms.active) {
     f[0] = f[1] = f[2] = f[3] = 1.0f;
     return;
   }
-  if (ms.bits != nullptr) {
+  if (ms.keep_bits != nullptr) {
     // The saved mask: group g is the low (even g) or high (odd g) nibble of a byte.
-    const unsigned nibble = ms.bits[m * ms.ldbits + g / 2] >> (4 * (g & 1));
+    const unsigned nibble = ms.keep_bits[m * ms.ldbits + g / 2] >> (4 * (g & 1));
 #pragma unroll
     for (int j = 0; j < 4; ++j) f[j] = (nibble >> j) & 1u ? ms.scale : 0.0f;
     return;
   }
-  const Philox4 w = keep_words(ms.seed_lo, ms.seed_hi, m, g, gpr);
+  const Philox4 w = keep_words(static_cast<uint32_t>(ms.seed), static_cast<uint32_t>(ms.seed >> 32),
+                              m, g, gpr);
 #pragma unroll
   for (int j = 0; j < 4; ++j) f[j] = keep_factor(w.w[j], ms.threshold, ms.scale);
 }
@@ -77,7 +72,7 @@ template <class T>
 __global__ void __launch_bounds__(kThreads)
     shrink_kernel(int64_t M, int64_t K, int64_t R, const T* __restrict__ x, int64_t ldx,
                   const typename AccOf<T>::type* __restrict__ a,
-                  typename AccOf<T>::type* __restrict__ u, DeviceMask mask) {
+                  typename AccOf<T>::type* __restrict__ u, DropoutMask mask) {
   using acc = typename AccOf<T>::type;
   constexpr int64_t kChunk = kShrinkBytes / (kShrinkRows * static_cast<int64_t>(sizeof(acc)));
   constexpr int64_t kGroups = kChunk / 4;
@@ -88,7 +83,7 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = tid / kWarp, lane = tid % kWarp, nwarps = kThreads / kWarp;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kShrinkRows;
   const int64_t gpr = groups_per_row(K);
-  const MaskState ms = load_mask(mask);
+  const DropoutMask ms = load_mask(mask);
   for (int64_t e = tid; e < kShrinkRows * R; e += kThreads) part[e] = acc(0);
   for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
     const int64_t kc = min64(kChunk, K - k0);
@@ -106,12 +101,13 @@ __global__ void __launch_bounds__(kThreads)
                                            : acc(0);
         if (valid && f[j] != 0.0f) nibble |= 1u << j;
       }
-      if (mask.bits_out != nullptr && mask.active) {
+      if (mask.keep_bits_out != nullptr && mask.active) {
         // Two neighbouring groups (lanes 2i and 2i + 1: kGroups and kThreads are even)
         // make one byte of the packed mask; the even one writes it.
         const unsigned high = __shfl_xor_sync(0xffffffffu, nibble, 1);
         if ((gl & 1) == 0 && m < M && k < K)
-          mask.bits_out[m * mask.ldbits + k / 8] = static_cast<uint8_t>(nibble | (high << 4));
+          mask.keep_bits_out[m * mask.ldbits + k / 8] =
+              static_cast<uint8_t>(nibble | (high << 4));
       }
     }
     __syncthreads();
@@ -145,7 +141,7 @@ __global__ void __launch_bounds__(kThreads)
     expand_kernel(int64_t M, int64_t K, int64_t R, T* __restrict__ out, int64_t ldo,
                   const typename AccOf<T>::type* __restrict__ g,
                   const typename AccOf<T>::type* __restrict__ a,
-                  const typename AccOf<T>::type* __restrict__ s_ptr, DeviceMask mask,
+                  const typename AccOf<T>::type* __restrict__ s_ptr, DropoutMask mask,
                   int64_t blocks_per_row) {
   using acc = typename AccOf<T>::type;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -178,7 +174,7 @@ template <class T>
 __global__ void __launch_bounds__(kThreads)
     reduce_kernel(int64_t M, int64_t K, int64_t R2, const T* __restrict__ x, int64_t ldx,
                   const typename AccOf<T>::type* __restrict__ g2,
-                  typename AccOf<T>::type* __restrict__ dst, DeviceMask mask) {
+                  typename AccOf<T>::type* __restrict__ dst, DropoutMask mask) {
   using acc = typename AccOf<T>::type;
   __shared__ acc gsh[kReduceRows][kReduceRanks];
   const int tid = static_cast<int>(threadIdx.x);
@@ -195,7 +191,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   if (k >= K) return;
-  const MaskState ms = load_mask(mask);
+  const DropoutMask ms = load_mask(mask);
   const int64_t gpr = groups_per_row(K);
   acc sums[kReduceRanks][4];
 #pragma unroll
@@ -236,7 +232,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 __global__ void __launch_bounds__(kThreads)
-    keep_mask_kernel(uint8_t* __restrict__ keep, int64_t M, int64_t K, DeviceMask mask) {
+    keep_mask_kernel(uint8_t* __restrict__ keep, int64_t M, int64_t K, DropoutMask mask) {
   const int64_t gpr = groups_per_row(K);
   const int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (e >= M * gpr) return;
@@ -252,7 +248,7 @@ int64_t reduce_chunks(int64_t M) { return ceil_div(M, kReduceRows); }
 
 template <class T>
 cudaError_t shrink_typed(int64_t M, int64_t K, int64_t R, const void* x, int64_t ldx,
-                         const void* a, void* u, DeviceMask mask, cudaStream_t stream) {
+                         const void* a, void* u, DropoutMask mask, cudaStream_t stream) {
   using acc = typename AccOf<T>::type;
   const size_t smem = static_cast<size_t>(kShrinkBytes) + sizeof(acc) * kShrinkRows * R;
   const int64_t blocks = ceil_div(M, kShrinkRows);
@@ -264,7 +260,7 @@ cudaError_t shrink_typed(int64_t M, int64_t K, int64_t R, const void* x, int64_t
 
 template <class T>
 cudaError_t expand_typed(int64_t M, int64_t K, int64_t R, void* out, int64_t ldo, const void* g,
-                         const void* a, const void* s, DeviceMask mask, cudaStream_t stream) {
+                         const void* a, const void* s, DropoutMask mask, cudaStream_t stream) {
   using acc = typename AccOf<T>::type;
   const int64_t blocks_per_row = ceil_div(groups_per_row(K), kThreads);
   const size_t smem = sizeof(acc) * static_cast<size_t>(R > 0 ? R : 1);
@@ -276,7 +272,7 @@ cudaError_t expand_typed(int64_t M, int64_t K, int64_t R, void* out, int64_t ldo
 
 template <class T>
 cudaError_t reduce_typed(int64_t M, int64_t K, int64_t R2, const void* x, int64_t ldx,
-                         const void* g2, void* sums, void* workspace, DeviceMask mask,
+                         const void* g2, void* sums, void* workspace, DropoutMask mask,
                          cudaStream_t stream) {
   using acc = typename AccOf<T>::type;
   const int64_t nchunks = reduce_chunks(M);
@@ -294,26 +290,10 @@ cudaError_t reduce_typed(int64_t M, int64_t K, int64_t R2, const void* x, int64_
   return cudaGetLastError();
 }
 
-// fn(value of the storage type named by dtype): the typed launcher's result.
-template <class Fn>
-cudaError_t by_dtype(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return fn(float{});
-    case DType::kFloat64:
-      return fn(double{});
-    case DType::kBFloat16:
-      return fn(bf16{});
-    case DType::kFloat16:
-      return fn(f16{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 }  // namespace
 
 cudaError_t launch_shrink(DType dtype, int64_t M, int64_t K, int64_t R, const void* x,
-                          int64_t ldx, const void* a, void* u, DeviceMask mask,
+                          int64_t ldx, const void* a, void* u, DropoutMask mask,
                           cudaStream_t stream) {
   if (M <= 0 || R <= 0) return cudaSuccess;
   return by_dtype(dtype, [&](auto t) {
@@ -322,7 +302,7 @@ cudaError_t launch_shrink(DType dtype, int64_t M, int64_t K, int64_t R, const vo
 }
 
 cudaError_t launch_expand(DType dtype, int64_t M, int64_t K, int64_t R, void* out, int64_t ldo,
-                          const void* g, const void* a, const void* s, DeviceMask mask,
+                          const void* g, const void* a, const void* s, DropoutMask mask,
                           cudaStream_t stream) {
   if (M <= 0 || K <= 0 || R <= 0) return cudaSuccess;
   return by_dtype(dtype, [&](auto t) {
@@ -337,7 +317,7 @@ int64_t reduce_workspace_elements(int64_t M, int64_t K, int64_t R2) {
 
 cudaError_t launch_reduce(DType dtype, int64_t M, int64_t K, int64_t R2, const void* x,
                           int64_t ldx, const void* g2, void* sums, void* workspace,
-                          DeviceMask mask, cudaStream_t stream) {
+                          DropoutMask mask, cudaStream_t stream) {
   if (K <= 0 || R2 <= 0) return cudaSuccess;
   if (M > kMaxRows) return cudaErrorInvalidValue;
   if (M <= 0) {  // an empty sum
@@ -349,7 +329,7 @@ cudaError_t launch_reduce(DType dtype, int64_t M, int64_t K, int64_t R2, const v
   });
 }
 
-cudaError_t launch_keep_mask(uint8_t* keep, int64_t M, int64_t K, DeviceMask mask,
+cudaError_t launch_keep_mask(uint8_t* keep, int64_t M, int64_t K, DropoutMask mask,
                              cudaStream_t stream) {
   const int64_t n = M * groups_per_row(K);
   if (n <= 0) return cudaSuccess;

@@ -1,4 +1,4 @@
-// The CUDA kernels of the LoRA op (lora_cuda.cu): plain launchers over pointers, sizes,
+// The CUDA kernels of the LoRA op (cuda_kernels.cu): plain launchers over pointers, sizes,
 // strides and a stream, so that the .cu file needs only CUDA headers (no torch) and
 // compiles with nvcc against any torch, or none.
 //
@@ -11,24 +11,16 @@
 #include <cuda_runtime_api.h>
 #include <stdint.h>
 
+#include "common/dropout_mask.h"
+#include "common/kernel_dtype.h"
+
 namespace lora {
 namespace cuda {
 
-enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
-
-// The dropout keep mask (lora_kernels.reference.dropout_keep_mask), and its packed
-// form (docs/backends.md, keep_bits: bit k % 8 of byte [m, k / 8], row stride ldbits):
-// the shrink writes it to bits_out where given, the other kernels read it from bits
-// where given instead of generating the mask from the seed.
-struct DeviceMask {
-  bool active;          // false: no dropout (every factor is 1)
-  const int64_t* seed;  // device pointer to the 63-bit seed; read only when active
-  uint32_t threshold;   // floor(p * 2^32)
-  float scale;          // float32(1 / (1 - p))
-  const uint8_t* bits = nullptr;
-  uint8_t* bits_out = nullptr;
-  int64_t ldbits = 0;
-};
+// The dropout mask (common/dropout_mask.h) reaches the kernels with its seed as
+// device_seed, read on the device only when the mask is active and not read from
+// keep_bits. The shrink writes the packed mask to keep_bits_out where given, the other
+// kernels read it from keep_bits where given instead of generating it from the seed.
 
 // The largest rank the shrink kernel takes (its per-row partial sums live in shared
 // memory).
@@ -36,12 +28,12 @@ constexpr int64_t kMaxRank = 1024;
 
 // u[m, r] = sum_k D(x)[m, k] a[r, k]             u: [M, R] contiguous
 cudaError_t launch_shrink(DType dtype, int64_t M, int64_t K, int64_t R, const void* x,
-                          int64_t ldx, const void* a, void* u, DeviceMask mask,
+                          int64_t ldx, const void* a, void* u, DropoutMask mask,
                           cudaStream_t stream);
 
 // out[m, k] += s * keep * scale * sum_r g[m, r] a[r, k]     (s: device pointer)
 cudaError_t launch_expand(DType dtype, int64_t M, int64_t K, int64_t R, void* out, int64_t ldo,
-                          const void* g, const void* a, const void* s, DeviceMask mask,
+                          const void* g, const void* a, const void* s, DropoutMask mask,
                           cudaStream_t stream);
 
 // The most rows the reduce takes (its row chunks are one grid dimension).
@@ -55,10 +47,10 @@ int64_t reduce_workspace_elements(int64_t M, int64_t K, int64_t R2);
 // Rows are summed in chunks of a fixed size, then the chunks in order: deterministic.
 cudaError_t launch_reduce(DType dtype, int64_t M, int64_t K, int64_t R2, const void* x,
                           int64_t ldx, const void* g2, void* sums, void* workspace,
-                          DeviceMask mask, cudaStream_t stream);
+                          DropoutMask mask, cudaStream_t stream);
 
 // keep[m, k] in {0, 1}, [M, K] row-major bytes.
-cudaError_t launch_keep_mask(uint8_t* keep, int64_t M, int64_t K, DeviceMask mask,
+cudaError_t launch_keep_mask(uint8_t* keep, int64_t M, int64_t K, DropoutMask mask,
                              cudaStream_t stream);
 
 }  // namespace cuda

@@ -1,7 +1,8 @@
 // The CPU kernels of the LoRA op: plain launchers over pointers, sizes and strides (no
-// torch includes). Implemented in lora_cpu_impl.h, compiled once per instruction set
-// (lora_cpu.cpp: baseline; lora_cpu_avx2.cpp; lora_cpu_avx512.cpp) and chosen at run
-// time from what the CPU supports.
+// torch includes). Implemented in cpu_kernels_impl.h (and the cpu_*.h headers it
+// includes), compiled once per instruction set (cpu_kernels.cpp: baseline;
+// cpu_kernels_avx2.cpp; cpu_kernels_avx512.cpp) and chosen at run time from what the
+// CPU supports.
 //
 // Operand conventions (M tokens, K the reduced/expanded width, R rank):
 // - x, out: storage dtype (float32, float64, bfloat16, float16), rows of unit stride,
@@ -13,6 +14,9 @@
 
 #include <stdint.h>
 
+#include "common/dropout_mask.h"
+#include "common/kernel_dtype.h"
+
 namespace lora {
 namespace cpu {
 
@@ -20,32 +24,20 @@ namespace cpu {
 constexpr int64_t kPadK = 64;
 constexpr int64_t kPadR = 16;
 
-enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
-
-// The dropout keep mask, as lora_kernels.reference.dropout_keep_mask defines it.
-struct Mask {
-  bool active;  // false: no dropout (every factor is 1)
-  uint64_t seed;
-  uint32_t threshold;  // floor(p * 2^32)
-  float scale;         // float32(1 / (1 - p))
-};
-
 // One pass over [M, K]:
-//   U[m, r] = sum_k D(X)[m, k] * at[k, r] for m < M, r < R
+//   U[m, r] = sum_k D(X)[m, k] * a_t[k, r] for m < M, r < R
+// With an active mask whose keep_bits_out is set, the mask is also written there
+// packed (mask.keep_bits is not read: the shrink generates the mask).
 struct ShrinkArgs {
   DType dtype;  // of x
   int64_t M, K, R;
   const void* x;
   int64_t ldx;
-  const void* at;  // [round_up(K, kPadK), round_up(R, kPadR)] contiguous, zero-padded
-  void* u;         // accumulation dtype [M, ldu]
+  const void* a_t;  // A^T [round_up(K, kPadK), round_up(R, kPadR)] contiguous, zero-padded
+  void* u;          // accumulation dtype [M, ldu]
   int64_t ldu;
-  Mask mask;
+  DropoutMask mask;
   int num_threads;
-  // The keep mask packed one bit per element (bit k % 8 of byte [m, k / 8], row stride
-  // ldbits bytes), written here when not null and the mask is active.
-  void* keep_bits_out = nullptr;
-  int64_t ldbits = 0;
 };
 
 // One pass over [M, K] that does either step or both, sharing the mask:
@@ -55,7 +47,8 @@ struct ShrinkArgs {
 //     overwrite, out = s * keep * scale * sum_r g[m, r] a[r, k] and in is not read
 //   reduce (sums != nullptr): sums[r, k] = sum_m g2[m, r] * D(X)[m, k] for r < R2
 // The reduction order over m is fixed by M alone, so the sums are identical for any
-// number of threads.
+// number of threads. The mask is read from mask.keep_bits where set (the forward's
+// packed mask), else generated; keep_bits_out is not written.
 struct ExpandReduceArgs {
   DType dtype;  // of x and out
   int64_t M, K;
@@ -79,25 +72,21 @@ struct ExpandReduceArgs {
   int64_t R2;
   void* sums;  // accumulation dtype [R2, ldsums]
   int64_t ldsums;
-  Mask mask;
-  // The packed keep mask (as ShrinkArgs writes it): read instead of generating the mask
-  // when not null.
-  const void* keep_bits = nullptr;
-  int64_t ldbits = 0;
+  DropoutMask mask;
   int num_threads;
 };
 
 // The backward's walk over the rows of X [M, K] and dY [M, N] (storage dtype, unit
 // column stride). Per block of rows, in three passes over the block (X, dY, then X
 // again from cache):
-//   U = X at                                  (when u != nullptr; or U given as u_in,
+//   U = X a_t                                 (when u != nullptr; or U given as u_in,
 //                                             then no pass over X for it)
-//   G = dY bt                                 (when g != nullptr)
+//   G = dY b                                  (when g != nullptr)
 //   dy_sums[r, n] = sum_m c[m, r] dY[m, n]    c = [U 1] (U only with u_sums, the column
 //                                             of ones only with ones; R2 of them); the
 //                                             U part shares the pass over dY with G
 //   x_sums[r, k] = sum_m G[m, r] X[m, k]      (when x_sums != nullptr)
-// U is bit-identical to the shrink's U = X at (same tiles, same order), and the sums do
+// U is bit-identical to the shrink's U = X a_t (same tiles, same order), and the sums do
 // not depend on the number of threads (the order over m is fixed by M, as in
 // expand_reduce).
 struct GradPassArgs {
@@ -107,16 +96,16 @@ struct GradPassArgs {
   int64_t ldx;
   const void* dy;
   int64_t lddy;
-  const void* at;  // A^T [round_up(K, kPadK), round_up(R, kPadR)] contiguous, zero-padded
-  const void* bt;  // B [round_up(N, kPadK), round_up(R, kPadR)] contiguous, zero-padded
+  const void* a_t;  // A^T [round_up(K, kPadK), round_up(R, kPadR)] contiguous, zero-padded
+  const void* b;    // B [round_up(N, kPadK), round_up(R, kPadR)] contiguous, zero-padded
   void* u;         // accumulation dtype [M, R], or nullptr (U not returned)
   const void* u_in;  // accumulation dtype [M, ldu_in]: U saved by the forward (D(X) A^T
                      // with dropout), read instead of computed; or nullptr
   int64_t ldu_in;
   void* g;         // accumulation dtype [M, R], or nullptr (G not returned)
-  bool u_sums;
-  bool ones;
-  void* dy_sums;  // accumulation dtype [R2, N] contiguous, or nullptr
+  bool u_sums;     // dy_sums holds U^T dY (dB's sums) in its first R rows
+  bool ones;       // dy_sums holds 1^T dY (db) in its last row
+  void* dy_sums;   // accumulation dtype [R2, N] contiguous, or nullptr
   void* x_sums;   // accumulation dtype [R, K] contiguous, or nullptr
   int num_threads;
 };
@@ -126,7 +115,7 @@ void expand_reduce(const ExpandReduceArgs& args);
 void grad_pass(const GradPassArgs& args);
 
 // keep[m, k] (1 or 0) for a [M, K] row-major uint8 buffer: the mask the kernels apply.
-void keep_mask(uint8_t* keep, int64_t M, int64_t K, const Mask& mask, int num_threads);
+void keep_mask(uint8_t* keep, int64_t M, int64_t K, const DropoutMask& mask, int num_threads);
 
 // sum_i a[i] * b[i] of two float32 or float64 arrays (`dtype`), summed in float64 in
 // a fixed order, single-threaded.
@@ -138,13 +127,13 @@ double dot(DType dtype, const void* a, const void* b, int64_t n);
 const char* isa(const char* request);
 const char* best_isa();
 
-// Per-instruction-set entry points (lora_cpu_impl.h).
+// Per-instruction-set entry points (cpu_kernels_impl.h).
 struct Kernels {
   const char* name;
   void (*shrink)(const ShrinkArgs&);
   void (*expand_reduce)(const ExpandReduceArgs&);
   void (*grad_pass)(const GradPassArgs&);
-  void (*keep_mask)(uint8_t*, int64_t, int64_t, const Mask&, int);
+  void (*keep_mask)(uint8_t*, int64_t, int64_t, const DropoutMask&, int);
 };
 const Kernels* kernels_baseline();
 const Kernels* kernels_avx2();    // nullptr where not compiled

@@ -1,5 +1,5 @@
-// Per-element math of the LoRA kernels, shared by the CPU loops (lora_cpu_impl.h) and
-// the CUDA kernels (lora_cuda.cu) so that the CPU tests check the arithmetic the GPU
+// Per-element math of the LoRA kernels, shared by the CPU loops (cpu/cpu_*.h) and
+// the CUDA kernels (cuda/cuda_kernels.cu) so that the CPU tests check the arithmetic the GPU
 // runs. Storage types, their conversions to the accumulation type, and the element
 // formulas of the three custom steps:
 //
@@ -14,18 +14,10 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "philox.h"
+#include "common/kernel_dtype.h"
+#include "common/philox.h"
 
 namespace lora {
-
-// 16-bit storage types, bit-compatible with c10::BFloat16 / c10::Half and the CUDA
-// __nv_bfloat16 / __half layouts.
-struct bf16 {
-  uint16_t bits;
-};
-struct f16 {
-  uint16_t bits;
-};
 
 // The accumulation type of a storage type.
 template <class T>

@@ -71,24 +71,6 @@ LORA_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3
   return out;
 }
 
-// The dropout parameters every kernel needs, computed once on the host from p.
-struct DropoutParams {
-  uint32_t threshold;  // floor(p * 2^32): keep when word >= threshold
-  float scale;         // float32(1 / (1 - p)), the division done in double
-  bool active;         // p > 0 (threshold > 0); when false no mask is generated
-};
-
-// Host-side: the parameters for 0 <= p < 1 (the caller checks the range).
-static inline DropoutParams make_dropout_params(double p) {
-  DropoutParams d;
-  // p * 2^32 is exact in double, so the conversion floors exactly; p < 1 keeps it
-  // below 2^32.
-  d.threshold = static_cast<uint32_t>(p * 4294967296.0);
-  d.scale = static_cast<float>(1.0 / (1.0 - p));
-  d.active = d.threshold != 0;
-  return d;
-}
-
 // Number of Philox calls (groups of four elements) per row of K elements.
 LORA_HD int64_t groups_per_row(int64_t K) { return (K + 3) / 4; }
 

@@ -1,6 +1,6 @@
-// CPU kernels built for AVX2 (lora_cpu_impl.h under a target pragma); lora_cpu.cpp
+// CPU kernels built for AVX2 (cpu_kernels_impl.h under a target pragma); cpu_kernels.cpp
 // uses them only on CPUs that support the instruction set.
-#include "lora_cpu.h"
+#include "cpu/cpu_kernels.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
 // The system headers first, under the default target.
@@ -16,7 +16,7 @@
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2,popcnt")
 #define LORA_CPU_NS avx2
 #define LORA_CPU_AVX2 1
-#include "lora_cpu_impl.h"
+#include "cpu/cpu_kernels_impl.h"
 #undef LORA_CPU_NS
 #pragma GCC pop_options
 
