@@ -13,7 +13,7 @@ $(PY):
 	python3 -m venv $(VENV)
 
 # torch only if absent, and never a CUDA build on a machine without a GPU.
-$(STAMP): $(PY) setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*)
+$(STAMP): $(PY) setup.py pyproject.toml requirements-dev.txt $(shell find csrc -type f)
 	$(PY) -m pip install -q --upgrade pip
 	@if ! $(PY) -c "import torch" 2>/dev/null; then \
 		if [ "$(HAS_GPU)" = "1" ]; then $(PY) -m pip install -q torch; \

@@ -5,8 +5,9 @@ with torch's BuildExtension and ninja, CPU sources always, CUDA sources when the
 installed torch is a CUDA build and a CUDA toolkit is really there (bin/nvcc and
 include/cuda_runtime.h, see backend_cpp.find_cuda_home; never decided from a visible
 GPU), for sm_80 and sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise. MAX_JOBS limits
-the parallel compile jobs; LORA_KERNELS_NO_CUDA=1 builds the CPU sources only. LORA_KERNELS_NO_EXTENSION=1 installs the pure-Python
-package only; the "cpu"/"cuda" backends then build the extension on first use.
+the parallel compile jobs; LORA_KERNELS_NO_CUDA=1 builds the CPU sources only.
+LORA_KERNELS_NO_EXTENSION=1 installs the pure-Python package only; the "cpu"/"cuda"
+backends then build the extension on first use.
 """
 
 import importlib.util

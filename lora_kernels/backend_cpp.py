@@ -90,8 +90,7 @@ def _nvcc_top(nvcc: str) -> str | None:
 
 def _is_toolkit(home: str | os.PathLike | None) -> bool:
     return bool(home) and all(
-        Path(home, *part).exists()
-        for part in (("bin", "nvcc"), ("include", "cuda_runtime.h"))
+        Path(home, *part).exists() for part in (("bin", "nvcc"), ("include", "cuda_runtime.h"))
     )
 
 

@@ -8,14 +8,16 @@ import torch
 import lora_kernels
 from lora_kernels.reference import lora_linear_reference
 
-# ||out - ref|| / ||ref|| against a float64 reference, per dtype of the operands.
-# float32 ~ 1e-7 per rounding; bf16 carries 8 mantissa bits (eps 7.8e-3), fp16 11.
+# The one tolerance table: ||out - ref|| / ||ref|| against a float64 reference, per dtype
+# of the operands. Measured: fp32 ~1e-7, fp16 ~3e-4, bf16 ~2.5e-3 (one rounding of the
+# output, plus float32 adapter tiles rounded to x's dtype where a kernel does so).
 REL_TOL = {
     torch.float64: 1e-12,
     torch.float32: 1e-5,
-    torch.float16: 2e-3,
-    torch.bfloat16: 1.5e-2,
+    torch.float16: 1e-3,
+    torch.bfloat16: 6e-3,
 }
+FP32_TOL = REL_TOL[torch.float32]
 DTYPE_IDS = {
     torch.float64: "fp64",
     torch.float32: "fp32",
@@ -26,7 +28,7 @@ DTYPE_IDS = {
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64; NaN anywhere in out gives inf."""
-    out64, ref64 = out.detach().double(), ref.detach().double()
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
     if not torch.isfinite(out64).all():
         return float("inf")
     return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-300))

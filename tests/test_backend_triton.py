@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import DTYPE_IDS, REL_TOL, assert_close, rel_error
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -32,43 +33,6 @@ pytestmark = [
 ]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not interpreter.ACTIVE else "cpu")
 REPO = Path(__file__).resolve().parents[1]
-
-# ||out - ref|| / ||ref|| against float64, by x's dtype. Measured under the interpreter:
-# fp32 ~1e-7, fp16 ~3e-4, bf16 ~2.5e-3 (one rounding of the output, plus float32 adapter
-# tiles rounded to x's dtype in the shrink and dY B; on a GPU the TF32 rank-R steps add
-# rounding at fp16's precision).
-REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 6e-3}
-DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-@pytest.fixture
-def poisoned_empty(monkeypatch):
-    """torch.empty returns NaN-filled floating-point tensors (integer ones all -1, bytes
-    0xFF): every output and intermediate buffer of the backend starts poisoned."""
-    empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        if t.is_floating_point() or (not t.is_complex() and t.dtype != torch.bool):
-            with torch.no_grad():
-                t.fill_(float("nan") if t.is_floating_point() else -1)
-        return t
-
-    monkeypatch.setattr(torch, "empty", poisoned)
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64; a non-finite element gives inf."""
-    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
-    if not torch.isfinite(out64).all():
-        return float("inf")
-    return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-300))
-
-
-def assert_close(out, ref, dtype, what):
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    err = rel_error(out, ref)
-    assert err <= REL_TOL[dtype], f"{what}: relative error {err:.2e} > {REL_TOL[dtype]:.0e}"
 
 
 def make_inputs(

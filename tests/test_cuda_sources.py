@@ -128,4 +128,3 @@ def test_cuda_host_source_compiles(source):
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
-

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import FP32_TOL, rel_error
 from torch import nn
 
 from lora_kernels import apply_lora, load_adapter, lora_layers, save_adapter
@@ -20,7 +21,6 @@ from lora_kernels import apply_lora, load_adapter, lora_layers, save_adapter
 WORLD_SIZE = 2
 ROWS = 6  # per rank
 P = 0.1
-FP32_TOL = 1e-5
 TIMEOUT_S = 90
 # bf16 activations: each row is computed alike in both runs (measured 1.3e-7 here), but
 # a BLAS may pick other bf16 kernels for another number of rows.
@@ -212,11 +212,6 @@ def single_process_reference() -> dict:
     return reference
 
 
-def rel_err(a, b):
-    a64, b64 = a.double(), b.double()
-    return float((a64 - b64).norm() / b64.norm().clamp_min(1e-300))
-
-
 def check_against_reference(results, reference, tmp_path, sharded: bool):
     for rank, result in enumerate(results):
         for key, tol in (("grads_p0", FP32_TOL), ("grads_p", FP32_TOL), ("grads_bf16", BF16_TOL)):
@@ -224,7 +219,7 @@ def check_against_reference(results, reference, tmp_path, sharded: bool):
             assert sorted(grads) == sorted(reference[key]) and len(grads) == 8
             for name, grad in grads.items():
                 assert grad.dtype == torch.float32, (rank, key, name, grad.dtype)
-                err = rel_err(grad, reference[key][name])
+                err = rel_error(grad, reference[key][name])
                 assert err <= tol, f"rank {rank} {key} {name}: rel err {err:.2e}"
         # The frozen base: no gradient, not trainable; sharded (DTensor) under FSDP2.
         assert len(result["frozen"]) == 2 * 5 + 2
@@ -236,8 +231,8 @@ def check_against_reference(results, reference, tmp_path, sharded: bool):
     loaded = dict(lora_layers(load_adapter(Net(), tmp_path / "adapter")))
     assert sorted(loaded) == sorted(reference["adapters"])
     for name, (A, B) in reference["adapters"].items():
-        assert rel_err(loaded[name].lora_A.detach(), A) <= FP32_TOL, name
-        assert rel_err(loaded[name].lora_B.detach(), B) <= FP32_TOL, name
+        assert rel_error(loaded[name].lora_A.detach(), A) <= FP32_TOL, name
+        assert rel_error(loaded[name].lora_B.detach(), B) <= FP32_TOL, name
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):

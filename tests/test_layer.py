@@ -6,27 +6,11 @@ import pickle
 
 import pytest
 import torch
+from helpers import DTYPE_IDS, REL_TOL, assert_close, rel_error
 from torch import nn
 
 from lora_kernels import LoRALinear
 from lora_kernels.reference import lora_linear_reference
-
-# ||out - ref|| / ||ref|| against a float64 reference (bf16 keeps 8 mantissa bits).
-REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
-DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out64, ref64 = out.detach().double(), ref.detach().double()
-    assert out64.shape == ref64.shape, f"shape {tuple(out64.shape)} != {tuple(ref64.shape)}"
-    if not torch.isfinite(out64).all():
-        return float("inf")
-    return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-300))
-
-
-def assert_rel_close(out, ref, dtype, what):
-    err = rel_error(out, ref)
-    assert err <= REL_TOL[dtype], f"{what}: relative error {err:.3e} > {REL_TOL[dtype]:.0e}"
 
 
 def make_layer(K, N, R, dtype=torch.float32, *, bias=True, seed=0, **kwargs):
@@ -105,10 +89,10 @@ def test_forward_and_gradients_match_reference(x_shape, N, R, learnable, dtype, 
     y64, grads64 = reference_and_grads(layer, x, p, training, seed, grad_y, wrt)
 
     assert y.dtype == dtype and y.shape == (*x_shape[:-1], N)
-    assert_rel_close(y, y64, dtype, "output")
+    assert_close(y, y64, dtype, "output")
     for name, grad in zip(wrt, grads, strict=True):
         assert grad.dtype == params[name].dtype, f"grad of {name} in {grad.dtype}"
-        assert_rel_close(grad, grads64[name], dtype, f"grad of {name}")
+        assert_close(grad, grads64[name], dtype, f"grad of {name}")
 
 
 def test_eval_mode_applies_no_dropout_and_draws_no_seed():
@@ -223,7 +207,7 @@ def test_autocast_behaves_like_nn_linear():
             layer.lora_B.double(),
             layer.scaling,
         )
-    assert_rel_close(y, y64, torch.bfloat16, "autocast output")
+    assert_close(y, y64, torch.bfloat16, "autocast output")
 
 
 def test_kaiming_init_is_uniform_within_one_over_sqrt_k_with_zero_b():
@@ -269,15 +253,15 @@ def test_svd_init_leaves_output_unchanged_and_holds_top_singular_triplets(dtype,
     layer = LoRALinear(base, rank=R, alpha=3.0, init="svd", use_rslora=rslora).eval()
     s = layer.scaling
 
-    assert_rel_close(layer(x), expected, dtype, "output after svd init")
+    assert_close(layer(x), expected, dtype, "output after svd init")
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     top = (U[:, :R] * S[:R]) @ Vh[:R]
     BA = s * layer.lora_B.double() @ layer.lora_A.double()
-    assert_rel_close(BA, top, dtype, "s B A vs the top-R SVD part of W")
+    assert_close(BA, top, dtype, "s B A vs the top-R SVD part of W")
     residual = layer.original_linear.weight.double()
-    assert_rel_close(residual + BA, W, dtype, "residual + s B A vs W")
+    assert_close(residual + BA, W, dtype, "residual + s B A vs W")
     # The residual keeps the other singular values: its largest is the (R+1)-th of W.
-    assert_rel_close(torch.linalg.svdvals(residual)[:1], S[R : R + 1], dtype, "sigma_1(res)")
+    assert_close(torch.linalg.svdvals(residual)[:1], S[R : R + 1], dtype, "sigma_1(res)")
     # A and B are balanced factors: both carry sqrt(S_r) / sqrt(s).
     torch.testing.assert_close(
         layer.lora_A.double().norm(dim=1), (S[:R] / s).sqrt(), rtol=1e-4, atol=0
@@ -343,7 +327,7 @@ def test_merge_weights_returns_a_new_linear_matching_eval_output(dtype, bias):
     else:
         assert merged.bias is None
     with torch.no_grad():
-        assert_rel_close(merged(x), layer(x), dtype, "merged layer vs LoRA layer")
+        assert_close(merged(x), layer(x), dtype, "merged layer vs LoRA layer")
     # The adapter matters: without the delta the outputs would differ far more.
     assert rel_error(layer.original_linear(x), layer(x)) > 0.1
 
@@ -358,7 +342,7 @@ def test_merge_then_unmerge_in_place_round_trips_within_one_rounding_step(dtype)
         y = layer(x)
         layer.merge()
         assert layer.merged and not torch.equal(weight, W)
-        assert_rel_close(layer(x), y, dtype, "merged output")
+        assert_close(layer(x), y, dtype, "merged output")
         # While merged the branch is skipped: changing B changes nothing.
         B = layer.lora_B.clone()
         layer.lora_B.mul_(3)

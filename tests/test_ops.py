@@ -2,38 +2,10 @@
 
 import pytest
 import torch
-from helpers import DTYPE_IDS, check_against_reference, make_inputs
+from helpers import make_inputs
 
 import lora_kernels
 from lora_kernels import backends
-
-CASES = [
-    # M, K, N, R, lead dims
-    (63, 70, 33, 7, ()),
-    (1, 16, 5, 1, ()),
-    (21, 70, 33, 7, (3,)),
-]
-
-
-def case_id(case):
-    M, K, N, R, lead = case
-    return f"M{M}-K{K}-N{N}-R{R}" + (f"-lead{'x'.join(map(str, lead))}" if lead else "")
-
-
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"p{p}")
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_torch_backend_matches_reference(case, dtype, p, bias):
-    M, K, N, R, lead = case
-    inputs = make_inputs(M, K, N, R, dtype, bias=bias, lead=lead, learnable_s=True)
-    check_against_reference("torch", *inputs, p)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
-def test_torch_backend_float32_adapters_on_half_layer(dtype):
-    inputs = make_inputs(63, 70, 33, 7, dtype, lora_dtype=torch.float32)
-    check_against_reference("torch", *inputs, 0.1)
 
 
 def test_eval_mode_applies_no_dropout_and_draws_no_seed():

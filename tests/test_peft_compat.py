@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import FP32_TOL, rel_error
 from torch import nn
 
 import lora_kernels
@@ -27,13 +28,6 @@ from lora_kernels import (
 peft = pytest.importorskip("peft", reason="peft is not installed (an optional dependency)")
 safetensors_torch = pytest.importorskip("safetensors.torch", reason="safetensors not installed")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-
-FP32_TOL = 1e-5
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a64, b64 = a.detach().double(), b.detach().double()
-    return float((a64 - b64).norm() / b64.norm().clamp_min(1e-300))
 
 
 class Block(nn.Module):
@@ -185,7 +179,7 @@ def test_saved_adapter_loads_in_peft_with_the_same_outputs(tmp_path):
     x = ids()
     with torch.no_grad():
         ours, theirs = model(x), peft_model(x)
-    assert rel_err(ours, theirs) <= FP32_TOL
+    assert rel_error(ours, theirs) <= FP32_TOL
     # peft built the per-module ranks and scalings from rank_pattern / alpha_pattern.
     for name, layer in lora_layers(model):
         peft_layer = peft_model.base_model.model.get_submodule(name)
@@ -223,7 +217,7 @@ def test_load_adapter_reads_peft_save_pretrained(tmp_path, use_rslora):
         assert torch.equal(layer.lora_B.detach(), peft_layer.lora_B["default"].weight), name
     x = ids()
     with torch.no_grad():
-        assert rel_err(model(x), peft_model(x)) <= FP32_TOL
+        assert rel_error(model(x), peft_model(x)) <= FP32_TOL
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.lora_{p}" for n in layers for p in "AB"}
 
@@ -465,10 +459,10 @@ def test_patched_peft_matches_peft_in_eval_and_at_p0(monkeypatch, dropout):
     state = torch.random.get_rng_state()
     out, grads = forward_backward(patched, x)
     assert counter.calls == 6
-    assert rel_err(out, out_ref) <= FP32_TOL
+    assert rel_error(out, out_ref) <= FP32_TOL
     assert sorted(grads) == sorted(grads_ref) and len(grads) == 12
     for name in grads:
-        assert rel_err(grads[name], grads_ref[name]) <= FP32_TOL, name
+        assert rel_error(grads[name], grads_ref[name]) <= FP32_TOL, name
     if dropout > 0:
         # Eval mode draws no dropout seed.
         torch.manual_seed(11)
@@ -509,8 +503,8 @@ def test_patched_peft_training_mode_dropout_follows_the_module(monkeypatch):
         torch.manual_seed(0)
         train_out = model.train()(x)
         eval_out = model.eval()(x)
-        assert rel_err(eval_out, reference(x)) <= FP32_TOL
-        assert rel_err(train_out, eval_out) > 1e-3
+        assert rel_error(eval_out, reference(x)) <= FP32_TOL
+        assert rel_error(train_out, eval_out) > 1e-3
 
 
 def test_patched_peft_disabled_merged_and_mixed_batches_are_peft(monkeypatch):
@@ -539,7 +533,7 @@ def test_patched_peft_disabled_merged_and_mixed_batches_are_peft(monkeypatch):
         assert torch.equal(patched(x, adapter_names=names), reference(x, adapter_names=names))
         assert counter.calls == 0
 
-        assert rel_err(patched(x), reference(x)) <= FP32_TOL
+        assert rel_error(patched(x), reference(x)) <= FP32_TOL
         assert counter.calls == 4
 
 
@@ -558,14 +552,14 @@ def test_patched_peft_follows_the_active_adapter(monkeypatch):
             reference.set_adapter(adapter)
             patched.set_adapter(adapter)
             before = counter.calls
-            assert rel_err(patched(x), reference(x)) <= FP32_TOL, adapter
+            assert rel_error(patched(x), reference(x)) <= FP32_TOL, adapter
             assert counter.calls - before == fused_calls, adapter
         # Two active adapters at once: peft sums them; its own forward does it.
         for model in (reference, patched):
             model.base_model.set_adapter(["default", "other"])
         before = counter.calls
         # v still runs fused (rounding differs from peft's composition), q falls back.
-        assert rel_err(patched(x), reference(x)) <= FP32_TOL
+        assert rel_error(patched(x), reference(x)) <= FP32_TOL
         assert counter.calls - before == 2  # only v: q has two adapters
 
 
@@ -598,7 +592,7 @@ def test_patch_report_names_what_it_leaves_to_peft(monkeypatch):
         assert counter.calls == 0
         model.set_adapter("default")
         reference.set_adapter("default")
-        assert rel_err(model(x), reference(x)) <= FP32_TOL
+        assert rel_error(model(x), reference(x)) <= FP32_TOL
         assert counter.calls == 4
 
 
@@ -634,10 +628,10 @@ def test_patched_peft_bf16_base_with_fp32_adapters():
     out_ref, grads_ref = forward_backward(reference, x)
     out, grads = forward_backward(patched, x)
     assert out.dtype == torch.bfloat16
-    assert rel_err(out, out_ref) <= 1.5e-2
+    assert rel_error(out, out_ref) <= 1.5e-2
     for name in grads:
         assert grads[name].dtype == torch.float32
-        assert rel_err(grads[name], grads_ref[name]) <= 3e-2, name
+        assert rel_error(grads[name], grads_ref[name]) <= 3e-2, name
 
 
 def test_patched_peft_under_autocast_runs_the_fused_op(monkeypatch):
@@ -658,10 +652,10 @@ def test_patched_peft_under_autocast_runs_the_fused_op(monkeypatch):
     (out_ref, grads_ref), (out, grads) = results
     assert counter.calls == 8
     assert out.dtype == out_ref.dtype == torch.bfloat16
-    assert rel_err(out, out_ref) <= 1.5e-2
+    assert rel_error(out, out_ref) <= 1.5e-2
     for name, grad in grads.items():
         assert grad.dtype == torch.float32, name
-        assert rel_err(grad, grads_ref[name]) <= 3e-2, name
+        assert rel_error(grad, grads_ref[name]) <= 3e-2, name
 
 
 def one_patched_linear(base_dtype, adapter_dtype):

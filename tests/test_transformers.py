@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("transformers", reason="transformers is not installed")
 pytest.importorskip("peft", reason="peft is not installed (an optional dependency)")
 
+from helpers import FP32_TOL, rel_error  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from tiny_models import (  # noqa: E402
     BERT_TARGETS,
@@ -21,7 +22,6 @@ from tiny_models import (  # noqa: E402
     llama_batch,
     lora_grads_by_path,
     randomize_peft_lora,
-    rel_err,
     tiny_bert,
     tiny_llama,
 )
@@ -36,8 +36,6 @@ from lora_kernels import (  # noqa: E402
     patch_peft,
     save_adapter,
 )
-
-FP32_TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +86,11 @@ def test_llama_peft_patched_and_apply_lora_same_loss_and_grads(llama_dir):
         loss_and_grads(m, batch) for m in models
     )
     assert len(grads_o) == 2 * 4 * 2 and sorted(grads_p) == sorted(grads_o) == sorted(grads_x)
-    assert rel_err(loss_o, loss_p) <= FP32_TOL
+    assert rel_error(loss_o, loss_p) <= FP32_TOL
     assert torch.equal(loss_x, loss_o)
     for name, grad in grads_o.items():
         assert grad is not None and grad.abs().sum() > 0, name
-        assert rel_err(grad, grads_p[name]) <= FP32_TOL, name
+        assert rel_error(grad, grads_p[name]) <= FP32_TOL, name
         assert torch.equal(grads_x[name], grad), name
     # Frozen base: no gradient anywhere else.
     for model in models:
@@ -164,9 +162,9 @@ def test_bert_classifier_peft_patched_and_apply_lora_agree(bert_dir, dropout):
     for name, grad in grads_o.items():
         assert torch.equal(grads_x[name], grad), name
     if dropout == 0.0:
-        assert rel_err(loss_o, loss_p) <= FP32_TOL
+        assert rel_error(loss_o, loss_p) <= FP32_TOL
         for name, grad in grads_o.items():
-            assert rel_err(grad, grads_p[name]) <= FP32_TOL, name
+            assert rel_error(grad, grads_p[name]) <= FP32_TOL, name
 
 
 def test_merge_lora_then_save_pretrained_and_from_pretrained(llama_dir, tmp_path):
@@ -184,8 +182,10 @@ def test_merge_lora_then_save_pretrained_and_from_pretrained(llama_dir, tmp_path
     with torch.no_grad():
         after = reloaded(input_ids=batch["input_ids"]).logits
     assert torch.equal(after, merged_out)
-    assert rel_err(after, before) <= FP32_TOL
-    assert rel_err(after, load_llama(llama_dir).eval()(input_ids=batch["input_ids"]).logits) > 1e-3
+    assert rel_error(after, before) <= FP32_TOL
+    assert (
+        rel_error(after, load_llama(llama_dir).eval()(input_ids=batch["input_ids"]).logits) > 1e-3
+    )
 
 
 def test_llama_adapter_round_trips_with_peft(llama_dir, tmp_path):
@@ -202,7 +202,7 @@ def test_llama_adapter_round_trips_with_peft(llama_dir, tmp_path):
     )
     from_peft = PeftModel.from_pretrained(load_llama(llama_dir), tmp_path / "ours").eval()
     with torch.no_grad():
-        assert rel_err(from_peft(input_ids=ids).logits, expected) <= FP32_TOL
+        assert rel_error(from_peft(input_ids=ids).logits, expected) <= FP32_TOL
 
     # peft's save_pretrained -> ours.
     peft_model.save_pretrained(tmp_path / "peft")
@@ -307,4 +307,4 @@ def test_compile_fullgraph_with_gradient_checkpointing(llama_dir):
         # heads) rounds dQ/dK/dV differently, and on some CPUs (AMD EPYC) not to the same
         # bits. Our op is not the source: given bit-identical inputs its backward returns
         # bit-identical gradients. A different dropout mask would miss this by far more.
-        assert rel_err(grad, grads_eager[name]) <= FP32_TOL, name
+        assert rel_error(grad, grads_eager[name]) <= FP32_TOL, name

@@ -121,8 +121,3 @@ def lora_grads_by_path(model: nn.Module) -> dict[str, torch.Tensor]:
         for name, p in model.named_parameters()
         if name.endswith(".lora_A") or name.endswith(".lora_B")
     }
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a64, b64 = a.detach().double(), b.detach().double()
-    return float((a64 - b64).norm() / b64.norm().clamp_min(1e-300))
