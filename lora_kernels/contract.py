@@ -37,7 +37,7 @@ def keep_bits_shape(M: int, K: int, dropout_p: float) -> tuple[int, ...]:
 
 
 # ---------------------------------------------------------------------------------------
-# Argument checks of the backend ops (the C++ twin is check_common in csrc/)
+# Argument checks of the backend ops (the C++ twin: check_common, csrc/common/op_common.cpp)
 # ---------------------------------------------------------------------------------------
 
 

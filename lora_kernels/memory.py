@@ -36,7 +36,7 @@ def saved_activations(
     """Run `fn()` and collect what autograd saves, skipping storages of `exclude`.
 
     Pass the module's parameters (and any frozen weights) as `exclude`: they live
-    anyway, so only activations count, as in the design notes' memory rule.
+    anyway, so only activations count, as in docs/design.md's memory rule.
     """
     excluded = {(t.untyped_storage().data_ptr(), t.device) for t in exclude}
     saved = SavedTensors()

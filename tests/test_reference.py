@@ -53,7 +53,7 @@ def test_philox_matches_random123_known_answers(counter, key, expected):
 
 
 def mask_python(seed, M, K, p):
-    """The keep mask from the design notes' spec, element by element, in plain Python."""
+    """The keep mask from docs/design.md's spec, element by element, in plain Python."""
     threshold = math.floor(p * 2**32)
     groups = (K + 3) // 4
     key = (seed & 0xFFFFFFFF, seed >> 32)

@@ -46,7 +46,7 @@ def test_saved_bytes_are_x_plus_u(backend, p, dtype, lora_dtype):
     # The mask only in its packed form: no bool or byte mask of M x K elements.
     masks = [t for t in saved.tensors if t.dtype in (torch.bool, torch.uint8) and t.numel() > 0]
     assert [tuple(t.shape) for t in masks] == ([bits_shape] if p > 0 else []), saved.describe()
-    # And the ratio of the design notes: 1.03 x bytes(x) for float32, R=16, K=512 (plus
+    # And the ratio of docs/design.md: 1.03 x bytes(x) for float32, R=16, K=512 (plus
     # 1/32 for the packed mask).
     if dtype == torch.float32:
         assert (saved.bytes - bits_bytes) / x_bytes < 1.04

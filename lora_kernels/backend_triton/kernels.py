@@ -23,7 +23,7 @@ element (`keep_bits`, the layout of `reference.pack_keep_mask`: M * ceil(K/8) by
 1/16 of bytes(x) for 16-bit x). Backward keeps x, U, the seed and the bits; the dX and
 dA kernels read the bits and generate no random numbers.
 
-Where this departs from the plan of the design notes, and why:
+Where this departs from the kernel plan of docs/design.md, and why:
 - The R-wide LoRA step opens the accumulator (a prologue) rather than closing it: in dX
   the mask applies to s G A alone, so that term is masked while it is alone in the
   accumulator, then the N loop adds dY W. The forward does the same for symmetry.
