@@ -97,10 +97,13 @@ def test_kernel_benchmark_smoke_writes_table_csv_and_plots(tmp_path):
 
 def test_csv_upsert_replaces_rows_with_the_same_key(tmp_path):
     bench = _load(BENCH / "bench_lora_linear.py", "bench_lora_linear")
+    harness = sys.modules["harness"]
     path = tmp_path / "x.csv"
     row = {k: "a" for k in bench.CSV_KEY}
-    bench.upsert_csv(path, [{**row, "median_ms": 1.0}, {**row, "mode": "b", "median_ms": 2.0}])
-    bench.upsert_csv(path, [{**row, "median_ms": 3.0}])
+    key, columns = bench.CSV_KEY, bench.CSV_COLUMNS
+    first = [{**row, "median_ms": 1.0}, {**row, "mode": "b", "median_ms": 2.0}]
+    harness.upsert_csv(path, first, key, columns)
+    harness.upsert_csv(path, [{**row, "median_ms": 3.0}], key, columns)
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert sorted((r["mode"], r["median_ms"]) for r in rows) == [("a", "3"), ("b", "2")]
