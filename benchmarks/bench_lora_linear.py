@@ -31,51 +31,46 @@ PNG plots drawn from that CSV (benchmarks/plot.py), a progress bar on stderr.
     python benchmarks/bench_lora_linear.py --full     # the sweep
     python benchmarks/bench_lora_linear.py --smoke    # a tiny set, seconds (tests)
     python benchmarks/bench_lora_linear.py --model-only --device-kind cuda  # model only
+    python benchmarks/bench_lora_linear.py --quick [--cpu-time --threads 1 --iters 31]
+
+`--quick` is the short CPU comparison of the `cpu` backend (benchmarks/cpu_quick.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import gc
 import itertools
 import math
-import os
-import platform
-import random
-import re
-import subprocess
 import sys
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-if str(HERE) not in sys.path:  # traffic_model and plot live beside this file
+if str(HERE) not in sys.path:  # harness, providers, traffic_model and plot live here
     sys.path.insert(0, str(HERE))
 try:
-    import lora_kernels
+    import lora_kernels  # noqa: F401
 except ImportError:  # a checkout run without `pip install -e .` or PYTHONPATH
-    sys.path.insert(0, str(REPO))
-    import lora_kernels
+    sys.path.insert(0, str(HERE.parent))
 
+import harness  # noqa: E402
 import traffic_model  # noqa: E402
+from harness import DTYPE_NAMES, DTYPES, RESULTS  # noqa: E402
+from providers import (  # noqa: E402
+    Task,
+    check_output,
+    make_input_set,
+    peak_bytes_gpu,
+    saved_bytes,
+    usable_backends,
+)
 
-from lora_kernels.backends import resolve_backend  # noqa: E402
-from lora_kernels.memory import saved_activations  # noqa: E402
-from lora_kernels.reference import lora_linear_reference  # noqa: E402
-
-RESULTS = HERE / "results"
 MODES = ("fwd", "bwd", "fwd+bwd")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-LORA_ALPHA = 16.0
+
 
 # (K, N) = (in_features, out_features) of real projections.
 LAYERS = {
@@ -84,7 +79,7 @@ LAYERS = {
     "8b-gate/up": (4096, 14336),
     "8b-down": (14336, 4096),
     "70b-q/o": (8192, 8192),
-    "1k": (1024, 1024),  # the issue-4 CPU figure (K = N = 1024)
+    "1k": (1024, 1024),  # the README's CPU figure
     "tiny": (48, 40),
 }
 LAYER_NOTES = {
@@ -93,7 +88,7 @@ LAYER_NOTES = {
     "8b-gate/up": "Llama-3-8B gate_proj/up_proj",
     "8b-down": "Llama-3-8B down_proj",
     "70b-q/o": "Llama-3-70B q_proj/o_proj",
-    "1k": "K=N=1024 (the issue-4 CPU figure)",
+    "1k": "K=N=1024 (the README's CPU figure)",
     "tiny": "smoke test",
 }
 PROVIDER_LABELS = {
@@ -173,11 +168,11 @@ class Config:
 
 
 def default_configs(device_type: str) -> list[Config]:
-    """The `make bench` set: the issue-3/4 figures plus one real projection."""
+    """The `make bench` set: the README's headline figures plus real projections."""
     if device_type == "cuda":
         bf16 = torch.bfloat16
         return [
-            Config("8b-q/o", 8192, 16, 0.1, bf16),  # the issue-3 figure
+            Config("8b-q/o", 8192, 16, 0.1, bf16),  # the headline GPU figure
             Config("8b-q/o", 8192, 16, 0.0, bf16),
             Config("8b-gate/up", 8192, 16, 0.1, bf16),
             Config("8b-down", 8192, 16, 0.1, bf16),
@@ -186,7 +181,7 @@ def default_configs(device_type: str) -> list[Config]:
         ]
     f32 = torch.float32
     return [
-        Config("1k", 4096, 16, 0.1, f32),  # the issue-4 figures
+        Config("1k", 4096, 16, 0.1, f32),  # the headline CPU figures
         Config("1k", 4096, 16, 0.0, f32),
         Config("8b-q/o", 1024, 16, 0.1, f32),
         Config("1k", 2048, 16, 0.1, torch.bfloat16),
@@ -217,289 +212,14 @@ def smoke_configs() -> list[Config]:
 
 
 # ---------------------------------------------------------------------------------------
-# Environment: device name, versions, commit
+# One configuration
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1]
-                break
-        else:
-            name = platform.processor() or platform.machine()
-    except OSError:
-        name = platform.processor() or platform.machine()
-    name = re.sub(r"\((R|TM|tm|r)\)", "", name)
-    return " ".join(name.split())
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {cpu_name()} ({os.cpu_count()} cores)"
-
-
-def device_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-
-
-def versions() -> dict[str, str]:
-    out = {"torch": torch.__version__}
-    for module in ("triton", "peft"):
-        try:
-            out[module] = __import__(module).__version__
-        except ImportError:
-            out[module] = "absent"
-    return out
-
-
-def git_commit() -> str:
-    """Short commit of this checkout, "-dirty" if files outside results/ changed."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--", ".", ":!benchmarks/results"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("-dirty" if status else "")
-
-
-def cache_bytes(device: torch.device) -> int:
-    """L2 on a GPU, the last-level cache on a CPU (32 MiB if unknown)."""
-    if device.type == "cuda":
-        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
-    try:
-        size = os.sysconf("SC_LEVEL3_CACHE_SIZE")
-        if size > 0:
-            return size
-    except (ValueError, OSError):
-        pass
-    try:
-        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
-        return int(text.rstrip("K")) << 10 if text.endswith("K") else int(text)
-    except (OSError, ValueError):
-        return 32 << 20
-
-
-# ---------------------------------------------------------------------------------------
-# Providers
-
-
-def usable_backends(device: torch.device) -> tuple[list[str], dict[str, str]]:
-    """lora_kernels backends that run on `device` here, and why the others are skipped."""
-    usable, skipped = [], {}
-    for name, (ok, reason) in lora_kernels.available_backends().items():
-        if not ok:
-            skipped[name] = f"not usable: {reason}"
-        elif name == "triton" and device.type == "cpu":
-            skipped[name] = (
-                "skipped on CPU: Triton runs here only interpreted (TRITON_INTERPRET=1), "
-                "which times the interpreter, not the kernels"
-            )
-        else:
-            try:
-                resolve_backend(device.type, name)
-            except RuntimeError as error:
-                skipped[name] = str(error)
-            else:
-                usable.append(name)
-    return usable, skipped
-
-
-class _OneLayer(nn.Module):
-    def __init__(self, proj: nn.Linear):
-        super().__init__()
-        self.proj = proj
-
-    def forward(self, x):
-        return self.proj(x)
-
-
-def build_peft_layer(weight, bias, lora_A, lora_B, R, alpha, p) -> nn.Module:
-    """peft's lora.Linear around an nn.Linear holding `weight`, via get_peft_model.
-
-    The adapter parameters are then set to the shared `lora_A`, `lora_B` (float32 by
-    default, as peft makes them for a half-precision base), so every provider computes
-    on identical values.
-    """
-    from peft import LoraConfig, get_peft_model
-
-    N, K = weight.shape
-    base = torch.nn.utils.skip_init(
-        nn.Linear, K, N, bias=bias is not None, device=weight.device, dtype=weight.dtype
-    )
-    base.weight = weight
-    if bias is not None:
-        base.bias = bias
-    config = LoraConfig(r=R, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = get_peft_model(_OneLayer(base), config)
-    layer = model.base_model.model.proj
-    layer.lora_A["default"].weight = lora_A
-    layer.lora_B["default"].weight = lora_B
-    assert math.isclose(layer.scaling["default"], alpha / R)
-    layer.train()
-    return layer
-
-
-@dataclass
-class InputSet:
-    """One rotation slot: x, dY and the layer's tensors, shared by every provider."""
-
-    x: torch.Tensor
-    dy: torch.Tensor
-    weight: nn.Parameter
-    bias: nn.Parameter | None
-    lora_A: nn.Parameter
-    lora_B: nn.Parameter
-    fns: dict = field(default_factory=dict)
-
-    def params(self) -> list[torch.Tensor]:
-        return [t for t in (self.weight, self.bias, self.lora_A, self.lora_B) if t is not None]
-
-    def grads_to_none(self) -> list[torch.Tensor]:
-        return [self.x, self.lora_A, self.lora_B]
-
-
-def make_input_set(cfg, device, adapter_dtype, bias, providers, seed) -> InputSet:
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    M, K, N, R = cfg.M, cfg.K, cfg.N, cfg.R
-
-    def rand(*shape, dtype, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
-
-    x = rand(M, K, dtype=cfg.dtype).requires_grad_()
-    dy = rand(M, N, dtype=cfg.dtype)
-    weight = nn.Parameter(rand(N, K, dtype=cfg.dtype, scale=K**-0.5), requires_grad=False)
-    b = nn.Parameter(rand(N, dtype=cfg.dtype), requires_grad=False) if bias else None
-    lora_A = nn.Parameter(rand(R, K, dtype=adapter_dtype, scale=K**-0.5))
-    lora_B = nn.Parameter(rand(N, R, dtype=adapter_dtype, scale=R**-0.5))
-    s = LORA_ALPHA / R
-    p = cfg.p
-    fns = {}
-    for name in providers:
-        if name == "linear":
-            fns[name] = lambda x, w=weight, b=b: torch.nn.functional.linear(x, w, b)
-        elif name == "peft":
-            fns[name] = build_peft_layer(weight, b, lora_A, lora_B, R, LORA_ALPHA, p)
-        elif name == "unsloth":
-
-            def unsloth(x, w=weight, b=b, A=lora_A, B=lora_B, s=s):
-                out = torch.nn.functional.linear(x, w, b)
-                xa = x @ A.t().to(x.dtype)
-                return out.addmm_(xa, B.t().to(x.dtype), alpha=s)
-
-            fns[name] = unsloth
-        else:
-            backend = name.removeprefix("lk-")
-
-            def lk(x, w=weight, b=b, A=lora_A, B=lora_B, s=s, backend=backend):
-                return lora_kernels.lora_linear(
-                    x, w, b, A, B, s, dropout_p=p, training=True, backend=backend
-                )
-
-            fns[name] = lk
-    return InputSet(x, dy, weight, b, lora_A, lora_B, fns)
-
-
-# ---------------------------------------------------------------------------------------
-# Timing
-
-
-def quantile(sorted_values: list[float], q: float) -> float:
-    """Linear-interpolated quantile of an ascending list."""
-    pos = q * (len(sorted_values) - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-@dataclass
-class Task:
-    """One (provider, mode) to time; `run(i)` does one call on input set i."""
-
-    provider: str
-    mode: str
-    sets: list[InputSet]
-    graphs: list = field(default_factory=list)
-
-    def prepare(self) -> None:
-        if self.mode == "bwd":
-            self.graphs = [s.fns[self.provider](s.x) for s in self.sets]
-
-    def zero_grads(self, i: int) -> None:
-        for t in self.sets[i].grads_to_none():
-            t.grad = None
-
-    def run(self, i: int) -> None:
-        s = self.sets[i]
-        if self.mode == "fwd":
-            s.fns[self.provider](s.x)
-        elif self.mode == "bwd":
-            self.graphs[i].backward(s.dy, retain_graph=True)
-        else:
-            s.fns[self.provider](s.x).backward(s.dy)
-
-
-def time_interleaved_cpu(tasks, n_sets, min_reps, max_reps, min_time, progress=None):
-    """Wall-clock times of every task, interleaved in a shuffled order each rep.
-
-    Every task runs at least `min_reps` times; after that a task keeps its place in the
-    reps until its timed runs add up to its share of `min_time` (min_time / number of
-    tasks) or it reaches `max_reps`, so cheap tasks collect more samples while an
-    expensive one does not stretch the run.
-    """
-    for task in tasks:  # warm-up: first-call costs (op registration, allocator) stay out
-        task.zero_grads(0)
-        t0 = time.perf_counter()
-        task.run(0)
-        if time.perf_counter() - t0 < 0.5:
-            task.zero_grads(0)
-            task.run(0)
-    samples = {(t.provider, t.mode): [] for t in tasks}
-    share = min_time / len(tasks)
-    rng = random.Random(0)
-    rep = 0
-    while True:
-        if rep < min_reps:
-            order = list(tasks)
-        else:
-            order = [
-                t
-                for t in tasks
-                if sum(samples[(t.provider, t.mode)]) < share
-                and len(samples[(t.provider, t.mode)]) < max_reps
-            ]
-        if not order:
-            break
-        rng.shuffle(order)
-        i = rep % n_sets
-        gc.collect()
-        gc.disable()
-        try:
-            for task in order:
-                task.zero_grads(i)
-                t0 = time.perf_counter()
-                task.run(i)
-                samples[(task.provider, task.mode)].append(time.perf_counter() - t0)
-        finally:
-            gc.enable()
-        rep += 1
-        if progress is not None:
-            progress.set_postfix_str(f"rep {rep}")
-    return {key: [1e3 * v for v in vals] for key, vals in samples.items()}
+def n_rotation_sets(cfg: Config, device: torch.device) -> int:
+    """Enough input sets that one rotation exceeds twice the cache (at most 4)."""
+    e = torch.empty((), dtype=cfg.dtype).element_size()
+    per_set = e * (2 * cfg.M * cfg.K + cfg.N * cfg.K + 2 * cfg.M * cfg.N)
+    return max(1, min(4, math.ceil(2 * harness.cache_bytes(device) / per_set)))
 
 
 def time_do_bench_gpu(tasks, n_sets):
@@ -517,73 +237,41 @@ def time_do_bench_gpu(tasks, n_sets):
         median, p20, p80 = do_bench(
             fn, warmup=25, rep=100, grad_to_none=grads, quantiles=[0.5, 0.2, 0.8]
         )
-        out[(task.provider, task.mode)] = (median, p20, p80)
+        out[task.key] = (median, p20, p80)
     return out
 
 
-# ---------------------------------------------------------------------------------------
-# Memory, checks
+def cpu_timing(args) -> dict:
+    """The CPU loop's stop rule and clock from the arguments (`--iters` fixes the count)."""
+    if args.iters:
+        rule = dict(min_reps=args.iters, max_reps=args.iters, min_time=0.0)
+    else:
+        rule = dict(min_reps=args.reps, max_reps=args.max_reps, min_time=args.min_time)
+    return {**rule, "clock": time.thread_time if args.cpu_time else time.perf_counter}
 
 
-def saved_bytes(s: InputSet, provider: str) -> int:
-    _, saved = saved_activations(lambda: s.fns[provider](s.x), exclude=s.params())
-    return saved.bytes
+def time_tasks(tasks, n_sets, device, args, progress=None) -> tuple[dict, dict]:
+    """{key: (median, p20, p80) in ms} and {key: number of runs, or "do_bench"}."""
+    if device.type == "cuda":
+        stats = time_do_bench_gpu(tasks, n_sets)
+        return stats, {key: "do_bench" for key in stats}
 
+    def on_rep(rep):
+        if progress is not None:
+            progress.set_postfix_str(f"rep {rep}")
 
-def peak_bytes_gpu(s: InputSet, provider: str) -> int:
-    """Peak memory of one fwd+bwd above what was allocated before it."""
-    torch.cuda.synchronize()
-    for t in s.grads_to_none():
-        t.grad = None
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    s.fns[provider](s.x).backward(s.dy)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
-CHECK_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-
-
-def check_output(s: InputSet, provider: str, cfg: Config) -> str:
-    """Relative error of the forward output against the float64 reference (p = 0 only)."""
-    if cfg.p > 0:
-        return "-"
-    with torch.no_grad():
-        y = s.fns[provider](s.x).double()
-        if provider == "linear":
-            ref = torch.nn.functional.linear(
-                s.x.double(), s.weight.double(), None if s.bias is None else s.bias.double()
-            )
-        else:
-            ref = lora_linear_reference(
-                s.x.double(),
-                s.weight.double(),
-                None if s.bias is None else s.bias.double(),
-                s.lora_A.double(),
-                s.lora_B.double(),
-                LORA_ALPHA / cfg.R,
-                0.0,
-            )
-    err = float((y - ref).norm() / ref.norm())
-    return f"ok {err:.1e}" if err <= CHECK_TOL[cfg.dtype] else f"FAIL {err:.1e}"
-
-
-# ---------------------------------------------------------------------------------------
-# One configuration
-
-
-def n_rotation_sets(cfg: Config, device: torch.device, adapter_dtype) -> int:
-    """Enough input sets that one rotation exceeds twice the cache (at most 4)."""
-    e = torch.empty((), dtype=cfg.dtype).element_size()
-    per_set = e * (2 * cfg.M * cfg.K + cfg.N * cfg.K + 2 * cfg.M * cfg.N)
-    return max(1, min(4, math.ceil(2 * cache_bytes(device) / per_set)))
+    samples = harness.time_interleaved(
+        tasks, n_sets=n_sets, warmup=2, on_rep=on_rep, **cpu_timing(args)
+    )
+    stats = {key: harness.summarize(vals, 1e3) for key, vals in samples.items()}
+    return stats, {key: len(vals) for key, vals in samples.items()}
 
 
 def run_config(cfg, device, providers, modes, args, env, progress=None) -> list[dict]:
+    """Measure one shape: every provider and mode timed interleaved, plus memory and check."""
     adapter_dtype = cfg.dtype if args.adapter_dtype == "same" else torch.float32
     providers = [p for p in providers if not (p == "unsloth" and cfg.p > 0)]
-    n_sets = n_rotation_sets(cfg, device, adapter_dtype)
+    n_sets = n_rotation_sets(cfg, device)
     sets = [
         make_input_set(cfg, device, adapter_dtype, args.bias, providers, seed=1000 + i)
         for i in range(n_sets)
@@ -598,46 +286,27 @@ def run_config(cfg, device, providers, modes, args, env, progress=None) -> list[
     tasks = [Task(name, mode, sets) for name in providers for mode in modes]
     for task in tasks:
         task.prepare()
-    if device.type == "cuda":
-        stats = time_do_bench_gpu(tasks, n_sets)
-        reps = {key: "do_bench" for key in stats}
-    else:
-        samples = time_interleaved_cpu(
-            tasks, n_sets, args.reps, args.max_reps, args.min_time, progress
-        )
-        stats, reps = {}, {}
-        for key, vals in samples.items():
-            vals = sorted(vals)
-            stats[key] = (quantile(vals, 0.5), quantile(vals, 0.2), quantile(vals, 0.8))
-            reps[key] = len(vals)
+    stats, reps = time_tasks(tasks, n_sets, device, args, progress)
     del tasks, sets
     gc.collect()
 
+    if device.type == "cuda":
+        timer = "do_bench"
+    else:
+        timer = "thread CPU, interleaved" if args.cpu_time else "wall-clock, interleaved"
     rows = []
     for name in providers:
         for mode in modes:
             median, p20, p80 = stats[(name, mode)]
             floor = stats.get(("linear", mode), (math.nan,))[0]
             peft = stats.get(("peft", mode), (math.nan,))[0]
-            m = traffic_model.model(
-                name, mode, cfg.M, cfg.K, cfg.N, cfg.R, cfg.p, cfg.dtype, adapter_dtype, args.bias
-            )
-            m_floor = traffic_model.model(
-                "linear",
-                mode,
-                cfg.M,
-                cfg.K,
-                cfg.N,
-                cfg.R,
-                cfg.p,
-                cfg.dtype,
-                adapter_dtype,
-                args.bias,
-            )
+            shape = (cfg.M, cfg.K, cfg.N, cfg.R, cfg.p, cfg.dtype, adapter_dtype, args.bias)
+            m = traffic_model.model(name, mode, *shape)
+            m_floor = traffic_model.model("linear", mode, *shape)
             rows.append(
                 {
-                    "date": env["date"],
-                    "device": env["device"],
+                    **{k: env[k] for k in ("date", "device", "threads", "commit")},
+                    **{k: env[k] for k in ("torch", "triton", "peft")},
                     "layer": cfg.layer,
                     "M": cfg.M,
                     "K": cfg.K,
@@ -665,19 +334,14 @@ def run_config(cfg, device, providers, modes, args, env, progress=None) -> list[
                     "model_bytes": m.get("bytes", ""),
                     "model_h100_ms": 1e3 * m["h100_s"] if m else "",
                     "model_h100_vs_floor": m["h100_s"] / m_floor["h100_s"] if m else "",
-                    "timer": "do_bench" if device.type == "cuda" else "wall-clock, interleaved",
-                    "threads": env["threads"],
-                    "torch": env["torch"],
-                    "triton": env["triton"],
-                    "peft": env["peft"],
-                    "commit": env["commit"],
+                    "timer": timer,
                 }
             )
     return rows
 
 
 # ---------------------------------------------------------------------------------------
-# Output: Markdown table, CSV upsert
+# Output: Markdown table
 
 
 def _fmt_ms(v: float) -> str:
@@ -725,45 +389,6 @@ def markdown_table(rows: list[dict], modes) -> str:
     return "\n".join(lines)
 
 
-def _sort_key(row: dict) -> tuple:
-    """Group rows by device, threads and shape; numbers compare as numbers."""
-
-    def part(value):
-        try:
-            return (0, float(value), "")
-        except (TypeError, ValueError):
-            return (1, 0.0, str(value))
-
-    order = ("device", "threads", "size", "layer", "dtype", "M", "K", "N", "R", "rank")
-    order += ("p", "dropout", "provider", "mode")
-    return tuple(part(row.get(k, "")) for k in order)
-
-
-def upsert_csv(path: Path, rows: list[dict], key=CSV_KEY, columns=CSV_COLUMNS) -> None:
-    """Replace rows with the same key (device, shape, provider, mode), append the rest."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key_columns = key
-
-    def key(r):
-        return tuple(str(r[k]) for k in key_columns)
-
-    merged = {}
-    if path.exists():
-        with path.open(newline="") as f:
-            for r in csv.DictReader(f):
-                merged[key(r)] = r
-    for r in rows:
-        out = {}
-        for k in columns:
-            v = r.get(k, "")
-            out[k] = f"{v:.6g}" if isinstance(v, float) else v
-        merged[key(out)] = out
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(sorted(merged.values(), key=_sort_key))
-
-
 # ---------------------------------------------------------------------------------------
 # Model only: the traffic model's table for a set of shapes, no timing
 
@@ -808,6 +433,13 @@ def parse_args(argv=None):
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--full", action="store_true", help="the full sweep (hours on a CPU)")
     which.add_argument("--smoke", action="store_true", help="a tiny set for tests (seconds)")
+    which.add_argument(
+        "--quick",
+        action="store_true",
+        help="CPU: fwd+bwd of the cpu backend at p=0.1 and p=0 against the floor and peft, "
+        "all five interleaved on one shape (default 1k, M=4096, R=16, float32, with a "
+        "frozen bias); prints medians and ratios, writes no CSV",
+    )
     ap.add_argument("--layers", nargs="+", choices=sorted(LAYERS), help="only these shapes")
     ap.add_argument("--M", nargs="+", type=int, help="only these token counts")
     ap.add_argument("--R", nargs="+", type=int, help="only these ranks")
@@ -834,6 +466,18 @@ def parse_args(argv=None):
         default=8.0,
         help="CPU: seconds of timed runs per shape, shared by its (provider, mode) pairs; "
         "a pair repeats past --reps until it has its share",
+    )
+    ap.add_argument(
+        "--iters",
+        type=int,
+        help="CPU: exactly this many runs each, in place of --reps/--max-reps/--min-time "
+        "(default 30 with --quick)",
+    )
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="CPU: time with the thread's CPU clock (with --threads 1: ignores time spent "
+        "descheduled on a shared machine)",
     )
     ap.add_argument("--threads", type=int, help="torch.set_num_threads on CPU")
     ap.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
@@ -874,60 +518,43 @@ def select_configs(args, device_type: str) -> list[Config]:
     return configs
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.model_only:
-        kind = args.device_kind or "cuda"
-        providers = args.providers or ["linear", "peft", "unsloth", "lk-triton", "lk-cuda"]
-        print(model_table(select_configs(args, kind), providers, args.adapter_dtype, args.bias))
-        return 0
+def quick_config(args) -> Config:
+    """--quick's one shape: --layers, --M, --R (one each) or 1k, 4096, 16; float32."""
 
-    from tqdm import tqdm
+    def one(values, default, flag):
+        if not values:
+            return default
+        if len(values) > 1:
+            raise ValueError(f"--quick times one shape: give one {flag}, not {values}")
+        return values[0]
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    configs = select_configs(args, device.type)
-    if not configs:
-        print("no configuration left after the filters", file=sys.stderr)
-        return 2
-    backends, skipped = usable_backends(device)
-    providers = ["linear", "peft", "unsloth"] + [f"lk-{b}" for b in backends]
-    try:
-        import peft  # noqa: F401
-    except ImportError as error:
-        providers.remove("peft")
-        skipped["peft"] = f"peft is not installed ({error})"
-    if args.providers:
-        unknown = set(args.providers) - set(providers)
-        if unknown:
-            print(f"providers not available here: {sorted(unknown)}", file=sys.stderr)
-            return 2
-        providers = [p for p in providers if p in args.providers]
-    if "linear" not in providers:
-        providers.insert(0, "linear")  # ratios need the floor
+    return Config(
+        one(args.layers, "1k", "--layers"),
+        one(args.M, 4096, "--M"),
+        one(args.R, 16, "--R"),
+        0.1,
+        torch.float32,
+    )
 
-    env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "device": device_name(device),
-        "threads": torch.get_num_threads() if device.type == "cpu" else "",
-        "commit": git_commit(),
-        **versions(),
-    }
+
+def print_header(env, device, providers, skipped, args) -> None:
     print(f"# lora_linear kernel benchmark on {env['device']}")
     print()
-    print(
-        f"torch {env['torch']}, triton {env['triton']}, peft {env['peft']}, "
-        f"commit {env['commit']}, {env['date']}"
-        + (f", {env['threads']} threads" if env["threads"] else "")
-    )
+    print(harness.describe_line(env, ("torch", "triton", "peft")))
     if device.type == "cuda":
         print("Timing: triton.testing.do_bench, median (p20-p80), inputs rotated.")
     else:
+        clock = "thread CPU clock" if args.cpu_time else "wall clock"
+        if args.iters:
+            count = f"each run {args.iters} times"
+        else:
+            count = (
+                f"each run at least {args.reps} times and until it has its share of "
+                f"{args.min_time:g} s per shape"
+            )
         print(
-            "Timing: wall clock; all providers and modes interleaved in shuffled order, "
-            f"each run at least {args.reps} times and until it has its share of "
-            f"{args.min_time:g} s per shape; median (p20-p80). "
+            f"Timing: {clock}; all providers and modes interleaved in shuffled order, "
+            f"{count}; median (p20-p80). "
             "Ratios are measured side by side in one run; on a shared machine the "
             "absolute times are noisy."
         )
@@ -945,6 +572,60 @@ def main(argv=None) -> int:
     )
     print()
 
+
+def select_providers(device, wanted) -> tuple[list[str], dict[str, str]]:
+    """Providers usable on `device` (restricted to `wanted`), and why the others are not."""
+    backends, skipped = usable_backends(device)
+    providers = ["linear", "peft", "unsloth"] + [f"lk-{b}" for b in backends]
+    try:
+        import peft  # noqa: F401
+    except ImportError as error:
+        providers.remove("peft")
+        skipped["peft"] = f"peft is not installed ({error})"
+    if wanted:
+        unknown = set(wanted) - set(providers)
+        if unknown:
+            raise ValueError(f"providers not available here: {sorted(unknown)}")
+        providers = [p for p in providers if p in wanted]
+    if "linear" not in providers:
+        providers.insert(0, "linear")  # ratios need the floor
+    return providers, skipped
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.model_only:
+        kind = args.device_kind or "cuda"
+        providers = args.providers or ["linear", "peft", "unsloth", "lk-triton", "lk-cuda"]
+        print(model_table(select_configs(args, kind), providers, args.adapter_dtype, args.bias))
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        import cpu_quick
+
+        try:
+            cfg = quick_config(args)
+        except ValueError as error:
+            print(error, file=sys.stderr)
+            return 2
+        return cpu_quick.run(args, cfg)
+
+    from tqdm import tqdm
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    configs = select_configs(args, device.type)
+    if not configs:
+        print("no configuration left after the filters", file=sys.stderr)
+        return 2
+    try:
+        providers, skipped = select_providers(device, args.providers)
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 2
+    env = harness.describe(device)
+    print_header(env, device, providers, skipped, args)
+
     all_rows = []
     start = time.perf_counter()
     progress = tqdm(configs, desc="lora_linear", unit="shape", file=sys.stderr)
@@ -959,8 +640,8 @@ def main(argv=None) -> int:
     print(f"Measured {len(configs)} shapes in {time.perf_counter() - start:.0f} s.")
 
     if not args.no_csv:
-        path = args.csv or RESULTS / f"{device_slug(env['device'])}.csv"
-        upsert_csv(path, all_rows)
+        path = args.csv or RESULTS / f"{harness.device_slug(env['device'])}.csv"
+        harness.upsert_csv(path, all_rows, CSV_KEY, CSV_COLUMNS)
         print(f"Rows upserted into {path}")
         if not args.no_plot:
             import plot

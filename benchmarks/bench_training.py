@@ -6,8 +6,8 @@ a GPU; no download), LoRA on q/k/v/o/gate/up/down projections, trained with Adam
 the same synthetic batches by:
 
 - ``peft``: `peft.get_peft_model` (adapters float32, as peft makes them);
-- ``peft+patch``: the same peft model after `lora_kernels.patch_peft` (issue 5), when
-  the installed lora_kernels has it;
+- ``peft+patch``: the same peft model after `lora_kernels.patch_peft`, when the
+  installed lora_kernels has it;
 - ``apply_lora``: `lora_kernels.apply_lora` on the same base weights.
 
 Every provider starts from identical base weights and identical adapters (peft's
@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import math
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -46,19 +44,12 @@ except ImportError:  # a checkout run without `pip install -e .` or PYTHONPATH
     sys.path.insert(0, str(REPO))
     import lora_kernels
 
-from bench_lora_linear import (  # noqa: E402
-    device_name,
-    device_slug,
-    git_commit,
-    quantile,
-    upsert_csv,
-    versions,
-)
+import harness  # noqa: E402
+from harness import DTYPE_NAMES, DTYPES  # noqa: E402
 
 from lora_kernels.memory import saved_activations  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIZES = {
     # Llama-3 proportions (GQA 4:1, intermediate 3.5x hidden), scaled to the device.
     "tiny": dict(
@@ -175,9 +166,7 @@ def build_providers(args, device, dtype):
         notes["peft+patch"] = f"patch_peft report: {report}"
         models["peft+patch"] = patched
     else:
-        skipped["peft+patch"] = (
-            "lora_kernels.patch_peft does not exist in this checkout yet (issue 5)"
-        )
+        skipped["peft+patch"] = "lora_kernels.patch_peft does not exist in this checkout"
 
     if hasattr(lora_kernels, "apply_lora"):
         model = copy.deepcopy(base)
@@ -187,9 +176,7 @@ def build_providers(args, device, dtype):
         _copy_into_lora_kernels(model, init)
         models["apply_lora"] = model
     else:
-        skipped["apply_lora"] = (
-            "lora_kernels.apply_lora does not exist in this checkout yet (issue 2)"
-        )
+        skipped["apply_lora"] = "lora_kernels.apply_lora does not exist in this checkout"
     for model in models.values():
         model.train()
     return models, skipped, notes
@@ -238,37 +225,47 @@ def memory_of_step(model, batch, device) -> tuple[int, str]:
     return saved.bytes, "activations saved for backward"
 
 
+class TrainStep(harness.Timed):
+    """One provider's AdamW step on batch i, in its own RNG stream.
+
+    Every provider replays the same stream (restored before, saved after its step,
+    untimed), so dropout draws alike whatever ran in between.
+    """
+
+    def __init__(self, name, model, batches, lr):
+        self.key = name
+        self.model, self.batches = model, batches
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        self.rng_state = torch.random.get_rng_state()
+        self.losses, self.loss = [], None
+
+    def before(self, i):
+        torch.random.set_rng_state(self.rng_state)
+
+    def run(self, i):
+        batch = self.batches[i]
+        self.loss = self.model(input_ids=batch, labels=batch).loss
+        self.loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def after(self, i):
+        self.losses.append(self.loss.item())
+        self.rng_state = torch.random.get_rng_state()
+
+
 def train(models, batches, args, device, progress=None):
     """Interleaved AdamW steps; returns {name: (step seconds list, losses list)}."""
-    opts = {
-        name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=args.lr)
-        for name, m in models.items()
-    }
-    times = {name: [] for name in models}
-    losses = {name: [] for name in models}
-    names = list(models)
-    # The same RNG stream for every provider's step (dropout masks/seeds drawn alike).
-    rng_states = {name: torch.random.get_rng_state() for name in names}
-    for step, batch in enumerate(batches):
-        order = names[step % len(names) :] + names[: step % len(names)]
-        for name in order:
-            model, opt = models[name], opts[name]
-            torch.random.set_rng_state(rng_states[name])
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
-            losses[name].append(loss.item())
-            rng_states[name] = torch.random.get_rng_state()
-        if progress is not None:
-            progress.update(1)
-    return times, losses
+    steps = [TrainStep(name, m, batches, args.lr) for name, m in models.items()]
+    times = harness.time_interleaved(
+        steps,
+        min_reps=len(batches),
+        n_sets=len(batches),
+        order="rotate",
+        sync=torch.cuda.synchronize if device.type == "cuda" else None,
+        on_rep=None if progress is None else lambda rep: progress.update(1),
+    )
+    return times, {step.key: step.losses for step in steps}
 
 
 def agreement(losses, dtype, dropout) -> dict[str, str]:
@@ -335,13 +332,7 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm
 
-    env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "device": device_name(device),
-        "threads": "" if gpu else torch.get_num_threads(),
-        "commit": git_commit(),
-        **versions(),
-    }
+    env = harness.describe(device)
     try:
         import transformers
 
@@ -373,9 +364,7 @@ def main(argv=None) -> int:
         f"AdamW lr={args.lr:g}, {args.steps} steps (first {args.warmup} untimed)."
     )
     print(
-        f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
-        f"commit {env['commit']}, {env['date']}"
-        + (f", {env['threads']} threads" if env["threads"] else "")
+        harness.describe_line(env, ("torch", "transformers", "peft"))
         + ". Steps of all providers interleaved; ratios from the same run."
     )
     for name, why in skipped.items():
@@ -392,8 +381,7 @@ def main(argv=None) -> int:
     rows = []
     peft_median = None
     for name in models:
-        vals = sorted(times[name][args.warmup :])
-        med, p20, p80 = (quantile(vals, q) for q in (0.5, 0.2, 0.8))
+        med, p20, p80 = harness.summarize(times[name][args.warmup :])
         if name == "peft":
             peft_median = med
         vs_peft = med / peft_median if peft_median else math.nan
@@ -429,16 +417,14 @@ def main(argv=None) -> int:
         )
     print()
     if not args.no_csv:
-        path = args.csv or HERE / "results" / f"{device_slug(env['device'])}_training.csv"
-        upsert_csv(path, rows, key=CSV_KEY, columns=CSV_COLUMNS)
+        path = args.csv or HERE / "results" / f"{harness.device_slug(env['device'])}_training.csv"
+        harness.upsert_csv(path, rows, CSV_KEY, CSV_COLUMNS)
         print(f"Rows upserted into {path}")
     if any(v.startswith("NO") for v in agree.values()):
         print("LOSSES DISAGREE across providers", file=sys.stderr)
         return 1
     return 0
 
-
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 if __name__ == "__main__":
     sys.exit(main())

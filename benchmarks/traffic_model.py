@@ -184,8 +184,8 @@ def fused_passes(mode, M, K, N, R, p, dtype, adapter_dtype, bias):
 
 
 def cpp_passes(mode, M, K, N, R, p, dtype, adapter_dtype, bias):
-    """The C++ design (issue 4): ATen GEMMs with addmm_ accumulation + masked LoRA kernels;
-    the shrink writes keep_bits, the masked backward kernels read them."""
+    """The C++ design (the cpu and cuda backends): ATen GEMMs with addmm_ accumulation +
+    masked LoRA kernels; the shrink writes keep_bits, the masked backward kernels read them."""
     e, a = _nbytes(dtype), _nbytes(adapter_dtype)
     bits = _bits_bytes(M, K, p)
     mk, mr = M * K, M * R

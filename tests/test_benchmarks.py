@@ -95,12 +95,55 @@ def test_kernel_benchmark_smoke_writes_table_csv_and_plots(tmp_path):
     assert "smoke_saved_bytes.png" in pngs and "smoke_speedup_fwd_bwd.png" in pngs
 
 
+def test_quick_flag_prints_the_cpu_ratios_on_a_tiny_shape(tmp_path):
+    if not lora_kernels.available_backends()["cpu"][0]:
+        pytest.skip("the cpu backend is not usable here")
+    args = ["--quick", "--layers", "tiny", "--M", "64", "--R", "4", "--iters", "2"]
+    proc = _run([str(BENCH / "bench_lora_linear.py"), *args, "--cpu-time"], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "M=64 K=48 N=40 R=4 float32" in proc.stdout
+    assert "2 interleaved iterations, thread CPU time" in proc.stdout
+    for line in ("cpu p=0.1 / nn.Linear", "cpu p=0.0 / nn.Linear", "cpu p=0.1 / peft p=0.1"):
+        ratio = float(proc.stdout.split(line, 1)[1].split()[0])
+        assert math.isfinite(ratio) and ratio > 0, line
+    assert not list(tmp_path.rglob("*.csv"))  # the quick comparison writes no CSV
+
+
+def test_interleaved_loop_runs_each_task_its_count_in_rotation():
+    harness = _load(BENCH / "harness.py", "harness")
+    calls = []
+
+    class Call(harness.Timed):
+        def __init__(self, key):
+            self.key = key
+
+        def run(self, i):
+            calls.append((self.key, i))
+
+    samples = harness.time_interleaved(
+        [Call("a"), Call("b"), Call("c")], min_reps=3, n_sets=2, warmup=1, order="rotate"
+    )
+    assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3, "c": 3}
+    # Warm-up on set 0, then each rep rotated by one and on set rep % n_sets.
+    assert calls[:3] == [("a", 0), ("b", 0), ("c", 0)]
+    assert calls[3:] == [("a", 0), ("b", 0), ("c", 0), ("b", 1), ("c", 1), ("a", 1)] + [
+        ("c", 0),
+        ("a", 0),
+        ("b", 0),
+    ]
+    median, p20, p80 = harness.summarize([3.0, 1.0, 2.0, 5.0, 4.0], 1e3)
+    assert (median, p20, p80) == (3000.0, 1800.0, 4200.0)
+
+
 def test_csv_upsert_replaces_rows_with_the_same_key(tmp_path):
     bench = _load(BENCH / "bench_lora_linear.py", "bench_lora_linear")
+    harness = sys.modules["harness"]
     path = tmp_path / "x.csv"
     row = {k: "a" for k in bench.CSV_KEY}
-    bench.upsert_csv(path, [{**row, "median_ms": 1.0}, {**row, "mode": "b", "median_ms": 2.0}])
-    bench.upsert_csv(path, [{**row, "median_ms": 3.0}])
+    key, columns = bench.CSV_KEY, bench.CSV_COLUMNS
+    first = [{**row, "median_ms": 1.0}, {**row, "mode": "b", "median_ms": 2.0}]
+    harness.upsert_csv(path, first, key, columns)
+    harness.upsert_csv(path, [{**row, "median_ms": 3.0}], key, columns)
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert sorted((r["mode"], r["median_ms"]) for r in rows) == [("a", "3"), ("b", "2")]

@@ -1,0 +1,227 @@
+"""The providers of the kernel benchmark and what is measured on each besides time.
+
+Every provider is a function of x built on one `InputSet` (x, dY, W, b, A, B shared by
+all providers, so they compute on identical values); a `Task` is one (provider, mode)
+for `harness.time_interleaved` or `do_bench`. Besides time: the activation bytes
+saved for backward, the GPU peak of one fwd+bwd, and the output checked against the
+float64 reference.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from harness import Timed
+from torch import nn
+
+import lora_kernels
+from lora_kernels.backends import resolve_backend
+from lora_kernels.memory import saved_activations
+from lora_kernels.reference import lora_linear_reference
+
+LORA_ALPHA = 16.0
+
+
+def usable_backends(device: torch.device) -> tuple[list[str], dict[str, str]]:
+    """lora_kernels backends that run on `device` here, and why the others are skipped."""
+    usable, skipped = [], {}
+    for name, (ok, reason) in lora_kernels.available_backends().items():
+        if not ok:
+            skipped[name] = f"not usable: {reason}"
+        elif name == "triton" and device.type == "cpu":
+            skipped[name] = (
+                "skipped on CPU: Triton runs here only interpreted (TRITON_INTERPRET=1), "
+                "which times the interpreter, not the kernels"
+            )
+        else:
+            try:
+                resolve_backend(device.type, name)
+            except RuntimeError as error:
+                skipped[name] = str(error)
+            else:
+                usable.append(name)
+    return usable, skipped
+
+
+class _OneLayer(nn.Module):
+    def __init__(self, proj: nn.Linear):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def build_peft_layer(weight, bias, lora_A, lora_B, R, alpha, p) -> nn.Module:
+    """peft's lora.Linear around an nn.Linear holding `weight`, via get_peft_model.
+
+    The adapter parameters are then set to the shared `lora_A`, `lora_B` (float32 by
+    default, as peft makes them for a half-precision base), so every provider computes
+    on identical values.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    N, K = weight.shape
+    base = torch.nn.utils.skip_init(
+        nn.Linear, K, N, bias=bias is not None, device=weight.device, dtype=weight.dtype
+    )
+    base.weight = weight
+    if bias is not None:
+        base.bias = bias
+    config = LoraConfig(r=R, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(_OneLayer(base), config)
+    layer = model.base_model.model.proj
+    layer.lora_A["default"].weight = lora_A
+    layer.lora_B["default"].weight = lora_B
+    assert math.isclose(layer.scaling["default"], alpha / R)
+    layer.train()
+    return layer
+
+
+@dataclass
+class InputSet:
+    """One rotation slot: x, dY and the layer's tensors, shared by every provider."""
+
+    x: torch.Tensor
+    dy: torch.Tensor
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+    fns: dict = field(default_factory=dict)
+
+    def params(self) -> list[torch.Tensor]:
+        return [t for t in (self.weight, self.bias, self.lora_A, self.lora_B) if t is not None]
+
+    def grads_to_none(self) -> list[torch.Tensor]:
+        return [self.x, self.lora_A, self.lora_B]
+
+
+def make_input_set(cfg, device, adapter_dtype, bias, providers, seed) -> InputSet:
+    """Random x, dY, W (frozen), b, A, B of `cfg`'s shape and each provider at `cfg.p`."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    M, K, N, R = cfg.M, cfg.K, cfg.N, cfg.R
+
+    def rand(*shape, dtype, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    x = rand(M, K, dtype=cfg.dtype).requires_grad_()
+    dy = rand(M, N, dtype=cfg.dtype)
+    weight = nn.Parameter(rand(N, K, dtype=cfg.dtype, scale=K**-0.5), requires_grad=False)
+    b = nn.Parameter(rand(N, dtype=cfg.dtype), requires_grad=False) if bias else None
+    lora_A = nn.Parameter(rand(R, K, dtype=adapter_dtype, scale=K**-0.5))
+    lora_B = nn.Parameter(rand(N, R, dtype=adapter_dtype, scale=R**-0.5))
+    s = InputSet(x, dy, weight, b, lora_A, lora_B)
+    s.fns = {name: provider_fn(name, s, cfg.p) for name in providers}
+    return s
+
+
+def provider_fn(name: str, s: InputSet, p: float):
+    """Provider `name` as a function of x on the tensors of `s`, at dropout `p`."""
+    w, b, A, B = s.weight, s.bias, s.lora_A, s.lora_B
+    R = A.shape[0]
+    scale = LORA_ALPHA / R
+    if name == "linear":
+        return lambda x: torch.nn.functional.linear(x, w, b)
+    if name == "peft":
+        return build_peft_layer(w, b, A, B, R, LORA_ALPHA, p)
+    if name == "unsloth":
+
+        def unsloth(x):
+            out = torch.nn.functional.linear(x, w, b)
+            xa = x @ A.t().to(x.dtype)
+            return out.addmm_(xa, B.t().to(x.dtype), alpha=scale)
+
+        return unsloth
+    backend = name.removeprefix("lk-")
+
+    def lk(x):
+        return lora_kernels.lora_linear(
+            x, w, b, A, B, scale, dropout_p=p, training=True, backend=backend
+        )
+
+    return lk
+
+
+@dataclass
+class Task(Timed):
+    """One (provider, mode) to time; `run(i)` does one call on input set i.
+
+    `key` names its samples: (provider, mode) unless given.
+    """
+
+    provider: str
+    mode: str
+    sets: list[InputSet]
+    key: object = None
+    graphs: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.key is None:
+            self.key = (self.provider, self.mode)
+
+    def prepare(self) -> None:
+        if self.mode == "bwd":
+            self.graphs = [s.fns[self.provider](s.x) for s in self.sets]
+
+    def before(self, i: int) -> None:
+        for t in self.sets[i].grads_to_none():
+            t.grad = None
+
+    def run(self, i: int) -> None:
+        s = self.sets[i]
+        if self.mode == "fwd":
+            s.fns[self.provider](s.x)
+        elif self.mode == "bwd":
+            self.graphs[i].backward(s.dy, retain_graph=True)
+        else:
+            s.fns[self.provider](s.x).backward(s.dy)
+
+
+def saved_bytes(s: InputSet, provider: str) -> int:
+    _, saved = saved_activations(lambda: s.fns[provider](s.x), exclude=s.params())
+    return saved.bytes
+
+
+def peak_bytes_gpu(s: InputSet, provider: str) -> int:
+    """Peak memory of one fwd+bwd above what was allocated before it."""
+    torch.cuda.synchronize()
+    for t in s.grads_to_none():
+        t.grad = None
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    s.fns[provider](s.x).backward(s.dy)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+CHECK_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def check_output(s: InputSet, provider: str, cfg) -> str:
+    """Relative error of the forward output against the float64 reference (p = 0 only)."""
+    if cfg.p > 0:
+        return "-"
+    with torch.no_grad():
+        y = s.fns[provider](s.x).double()
+        if provider == "linear":
+            ref = torch.nn.functional.linear(
+                s.x.double(), s.weight.double(), None if s.bias is None else s.bias.double()
+            )
+        else:
+            ref = lora_linear_reference(
+                s.x.double(),
+                s.weight.double(),
+                None if s.bias is None else s.bias.double(),
+                s.lora_A.double(),
+                s.lora_B.double(),
+                LORA_ALPHA / cfg.R,
+                0.0,
+            )
+    err = float((y - ref).norm() / ref.norm())
+    return f"ok {err:.1e}" if err <= CHECK_TOL[cfg.dtype] else f"FAIL {err:.1e}"
