@@ -11,7 +11,7 @@ pass that generates the mask, not overlapped with its tensor-core work (conserva
 the fused and C++ designs generate it once, in the forward shrink, and keep it packed
 one bit per element for backward.
 
-Notation as in the design notes: X [M, K], W [N, K], A [R, K], B [N, R], U [M, R].
+Notation as in docs/design.md: X [M, K], W [N, K], A [R, K], B [N, R], U [M, R].
 `e` is bytes per element of X and W, `a` of the adapters (float32 by default, as
 peft creates them), `c` of the LoRA branch where a composition promotes it.
 """
@@ -29,11 +29,11 @@ H100_SXM_DATASHEET = {
     "name": "H100 SXM5 (datasheet)",
     "bandwidth": 3.35e12,  # bytes/s
     "mma": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, torch.float32: 66.9e12},
-    # Integer instruction rate for Philox, the design notes' estimate (not datasheet).
+    # Integer instruction rate for Philox, docs/design.md's estimate (not datasheet).
     "int_ops": 16e12,
 }
 
-# One Philox4x32-10 call: 10 rounds of about 6 integer instructions (design notes).
+# One Philox4x32-10 call: 10 rounds of about 6 integer instructions (docs/design.md).
 PHILOX_OPS_PER_CALL = 60
 # The pure-PyTorch generator in lora_kernels.reference runs ~300 int64 elementwise ops
 # over M*K/4 counters; counted once with a TorchDispatchMode over dropout_keep_mask
@@ -156,7 +156,7 @@ def _shrink_pass(M, K, R, p, dtype, adapter_dtype):
 
 
 def fused_passes(mode, M, K, N, R, p, dtype, adapter_dtype, bias):
-    """The fused Triton design (design notes): 2 launches forward, 3 backward. The
+    """The fused Triton design (docs/design.md): 2 launches forward, 3 backward. The
     shrink generates the mask and writes it packed (keep_bits); dX and dA read it."""
     e, a = _nbytes(dtype), _nbytes(adapter_dtype)
     bits = _bits_bytes(M, K, p)

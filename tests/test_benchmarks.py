@@ -171,8 +171,6 @@ def test_traffic_model_counts_the_design():
 
 
 def test_digits_example_learns_8_and_9():
-    if not hasattr(lora_kernels, "apply_lora"):
-        pytest.skip("lora_kernels.apply_lora is not in this checkout yet (issue 2)")
     example = _load(REPO / "examples" / "digits_lora.py", "digits_lora")
     results = example.run()
     assert results["base_acc_0_7"] >= 0.9
