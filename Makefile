@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: setup bench bench-full test test-long lint format clean
+.PHONY: setup bench bench-full test test-long test-cuda-build lint format clean
 
 setup: $(STAMP)
 
@@ -43,5 +43,9 @@ test: lint
 test-long: lint
 	$(PY) -m pytest -q
 
+# The extension built with nvcc against a CUDA torch in .venv-cuda, checked on the CPU.
+test-cuda-build:
+	bash .ci/cuda_build.sh
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-cuda build *.egg-info

@@ -33,7 +33,15 @@ def _extensions():
     """The compiled extensions and the build command class that builds them."""
     if os.environ.get("LORA_KERNELS_NO_EXTENSION") == "1":
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError as error:
+        raise SystemExit(
+            "lora_kernels: the C++ extension is built against the torch that will import "
+            "it, and this build sees none (" + str(error) + "). Install torch first, then "
+            "`pip install --no-build-isolation .` (pip's isolated build would build against "
+            "another torch), or set LORA_KERNELS_NO_EXTENSION=1 for the pure-Python package."
+        ) from error
 
     config = _build_config()
     with_cuda, why = config.cuda_build_possible()

@@ -9,7 +9,9 @@
   file stem (the builds name object files by stem, so two would collide in ninja).
 """
 
+import os
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -18,7 +20,8 @@ import torch
 
 from lora_kernels import backend_cpp
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+REPO = Path(__file__).resolve().parent.parent
+CSRC = REPO / "csrc"
 CU_FILES = sorted(CSRC.rglob("*.cu"))
 CUDA_HOST_FILES = sorted((CSRC / "cuda").glob("*.cpp"))
 
@@ -128,3 +131,23 @@ def test_cuda_host_source_compiles(source):
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
+
+
+def test_build_requires_no_torch_and_setup_refuses_to_build_without_one(tmp_path):
+    """The extension is built against the user's torch: pyproject asks for none (an
+    isolated build would fetch another), and setup.py without torch says what to do."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from 3.11")
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    requires = pyproject["build-system"]["requires"]
+    assert not any(r.split("=")[0].split(">")[0].split("<")[0].strip() == "torch" for r in requires)
+    setup_py = str(REPO / "setup.py")
+    code = (
+        "import runpy, sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--name']; "
+        f"runpy.run_path({setup_py!r}, run_name='__main__')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LORA_KERNELS_NO_EXTENSION"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert result.returncode != 0
+    assert "--no-build-isolation" in result.stderr, result.stderr
