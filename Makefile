@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: setup bench bench-full test test-long test-cuda-build lint format clean
+.PHONY: setup bench bench-full test test-long test-cuda-build test-compat lint format clean
 
 setup: $(STAMP)
 
@@ -47,5 +47,9 @@ test-long: lint
 test-cuda-build:
 	bash .ci/cuda_build.sh
 
+# The triton backend's interpreter suite and compile report on the oldest supported Triton.
+test-compat: $(STAMP)
+	bash .ci/compat.sh
+
 clean:
-	rm -rf $(VENV) .venv-cuda build *.egg-info
+	rm -rf $(VENV) .venv-cuda .venv-compat build *.egg-info

@@ -8,13 +8,16 @@ cannot work, CPU tensors after TRITON_INTERPRET=1 was set too late, fails with a
 that says so (`late_switch`).
 
 Everything special-cased for the interpreter lives here: its bfloat16 fixes (a constexpr
-the kernels read), its lock, its one small config per kernel and its host-chosen sizes.
+the kernels read), Triton 3.6's scalar `__index__` under NumPy 2.4, its lock, its one
+small config per kernel and its host-chosen sizes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import operator
 import threading
+import warnings
 
 import triton
 import triton.language as tl
@@ -22,6 +25,54 @@ import triton.language as tl
 from .configs import LaunchSizes
 
 ACTIVE = bool(triton.knobs.runtime.interpret)
+
+
+def _fix_scalar_index() -> bool:
+    """Install the upstream fix of the interpreter's `tl.tensor.__index__` where it is
+    broken (True: installed; False: not needed, or an interpreter laid out otherwise).
+
+    The interpreter holds a scalar (a kernel argument such as K or R, a program id) as
+    a 1-element 1-D numpy array, and Triton 3.6's `__index__` is `int(self.handle.data)`:
+    NumPy 2.4 refuses int() of an array with ndim > 0 ("only 0-dimensional arrays can be
+    converted to Python scalars", deprecated since NumPy 1.25), so every loop whose
+    bound is a runtime scalar (`range(0, K, BLOCK_K)`, `tl.range(0, R, BLOCK_R)`) fails
+    on its first use. Upstream fixed it (triton-lang/triton#9171) with
+    `int(self.handle.data.squeeze())`, the code of Triton 3.9. Gated on the behaviour,
+    probed once here (the TypeError, or NumPy's deprecation warning before 2.4), not on
+    version numbers; the fix then joins the attributes the interpreter sets on
+    `tl.tensor` for each launch (and restores after it). Compiled kernels never run
+    the interpreter's code, so they are unaffected.
+    """
+    import numpy as np
+
+    try:
+        from triton.runtime import interpreter as ti
+
+        patch_tensor = ti._patch_lang_tensor
+        scope = ti._LangPatchScope()
+        handle = ti.TensorHandle(np.array([1], dtype=np.int32), tl.int32)
+    except (ImportError, AttributeError):
+        return False
+    try:
+        patch_tensor(tl.core.tensor, scope)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            if operator.index(tl.core.tensor(handle, tl.int32)) == 1:
+                return False
+    except (TypeError, DeprecationWarning):
+        pass
+    finally:
+        scope.restore()
+
+    def _patch_lang_tensor(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    ti._patch_lang_tensor = _patch_lang_tensor
+    return True
+
+
+SCALAR_INDEX_FIX = ACTIVE and _fix_scalar_index()
 
 # Two bfloat16 defects of Triton 3.9's interpreter, worked around only under it: tl.dot
 # multiplies bf16 operands as their raw uint16 bits (kernels._dot widens them to fp32
