@@ -3,7 +3,7 @@
 # a GPU user builds it, on a machine without a GPU. In its own venv (.venv-cuda):
 #   1. torch==2.14.1 (a CUDA 13 build), installed once;
 #   2. a wheel of this tree built with nvcc for sm_80 and sm_90, cached under
-#      ~/.cache/lora_kernels/cuda-wheels by a hash of its sources and the torch version;
+#      ~/.cache/lora_kernels/cuda-wheels by a hash of its files and the torch version;
 #   3. lora_kernels._C imported, its CUDA kernels checked in the dispatcher for every op;
 #   4. `python -m lora_kernels` and a small CPU test subset, run against the installed
 #      wheel with that torch (a login node: CUDA torch, no GPU).
@@ -22,8 +22,10 @@ fi
 "$py" -c "import torch; assert torch.version.cuda, torch.__version__; print('torch', torch.__version__)"
 
 cd "$repo"
-key=$(cat setup.py pyproject.toml lora_kernels/backend_cpp.py $(find csrc -type f | sort) \
-    | sha256sum | cut -c1-16)-torch$torch_version
+# Keyed on every file the wheel is built from (the Python package too, which the tests
+# below import from the wheel), so that a cached wheel is never stale.
+key=$(git ls-files -z setup.py pyproject.toml MANIFEST.in lora_kernels csrc \
+    | xargs -0 cat | sha256sum | cut -c1-16)-torch$torch_version
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/lora_kernels/cuda-wheels/$key
 if ! ls "$cache"/lora_kernels-*.whl >/dev/null 2>&1; then
     tree=$(mktemp -d)

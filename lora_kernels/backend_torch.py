@@ -39,10 +39,10 @@ def torch_forward(
     _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     M, K = x.shape
     keep = None
-    keep_bits = x.new_empty(contract.keep_bits_shape(M, K, dropout_p), dtype=torch.uint8)
+    keep_bits = x.new_empty(0, dtype=torch.uint8)  # the contract's [0] without dropout
     if dropout_p > 0.0:
         keep = reference.dropout_keep_mask(seed, M, K, dropout_p, x.device)
-        keep_bits = reference.pack_keep_mask(keep)
+        keep_bits = reference.pack_keep_mask(keep)  # [M, ceil(K/8)]
     y, u = reference.lora_linear_forward_reference(
         x, weight, bias, lora_A, lora_B, scaling, dropout_p, keep
     )
