@@ -16,11 +16,15 @@ Shared-memory limits (opt-in maximum per block, CUDA C++ Programming Guide, "Tec
 Specifications per Compute Capability"): 166912 B (163 KB) on sm_80 (A100), 232448 B
 (227 KB) on sm_90 (H100).
 
-Exits with status 1 if any configuration fails to compile, spills, or needs more shared
-memory than its target has.
+Exits with status 1 if any configuration fails to compile or needs more shared memory
+than its target has, or if every configuration of a launch spills. A configuration that
+spills where another of its launch does not is listed as "dropped at launch": on a GPU
+the launcher compiles the candidates and drops those (`backend_triton.launch.spill_free`),
+since whether ptxas spills a tile depends on the Triton version's occupancy heuristics.
 
     python benchmarks/compile_report.py              # everything (several minutes)
-    python benchmarks/compile_report.py --quick      # one config per kernel and target
+    python benchmarks/compile_report.py --quick      # per kernel and target: the first
+                                                     # config that compiles cleanly
     python benchmarks/compile_report.py --csv out.csv
 """
 
@@ -201,6 +205,12 @@ class Row:
     mma: str = ""
     seconds: float = 0.0
     problem: str = ""
+    status: str = ""  # what the row means when it is not a problem ("ok" when empty)
+
+
+# compile_one's mark for a spill; compile_launch decides whether it is a problem.
+_SPILLS = "spills"
+_DROPPED = "dropped at launch"
 
 
 def _signature(spec: KernelSpec, case: DtypeCase, config: triton.Config):
@@ -305,21 +315,19 @@ def compile_one(name, spec, case, config, target, block_r, dropout, shared_limit
         row.regs, row.spill_bytes = _resource_usage(log.getvalue(), compiled.asm["cubin"])
         row.shared = int(compiled.metadata.shared)
         row.mma = _mma(compiled.asm["ptx"])
-        problems = []
-        if row.spill_bytes > 0:
-            problems.append(f"spills {row.spill_bytes} B")
         limit = shared_limit or configs.SHARED_MEMORY_LIMIT[target]
         if row.shared > limit:
-            problems.append(f"shared {row.shared} B > {limit} B")
-        row.problem = "; ".join(problems)
+            row.problem = f"shared {row.shared} B > {limit} B"
+        elif row.spill_bytes > 0:
+            row.problem = _SPILLS
     except Exception as error:  # a failed compile is a row of the report, not a crash
         row.problem = f"compile error: {type(error).__name__}: {str(error).splitlines()[0]}"
     row.seconds = time.perf_counter() - start
     return row
 
 
-def plan(quick: bool, only: tuple | None):
-    """(name, spec, dtype case, config, target, block_r, dropout) for every compile."""
+def plan(only: tuple | None, quick: bool):
+    """(name, spec, dtype case, target, block_r, dropout, configs) for every launch."""
     names = only or (*configs.KERNEL_NAMES, *_HELPERS)
     cases = (DTYPE_CASES[0],) if quick else DTYPE_CASES
     for target in configs.TARGETS:
@@ -337,8 +345,31 @@ def plan(quick: bool, only: tuple | None):
                         rank_tf32 = case.x != torch.float32
                         spec = kernel_specs(block_r, fma, dropout, rank_tf32)[name]
                         listed = configs_for(name, target, case, block_r, dropout)
-                        for config in listed[:1] if quick else listed:
-                            yield name, spec, case, config, target, block_r, dropout
+                        yield name, spec, case, target, block_r, dropout, listed
+
+
+def compile_launch(launch, quick: bool, shared_limit=None) -> list[Row]:
+    """The rows of one launch: every config, or with `quick` configs in order up to the
+    first that compiles cleanly.
+
+    A config that spills is what the launcher on a GPU compiles and drops
+    (`launch.spill_free`): its row says so and is a problem only when every config of
+    the launch spills (the launcher then keeps them all).
+    """
+    name, spec, case, target, block_r, dropout, listed = launch
+    rows = []
+    for config in listed:
+        rows.append(compile_one(name, spec, case, config, target, block_r, dropout, shared_limit))
+        if quick and not rows[-1].problem:
+            break
+    spilled = [r for r in rows if r.problem == _SPILLS]
+    every_config_spills = len(spilled) == len(listed)
+    for r in spilled:
+        if every_config_spills:
+            r.problem = f"spills {r.spill_bytes} B (no config of this launch is spill-free)"
+        else:
+            r.problem, r.status = "", f"spills {r.spill_bytes} B: {_DROPPED}"
+    return rows
 
 
 _HEADER = ("kernel", "dtypes", "drop", "R-blk", "config", "target", "regs", "spill")
@@ -355,24 +386,27 @@ def print_row(r: Row) -> None:
     cells += (r.regs,)
     cells += (r.spill_bytes, r.shared, r.mma)
     line = "  ".join(str(c).ljust(w) for c, w in zip(cells, _WIDTHS, strict=True))
-    print(line + "  " + (r.problem or "ok"), flush=True)
+    print(line + "  " + (r.problem or r.status or "ok"), flush=True)
 
 
 def print_summary(rows: list[Row]) -> None:
-    """Per kernel and target: worst registers, spills and shared memory, tensor-core use."""
-    print("\nsummary (worst case over dtypes, R-blocks and configs):")
-    print("kernel         target  configs  max regs  spills  max shared  mma")
+    """Per kernel and target: worst registers, spills and shared memory over the configs a
+    launcher can run (those dropped at launch counted apart), tensor-core use."""
+    print("\nsummary (worst case over dtypes, R-blocks and the configs a launcher runs):")
+    print("kernel         target  configs  dropped  max regs  spills  max shared  mma")
     groups: dict = {}
     for r in rows:
         groups.setdefault((r.kernel, r.target), []).append(r)
     for (kernel, target), group in groups.items():
-        ok = [r for r in group if r.regs >= 0]
+        dropped = [r for r in group if r.status.endswith(_DROPPED)]
+        ok = [r for r in group if r.regs >= 0 and r not in dropped]
         regs = max((r.regs for r in ok), default=-1)
         spills = max((r.spill_bytes for r in ok), default=-1)
         shared = max((r.shared for r in ok), default=-1)
         mma = "/".join(sorted({r.mma for r in ok}))
         print(
-            f"{kernel:<14} {target:<7} {len(group):>7}  {regs:>8}  {spills:>6}  {shared:>10}  {mma}"
+            f"{kernel:<14} {target:<7} {len(group):>7}  {len(dropped):>7}  {regs:>8}  "
+            f"{spills:>6}  {shared:>10}  {mma}"
         )
 
 
@@ -398,11 +432,10 @@ def main(argv=None) -> int:
     rows = []
     start = time.perf_counter()
     print_header()
-    for name, spec, case, config, target, block_r, dropout in plan(args.quick, args.kernels):
-        rows.append(
-            compile_one(name, spec, case, config, target, block_r, dropout, args.shared_limit)
-        )
-        print_row(rows[-1])
+    for launch in plan(args.kernels, args.quick):
+        for row in compile_launch(launch, args.quick, args.shared_limit):
+            rows.append(row)
+            print_row(row)
     print_summary(rows)
     if args.csv:
         with args.csv.open("w", newline="") as f:
@@ -412,7 +445,11 @@ def main(argv=None) -> int:
                 writer.writerow(getattr(r, k) for k in Row.__dataclass_fields__)
     failed = [r for r in rows if r.problem]
     elapsed = time.perf_counter() - start
-    print(f"\n{len(rows)} compiles in {elapsed:.0f} s; {len(failed)} with problems")
+    dropped = sum(r.status.endswith(_DROPPED) for r in rows)
+    print(
+        f"\n{len(rows)} compiles in {elapsed:.0f} s; {len(failed)} with problems; "
+        f"{dropped} spilling configs dropped at launch"
+    )
     return 1 if failed else 0
 
 

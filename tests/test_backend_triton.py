@@ -24,6 +24,8 @@ import lora_kernels  # noqa: E402
 from lora_kernels import ops, reference  # noqa: E402
 
 bt = pytest.importorskip("lora_kernels.backend_triton", reason="Triton is not installed")
+import triton  # noqa: E402
+
 from lora_kernels.backend_triton import configs, interpreter, launch  # noqa: E402
 
 USABLE, WHY = bt.availability("triton")
@@ -676,6 +678,111 @@ def test_gpu_autotuner_prunes_to_kernel_configs(name):
             )
             keys = sorted(configs.config_key(c) for c in pruned)
             assert keys == sorted(configs.config_key(c) for c in expected)
+
+
+class _StubCompiled:
+    def __init__(self, n_spills):
+        self.n_spills, self.loaded = None, n_spills
+
+    def _init_handles(self):
+        self.n_spills = self.loaded
+
+
+class _StubKernel:
+    """A JIT kernel whose warmup 'compiles' a config into a given spill count (or raises
+    OutOfResources), recording what it was asked to compile."""
+
+    def __init__(self, spills_by_block_m):
+        self.spills, self.calls = spills_by_block_m, []
+
+    def warmup(self, *, grid, **kwargs):
+        self.calls.append(kwargs)
+        spills = self.spills[kwargs["BLOCK_M"]]
+        if spills is None:
+            raise triton.runtime.errors.OutOfResources(1 << 20, 1 << 17, "shared memory")
+        return _StubCompiled(spills)
+
+
+def _cuda_like(monkeypatch):
+    """Make launch treat the CPU tensors of a test as real CUDA tensors."""
+    monkeypatch.setattr(launch, "_compilable", lambda named_args: True)
+
+
+def test_spill_free_drops_configs_the_installed_triton_spills(monkeypatch):
+    _cuda_like(monkeypatch)
+    monkeypatch.setattr(launch, "SPILLED", {})
+    estimated = [triton.Config({"BLOCK_M": m}, num_warps=4, num_stages=3) for m in (32, 64, 128)]
+    kernel = _StubKernel({32: 3, 64: 0, 128: None})
+    named = {"x": torch.empty(1), "M": 7}
+    kept = launch.spill_free("shrink", kernel, estimated, named, {"BLOCK_R": 16})
+    assert [c.kwargs["BLOCK_M"] for c in kept] == [64]
+    assert launch.SPILLED == {("shrink", configs.config_key(estimated[0])): 3}
+    # each config compiled once, with the launch's arguments and the config's own
+    assert [call["BLOCK_M"] for call in kernel.calls] == [32, 64, 128]
+    assert all(call["M"] == 7 and call["BLOCK_R"] == 16 for call in kernel.calls)
+    assert all(call["num_warps"] == 4 and call["num_stages"] == 3 for call in kernel.calls)
+
+
+def test_spill_free_keeps_every_config_when_all_spill_or_none_can_compile(monkeypatch):
+    estimated = [triton.Config({"BLOCK_M": m}) for m in (32, 64)]
+    kernel = _StubKernel({32: 2, 64: 5})
+    named = {"x": torch.empty(1)}
+    # CPU tensors (and fake ones under torch.compile): nothing compiled
+    assert launch.spill_free("fwd", kernel, estimated, named, {}) == estimated
+    assert kernel.calls == []
+    _cuda_like(monkeypatch)
+    assert launch.spill_free("fwd", kernel, estimated, named, {}) == estimated
+    assert len(kernel.calls) == 2
+    # a single candidate is the autotuner's choice anyway
+    assert launch.spill_free("fwd", kernel, estimated[:1], named, {}) == estimated[:1]
+    assert len(kernel.calls) == 2
+
+
+def test_max_configs_caps_each_launch_at_the_first_spill_free_configs(monkeypatch):
+    _cuda_like(monkeypatch)
+    monkeypatch.setattr(launch, "SPILLED", {})
+    estimated = [triton.Config({"BLOCK_M": m}) for m in (16, 32, 64, 128)]
+    kernel = _StubKernel({16: 4, 32: 0, 64: 0, 128: 0})
+    kept = launch.spill_free("fwd", kernel, estimated, {"x": torch.empty(1)}, {}, limit=2)
+    assert [c.kwargs["BLOCK_M"] for c in kept] == [32, 64]
+    assert [call["BLOCK_M"] for call in kernel.calls] == [16, 32, 64]  # stops compiling
+    monkeypatch.setattr(launch, "_compilable", lambda named_args: False)
+    assert launch.spill_free("fwd", kernel, estimated, {}, {}, limit=3) == estimated[:3]
+
+
+@pytest.mark.parametrize("value, expected", [("", None), ("1", 1), ("12", 12)])
+def test_max_configs_reads_the_environment(value, expected, monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_MAX_CONFIGS", value)
+    assert launch.max_configs() == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
+def test_max_configs_rejects_what_is_not_a_positive_count(value, monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_MAX_CONFIGS", value)
+    with pytest.raises(ValueError, match=f"LORA_KERNELS_MAX_CONFIGS.*{value!r}"):
+        launch.max_configs()
+
+
+def test_autotune_choices_lists_each_tuned_key(monkeypatch):
+    class Tuner:
+        cache = {(64, "torch.bfloat16"): triton.Config({"BLOCK_M": 32}, num_warps=8)}
+
+    monkeypatch.setattr(launch, "TUNERS", {("fwd", ((9, 0), 232448)): Tuner()})
+    [choice] = launch.autotune_choices()
+    assert choice["kernel"] == "fwd" and choice["capability"] == [9, 0]
+    assert choice["key"] == ["64", "torch.bfloat16"]
+    assert choice["config"] == {"BLOCK_M": 32, "num_warps": 8}
+
+
+def test_compilable_only_for_real_cuda_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert not launch._compilable({"x": torch.empty(2), "M": 2})
+    assert not launch._compilable({"x": torch.empty(2, device="meta")})
+    with FakeTensorMode():
+        fake = torch.empty(2)
+    assert not launch._compilable({"x": fake})
+    assert not launch._compilable({"M": 2})
 
 
 # --------------------------------------------------------------------------------------

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import typing
 
 import torch
 import triton
-from torch.library import wrap_triton
+from torch.library import wrap_triton as _wrap_triton
 
 from .. import reference
 from ..contract import check_backward_inputs, check_bias, check_op_inputs, keep_bits_shape
@@ -57,11 +58,43 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# (kernel name, target) -> its autotuner, for `autotune_choices`.
+TUNERS: dict[tuple, triton.runtime.Autotuner] = {}
+
+
+def max_configs() -> int | None:
+    """How many configs each launch autotunes over at most (`LORA_KERNELS_MAX_CONFIGS`,
+    the first ones in `configs.candidates` order that pass the checks): a cap on
+    compile time for short runs such as gpu-check's; unset: all of them."""
+    value = os.environ.get("LORA_KERNELS_MAX_CONFIGS", "")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"LORA_KERNELS_MAX_CONFIGS must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def autotune_choices() -> list[dict]:
+    """The config each autotuned kernel chose, per autotune key, in this process."""
+    return [
+        {
+            "kernel": name,
+            "capability": list(target[0]),
+            "key": [str(k) for k in key],
+            "config": {**config.kwargs, "num_warps": config.num_warps},
+            "num_stages": config.num_stages,
+        }
+        for (name, target), tuner in TUNERS.items()
+        for key, config in tuner.cache.items()
+    ]
+
+
 @functools.cache
 def tuned(name: str, target: tuple | None):
     """Kernel `name` under triton.autotune for a device `target` = (capability, shared
-    memory limit), its candidates pruned to `configs.kernel_configs` per launch; None:
-    the interpreter, one small config."""
+    memory limit), its candidates pruned to `configs.kernel_configs` per launch, then to
+    those that compile without spilling (`spill_free`); None: the interpreter, one small
+    config."""
     kernel = _JIT_KERNELS[name]
     keys = configs.AUTOTUNE_KEYS[name]
     if target is None:
@@ -79,11 +112,69 @@ def tuned(name: str, target: tuple | None):
             HAS_DROPOUT=kwargs.get("HAS_DROPOUT", False),
         )
         allowed_keys = {configs.config_key(c) for c in allowed}
-        return [c for c in candidates if configs.config_key(c) in allowed_keys]
+        estimated = [c for c in candidates if configs.config_key(c) in allowed_keys]
+        return spill_free(name, kernel, estimated, named_args, kwargs, max_configs())
 
-    return triton.autotune(
+    tuner = triton.autotune(
         configs.all_candidates(name), key=keys, prune_configs_by={"early_config_prune": prune}
     )(kernel)
+    TUNERS[name, target] = tuner
+    return tuner
+
+
+def wrap_triton(kernel):
+    """`torch.library.wrap_triton(kernel)`, so that torch.compile traces the launch; the
+    kernel itself under the interpreter, whose kernels torch 2.12 and older refuse to wrap
+    (torch 2.13's wrap_triton returns them unwrapped too)."""
+    return kernel if interpreter.ACTIVE else _wrap_triton(kernel)
+
+
+# (kernel name, config key) -> Triton's n_spills (local memory, in 32-bit words) of every
+# config `spill_free` dropped on this machine; gpu-check reports them.
+SPILLED: dict[tuple, int] = {}
+
+
+def _compilable(named_args: dict) -> bool:
+    """Whether a launch's tensors are real CUDA tensors (not torch.compile's fake or meta
+    tensors, which can compile nothing), so that its configs can be compiled here."""
+    tensors = [v for v in named_args.values() if isinstance(v, torch.Tensor)]
+    return bool(tensors) and all(
+        t.device.type == "cuda" and not torch._subclasses.fake_tensor.is_fake(t) for t in tensors
+    )
+
+
+def spill_free(
+    name: str, kernel, estimated: list, named_args: dict, kwargs: dict, limit: int | None = None
+) -> list:
+    """The configs of `estimated` that the installed Triton compiles for this launch
+    without spilling registers (all of them if every one spills, or if nothing can be
+    compiled here: fake tensors, tensors not on a CUDA device); with `limit`, the first
+    `limit` of those.
+
+    The register estimate prunes by tile sizes, but whether ptxas spills a config also
+    depends on its occupancy heuristics, which change between Triton/ptxas versions: the
+    same shrink tile gets 56 registers and spills on one version, 62 and no spill on the
+    next. Compiling is what the autotuner does next anyway (the compiled kernel stays in
+    Triton's cache), so each config is compiled here and its local memory read off the
+    loaded binary.
+    """
+    if len(estimated) < 2 or not _compilable(named_args):
+        return estimated[:limit]
+    clean = []
+    for config in estimated:
+        if limit is not None and len(clean) == limit:
+            break
+        try:
+            compiled = kernel.warmup(grid=(1,), **named_args, **kwargs, **config.all_kwargs())
+            compiled._init_handles()
+            spilled = int(compiled.n_spills)
+        except triton.runtime.errors.OutOfResources:
+            continue
+        if spilled > 0:
+            SPILLED[name, configs.config_key(config)] = spilled
+        else:
+            clean.append(config)
+    return clean or estimated[:limit]
 
 
 class Launch(typing.NamedTuple):
