@@ -108,10 +108,21 @@ def _check_arguments(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> flo
     return check_dropout_p(dropout_p)
 
 
+# Device types that torch.autocast knows, read once: torch 2.11's dynamo cannot trace
+# torch.amp.is_autocast_available, and torch.is_autocast_enabled raises for the others
+# (meta, for one).
+_AUTOCAST_DEVICE_TYPES = frozenset(
+    device_type
+    for device_type in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "maia")
+    + (torch._C._get_privateuse1_backend_name(),)
+    if torch.amp.is_autocast_available(device_type)
+)
+
+
 def autocast_operands(x, weight, bias, lora_A, lora_B):
     """Cast like nn.Linear under torch.autocast: every operand to the autocast dtype."""
     device_type = x.device.type
-    autocast_device = torch.amp.is_autocast_available(device_type)
+    autocast_device = device_type in _AUTOCAST_DEVICE_TYPES
     if not (autocast_device and torch.is_autocast_enabled(device_type)):
         return x, weight, bias, lora_A, lora_B
     dtype = torch.get_autocast_dtype(device_type)

@@ -774,6 +774,16 @@ def test_autotune_choices_lists_each_tuned_key(monkeypatch):
     assert choice["config"] == {"BLOCK_M": 32, "num_warps": 8}
 
 
+@pytest.mark.parametrize(
+    "version, usable", [("3.5.1", False), ("2.3.0", False), ("3.6.0", True), ("3.10.0+git", True)]
+)
+def test_triton_older_than_the_tested_floor_is_refused_with_the_version(version, usable):
+    problem = bt.triton_version_problem(version)
+    assert (problem is None) == usable
+    if not usable:
+        assert "needs Triton 3.6 or newer" in problem and version in problem
+
+
 def test_compilable_only_for_real_cuda_tensors():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

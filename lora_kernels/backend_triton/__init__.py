@@ -24,6 +24,7 @@ tensors with one small config.
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 import triton
@@ -122,8 +123,24 @@ def dropout_keep_mask(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Ten
 # ---------------------------------------------------------------------------------------
 
 
+# The oldest Triton the kernels are tested on (make test-compat); setup.py says the same.
+MIN_TRITON = (3, 6)
+
+
+def triton_version_problem(version: str) -> str | None:
+    """Why Triton `version` cannot serve the backend (older than `MIN_TRITON`), or None."""
+    release = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if release < MIN_TRITON:
+        oldest = ".".join(map(str, MIN_TRITON))
+        return f"needs Triton {oldest} or newer (the oldest tested), got Triton {version}"
+    return None
+
+
 @functools.cache
 def _availability() -> tuple[bool, str]:
+    too_old = triton_version_problem(triton.__version__)
+    if too_old:
+        return False, too_old
     if interpreter.ACTIVE:
         return True, f"Triton {triton.__version__} interpreter (TRITON_INTERPRET=1), CPU tensors"
     if not torch.cuda.is_available():
