@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: setup bench bench-full test test-long test-cuda-build test-compat lint format clean
+.PHONY: setup bench bench-full test test-long test-cuda-build test-compat gpu-check lint format clean
 
 setup: $(STAMP)
 
@@ -42,14 +42,23 @@ test: lint
 
 test-long: lint
 	$(PY) -m pytest -q
+	bash .ci/compile_reports.sh
 
 # The extension built with nvcc against a CUDA torch in .venv-cuda, checked on the CPU.
 test-cuda-build:
 	bash .ci/cuda_build.sh
 
-# The triton backend's interpreter suite and compile report on the oldest supported Triton.
-test-compat: $(STAMP)
+# The supported floor (Python 3.12, torch 2.11, Triton 3.6) in .venv-compat: the triton
+# backend's interpreter suite, its compile report and the CPU tests of op, layer and _C.
+test-compat:
 	bash .ci/compat.sh
 
+# On a GPU machine, with its own python3 and nothing installed: build, GPU tests, the
+# headline benchmark and a profile, each step under its own timeout (benchmarks/gpu_check.py).
+# COMMIT=<hash> names the commit where the tree is a copy without .git.
+GPU_CHECK_OUT ?= gpu-check-out
+gpu-check:
+	python3 benchmarks/gpu_check.py $(GPU_CHECK_OUT) $(if $(COMMIT),--commit $(COMMIT))
+
 clean:
-	rm -rf $(VENV) .venv-cuda .venv-compat build *.egg-info
+	rm -rf $(VENV) .venv-cuda .venv-compat build *.egg-info gpu-check-out

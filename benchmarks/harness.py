@@ -72,7 +72,10 @@ def versions() -> dict[str, str]:
 
 
 def git_commit() -> str:
-    """Short commit of this checkout, "-dirty" if files outside results/ changed."""
+    """Short commit of this checkout, "-dirty" if files outside results/ changed;
+    `LORA_KERNELS_COMMIT` where the tree is a copy without git (a GPU machine's)."""
+    if os.environ.get("LORA_KERNELS_COMMIT"):
+        return os.environ["LORA_KERNELS_COMMIT"]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -113,7 +116,7 @@ def cache_bytes(device: torch.device) -> int:
 def describe(device: torch.device) -> dict:
     """The columns every row carries: date, device, threads (CPU), commit, versions."""
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device": device_name(device),
         "threads": torch.get_num_threads() if device.type == "cpu" else "",
         "commit": git_commit(),
