@@ -71,7 +71,12 @@ def forward_backward(model, x, *args, **kwargs):
     torch.manual_seed(11)
     out = model(x, *args, **kwargs)
     (out * torch.linspace(-1, 1, out.shape[-1])).square().sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    # "_orig_mod." is torch.compile's wrapper.
+    grads = {
+        n.removeprefix("_orig_mod."): p.grad.clone()
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
     grads["x"] = x.grad.clone()
     return out.detach(), grads
 
@@ -344,8 +349,17 @@ def test_xlora_model_is_left_to_xlora(tmp_path):
         assert "XLoraLinearLayer.forward" in why, why
     assert "4 x its forward was replaced on the instance" in str(report)
     ids = torch.randint(0, tiny_models.VOCAB, (2, 6), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    results = []
+    for m in (model, reference):
+        logits = m(input_ids=ids).logits
+        logits.square().mean().backward()
+        grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+        results.append((logits.detach(), grads))
+    (out, grads), (out_ref, grads_ref) = results
+    assert torch.equal(out, out_ref)
+    assert sorted(grads) == sorted(grads_ref) and grads  # X-LoRA's classifier
+    for name in grads:
+        assert torch.equal(grads[name], grads_ref[name]), name
     assert unpatch_peft(model) == []
 
 
@@ -708,3 +722,19 @@ def test_report_counts_fused_calls_and_fallbacks_by_reason():
     assert "    2 x adapters disabled" in text
     report.calls.reset()
     assert "calls since patching" not in str(report)
+
+
+def test_compiled_patched_model_neither_recompiles_nor_counts(monkeypatch):
+    """The counters are Python state: under torch.compile they are skipped, so calls
+    neither break the graph nor recompile (and are not counted)."""
+    model = peft_net()
+    reference = copy.deepcopy(model)
+    report = patch_peft(model)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    for seed in range(3):
+        x = inputs(seed=seed)
+        assert_same_results(forward_backward(compiled, x), forward_backward(reference, x))
+    assert report.calls.fused == 0 and not report.calls.by_peft
+    model(inputs())
+    assert report.calls.fused == 2
