@@ -141,7 +141,7 @@ def test_patched_module_is_a_peft_linear_subclass_and_unpatch_restores_every_att
     assert counter.calls == 2
 
 
-def test_patch_peft_twice_repatches_with_the_new_backend_and_report(monkeypatch):
+def test_patch_peft_twice_repatches_with_the_new_backend_and_report():
     model = peft_net()
     first = patch_peft(model)
     second = patch_peft(model, backend="torch")
@@ -456,7 +456,7 @@ def test_hooks_on_the_patched_module_itself_keep_running(monkeypatch):
         assert events["patched", kind] == events["peft", kind] == 1, kind
 
 
-def test_hooks_on_submodules_and_global_hooks_fall_back_and_are_counted(monkeypatch):
+def test_hooks_on_submodules_and_global_hooks_fall_back_and_are_counted():
     """A hook on base_layer/lora_A/... or a global module hook would not see peft's
     submodule calls under the fused op: such calls go to peft, counted by reason."""
     model = peft_net()
