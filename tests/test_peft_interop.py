@@ -724,17 +724,17 @@ def test_report_counts_fused_calls_and_fallbacks_by_reason():
     assert "calls since patching" not in str(report)
 
 
-def test_compiled_patched_model_neither_recompiles_nor_counts(monkeypatch):
+def test_compiled_patched_model_neither_recompiles_nor_counts():
     """The counters are Python state: under torch.compile they are skipped, so calls
     neither break the graph nor recompile (and are not counted)."""
     model = peft_net()
     reference = copy.deepcopy(model)
     report = patch_peft(model)
     compiled = torch.compile(model, fullgraph=True, backend="eager")
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    for seed in range(3):
-        x = inputs(seed=seed)
-        assert_same_results(forward_backward(compiled, x), forward_backward(reference, x))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in range(3):
+            x = inputs(seed=seed)
+            assert_same_results(forward_backward(compiled, x), forward_backward(reference, x))
     assert report.calls.fused == 0 and not report.calls.by_peft
     model(inputs())
     assert report.calls.fused == 2
