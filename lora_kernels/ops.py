@@ -7,6 +7,7 @@ formula lives in `contract.py`. The math is in `reference.py`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -119,6 +120,14 @@ _AUTOCAST_DEVICE_TYPES = frozenset(
 )
 
 
+def _autocast_disabled(device_type: str):
+    """torch.autocast(device_type, enabled=False), or no context for a device type that
+    has no autocast (meta), where torch.autocast itself raises."""
+    if device_type in _AUTOCAST_DEVICE_TYPES:
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def autocast_operands(x, weight, bias, lora_A, lora_B):
     """Cast like nn.Linear under torch.autocast: every operand to the autocast dtype."""
     device_type = x.device.type
@@ -157,7 +166,9 @@ def lora_linear(
         dropout_p: probability of dropping an element of the LoRA branch's input.
         training: dropout applies only when True.
         backend: "triton", "cuda", "cpu", "torch", or None for the automatic choice
-            (`lora_kernels.available_backends()` lists what is usable and why).
+            (`lora_kernels.available_backends()` lists what is usable and why). On
+            meta tensors no kernel runs: the result has the shapes any backend gives
+            (shape inference, deferred init), and no dropout seed is drawn.
 
     Returns:
         [*, N] in x's dtype. Gradients flow to x, bias, lora_A, lora_B and scaling.
@@ -177,13 +188,18 @@ def lora_linear(
     # Not reshape(-1, K): with K == 0 the -1 could be any M.
     x2d = x.reshape(math.prod(x.shape[:-1]), K)
     acc = contract.accumulation_dtype(x.dtype)
-    # No draw from the generator when there is no dropout: eval runs leave RNG alone.
-    seed = draw_seed(x.device) if p > 0 else torch.zeros((), dtype=torch.int64, device=x.device)
+    on_meta = x.device.type == "meta"
+    # No draw from the generator when there is no dropout (eval runs leave RNG alone),
+    # nor on meta tensors, where no mask is ever drawn.
+    if p > 0 and not on_meta:
+        seed = draw_seed(x.device)
+    else:
+        seed = torch.zeros((), dtype=torch.int64, device=x.device)
 
     if weight.requires_grad:
         # dW is outside the fused kernels (W is frozen by design); compose plain ops.
         # A backend asked for by name must still be usable, as for a frozen weight.
-        if backend is not None:
+        if backend is not None and not on_meta:
             backends.resolve_backend(x.device.type, backend)
         y = reference.lora_linear_reference(
             x2d, weight, bias, lora_A, lora_B, scaling, p, seed=seed
@@ -194,7 +210,14 @@ def lora_linear(
         scaling_t = scaling.reshape(()).to(acc)
     else:
         scaling_t = torch.full((), float(scaling), dtype=acc, device=x.device)
-    with torch.autocast(x.device.type, enabled=False):
+    if on_meta:
+        # Shape inference (accelerate's init_empty_weights, FSDP's deferred init): no
+        # kernel runs, and every backend's op has the contract's one fake, so the
+        # "torch" backend's op, which serves any device, gives the shapes and the
+        # autograd graph of whichever backend was asked for.
+        forward_op, _ = backends.backend_ops("torch")
+    else:
         forward_op, _ = backends.backend_ops(backends.resolve_backend(x.device.type, backend))
+    with _autocast_disabled(x.device.type):
         y, _, _ = forward_op(x2d, weight, bias, lora_A, lora_B, scaling_t, p, seed)
     return y.reshape(*x.shape[:-1], N)

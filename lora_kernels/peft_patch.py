@@ -1,22 +1,39 @@
 """peft models run by the fused op: `patch_peft`, `unpatch_peft` and `PatchReport`.
 
 `patch_peft` makes an existing peft model run every LoRA linear layer it can serve
-through `lora_linear`, in place, without touching its module tree, parameters or
-`save_pretrained`; `unpatch_peft` undoes it. peft is optional: it is imported by the
-functions that need it.
+through `lora_linear`, in place: each such peft `lora.Linear` gets the class
+`PatchedLoraLinear`, a subclass of peft's whose only change is `forward`. Its module
+tree, parameters, state dict, hooks and `save_pretrained` are untouched; since the
+forward lives on the class, not on the instance, pickles, copies and data-parallel
+replicas of a patched module run their own weights. `unpatch_peft` gives the modules
+peft's class back. peft is optional: it is imported by the functions that need it, and
+by the first lookup of `PatchedLoraLinear` (which is where pickle finds it).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import numbers
-import types
+import threading
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from .ops import autocast_operands, lora_linear
 from .validation import check_backend, check_module
+
+PATCHED_CLASS_NAME = "PatchedLoraLinear"
+# Instance attributes patch_peft adds, all removed by unpatch_peft.
+_BACKEND_ATTR = "_lora_kernels_backend"
+_CALLS_ATTR = "_lora_kernels_calls"
+# A forward found on the instance that is the module's own bound peft forward (left by
+# accelerate's remove_hook_from_module, for one): kept here while patched.
+_STASHED_FORWARD_ATTR = "_lora_kernels_instance_forward"
+_EXAMPLES = 3
+
+_patched_class_lock = threading.Lock()
 
 
 def _require_peft():
@@ -32,28 +49,82 @@ def _require_peft():
 
 
 @dataclasses.dataclass
+class CallCounts:
+    """Calls of the modules one `patch_peft` patched: how many ran the fused op, and why
+    the others went to peft's forward. Counted in eager mode only (code traced by
+    torch.compile is not counted: a Python counter there would cost recompiles).
+    A deep copy or an unpickled copy of the model counts apart, in its own copy;
+    `nn.DataParallel` replicas count here (without a lock: a diagnostic, not exact
+    under threads)."""
+
+    fused: int = 0
+    by_peft: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def add(self, reason: str | None) -> None:
+        if reason is None:
+            self.fused += 1
+        else:
+            self.by_peft[reason] += 1
+
+    def reset(self) -> None:
+        self.fused = 0
+        self.by_peft.clear()
+
+
+def _grouped(entries: dict[str, str]) -> list[tuple[str, list[str]]]:
+    """(reason, names) pairs, the most frequent reason first."""
+    groups: dict[str, list[str]] = {}
+    for name, why in entries.items():
+        groups.setdefault(why, []).append(name)
+    return sorted(groups.items(), key=lambda item: -len(item[1]))
+
+
+def _group_lines(entries: dict[str, str]) -> list[str]:
+    lines = []
+    for why, names in _grouped(entries):
+        examples = ", ".join(names[:_EXAMPLES])
+        more = f" and {len(names) - _EXAMPLES} more" if len(names) > _EXAMPLES else ""
+        lines.append(f"    {len(names)} x {why}: {examples}{more}")
+    return lines
+
+
+@dataclasses.dataclass
 class PatchReport:
-    """What `patch_peft` did.
+    """What `patch_peft` did, and (in `calls`) what the patched modules did since.
 
     Attributes:
-        patched: names of the peft `lora.Linear` modules whose forward now runs
-            `lora_linear` (when a call can be served, see `patch_peft`).
+        patched: names of the peft `lora.Linear` modules that are now `PatchedLoraLinear`
+            and run `lora_linear` when a call can be served (see `patch_peft`).
         not_patched: name -> why, for every other peft LoRA module (they keep peft's
-            forward).
+            forward, or the forward someone else installed). `str(report)` groups them
+            by reason.
         adapters_not_served: "name [adapter]" -> why, for adapters of patched modules
             that peft's own forward serves when they are active (DoRA, lora_bias, ...).
+        calls: calls of the patched modules since patching (eager mode): how many ran
+            the fused op, and why the others went to peft's forward. `calls.reset()`
+            starts a new count.
     """
 
     patched: list[str] = dataclasses.field(default_factory=list)
     not_patched: dict[str, str] = dataclasses.field(default_factory=dict)
     adapters_not_served: dict[str, str] = dataclasses.field(default_factory=dict)
+    calls: CallCounts = dataclasses.field(default_factory=CallCounts)
 
     def __str__(self) -> str:
         lines = [f"patch_peft: {len(self.patched)} lora.Linear module(s) run the fused op"]
-        for name, why in self.not_patched.items():
-            lines.append(f"  not patched {name}: {why}")
-        for name, why in self.adapters_not_served.items():
-            lines.append(f"  served by peft {name}: {why}")
+        if self.not_patched:
+            lines.append(f"  not patched, {len(self.not_patched)} module(s):")
+            lines += _group_lines(self.not_patched)
+        if self.adapters_not_served:
+            lines.append(
+                f"  served by peft when active, {len(self.adapters_not_served)} adapter(s):"
+            )
+            lines += _group_lines(self.adapters_not_served)
+        by_peft = sum(self.calls.by_peft.values())
+        if self.calls.fused or by_peft:
+            lines.append(f"  calls since patching: {self.calls.fused} fused, {by_peft} by peft")
+            for why, count in self.calls.by_peft.most_common():
+                lines.append(f"    {count} x {why}")
         return "\n".join(lines)
 
 
@@ -70,6 +141,60 @@ def _adapter_problem(module, adapter: str) -> str | None:
     return None
 
 
+def _describe(function) -> str:
+    """A callable's name for a report: Class.method, a function's qualified name."""
+    owner = getattr(function, "__self__", None)
+    func = getattr(function, "__func__", function)
+    name = getattr(func, "__qualname__", None) or type(func).__qualname__
+    if owner is not None and not name.startswith(type(owner).__qualname__ + "."):
+        name = f"{type(owner).__qualname__}.{name}"
+    module = getattr(func, "__module__", None) or type(function).__module__
+    return f"{module}.{name}"
+
+
+def _foreign_forward_problem(module, peft_linear) -> str | None:
+    """Why a forward installed on the module by someone else keeps it from being
+    patched, or None (no such forward, or the module's own bound peft forward)."""
+    if getattr(module, "_hf_hook", None) is not None:
+        return (
+            f"accelerate's add_hook_to_module ({type(module._hf_hook).__name__}) wraps its "
+            "forward: left to the hook and peft"
+        )
+    forward = module.__dict__.get("forward")
+    if forward is None or _is_own_peft_forward(module, forward, peft_linear):
+        return None
+    return (
+        f"its forward was replaced on the instance by {_describe(forward)} (X-LoRA or "
+        "another library): left to it"
+    )
+
+
+def _is_own_peft_forward(module, forward, peft_linear) -> bool:
+    """Whether `forward` is peft's lora.Linear.forward bound to `module`: the very
+    computation the class's forward does."""
+    return getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) in (
+        peft_linear.forward,
+        _fused_forward,
+    )
+
+
+def _class_forward_problem(peft_linear) -> str | None:
+    """Why peft's lora.Linear.forward is not peft's own code (someone replaced it on the
+    class), or None."""
+    forward = peft_linear.__dict__.get("forward")
+    own = (
+        forward is not None
+        and getattr(forward, "__module__", None) == peft_linear.__module__
+        and getattr(forward, "__qualname__", None) == f"{peft_linear.__qualname__}.forward"
+        and not hasattr(forward, "__wrapped__")
+    )
+    if own:
+        return None
+    return (
+        f"peft's lora.Linear.forward was replaced on the class by {_describe(forward)}: left to it"
+    )
+
+
 def _module_problem(module, peft_linear) -> str | None:
     """Why a peft LoRA module cannot run the fused op at all, or None."""
     if type(module) is not peft_linear:
@@ -82,7 +207,7 @@ def _module_problem(module, peft_linear) -> str | None:
         return f"its base layer is a {type(base).__name__}, not a plain torch.nn.Linear"
     if getattr(module, "fan_in_fan_out", False):
         return "fan_in_fan_out=True (transposed Conv1D weights)"
-    return None
+    return _foreign_forward_problem(module, peft_linear)
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -93,6 +218,20 @@ def _has_hooks(module: nn.Module) -> bool:
         or module._backward_hooks
         or module._backward_pre_hooks
         or getattr(module, "_hf_hook", None) is not None
+    )
+
+
+def _has_global_hooks() -> bool:
+    """Whether hooks registered for every module (register_module_forward_hook and the
+    like: module trackers, FLOP counters) would see peft's submodule calls."""
+    return any(
+        getattr(torch_module, name, None)
+        for name in (
+            "_global_forward_hooks",
+            "_global_forward_pre_hooks",
+            "_global_backward_hooks",
+            "_global_backward_pre_hooks",
+        )
     )
 
 
@@ -113,72 +252,142 @@ def _dtypes_fit_op(x, weight, bias, A, B) -> bool:
     )
 
 
-def _fused_forward(self, x, *args, **kwargs):
-    """peft's lora.Linear.forward, with the one-active-adapter case run by lora_linear.
-
-    Anything else (disabled or merged adapters, several or no active adapters,
-    adapter_names or other extra arguments, variants, lora_bias, dtypes the op does not
-    take, hooks on the submodules, sharded tensors) goes to peft's own forward.
-    """
-    peft_forward = type(self).forward
+def _fused_call(module, x, args, kwargs) -> dict | str:
+    """lora_linear's arguments for this call of a patched module, or why peft's forward
+    serves it (a reason, as counted in `CallCounts.by_peft`)."""
     if args or any(k != "adapter_names" or v is not None for k, v in kwargs.items()):
-        return peft_forward(self, x, *args, **kwargs)
-    if self.disable_adapters or self.merged or not getattr(self, "cast_input_dtype_enabled", True):
-        return peft_forward(self, x)
-    active = [a for a in self.active_adapters if a in self.lora_A]
-    if len(active) != 1 or _adapter_problem(self, active[0]) is not None:
-        return peft_forward(self, x)
+        return "extra forward arguments (adapter_names, ...)"
+    if module.disable_adapters:
+        return "adapters disabled"
+    if module.merged:
+        return "adapters merged"
+    if not getattr(module, "cast_input_dtype_enabled", True):
+        return "cast_input_dtype disabled"
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    if len(active) != 1:
+        return "several active adapters" if active else "no active adapter on the module"
     adapter = active[0]
-    base = self.base_layer
-    lora_A = self.lora_A[adapter]
-    lora_B = self.lora_B[adapter]
-    dropout = self.lora_dropout[adapter]
+    problem = _adapter_problem(module, adapter)
+    if problem is not None:
+        return problem
+    base = module.base_layer
+    lora_A = module.lora_A[adapter]
+    lora_B = module.lora_B[adapter]
+    dropout = module.lora_dropout[adapter]
     weight, bias = base.weight, base.bias
     A, B = lora_A.weight, lora_B.weight
-    if not isinstance(x, torch.Tensor) or not all(_is_plain(t) for t in (x, weight, bias, A, B)):
-        return peft_forward(self, x)
+    if not isinstance(x, torch.Tensor):
+        return f"input is a {type(x).__name__}, not a tensor"
+    if not all(_is_plain(t) for t in (x, weight, bias, A, B)):
+        return "a tensor subclass (DTensor, quantized, ...) among x and the weights"
     # The op's own cast: under autocast, what autocast does to peft's three nn.Linear
     # calls for floating-point operands. Any other tensor keeps its dtype, as autocast
     # leaves it, and is then served or refused as it would be without autocast.
     x, weight, bias, A, B = autocast_operands(x, weight, bias, A, B)
-    if not _dtypes_fit_op(x, weight, bias, A, B) or any(
-        _has_hooks(m) for m in (base, lora_A, lora_B, dropout)
-    ):
-        return peft_forward(self, x)
+    if not _dtypes_fit_op(x, weight, bias, A, B):
+        return (
+            f"dtypes the op does not take (x {x.dtype}, weight {weight.dtype}, "
+            f"lora_A {A.dtype}, lora_B {B.dtype})"
+        )
+    if any(_has_hooks(m) for m in (base, lora_A, lora_B, dropout)):
+        return "hooks on base_layer, lora_A, lora_B or lora_dropout"
+    if _has_global_hooks():
+        return "global module hooks (torch.nn.modules.module.register_module_*_hook)"
     if isinstance(dropout, nn.Dropout):
         p, training = dropout.p, dropout.training
         if not 0.0 <= p < 1.0:
-            return peft_forward(self, x)
+            return f"lora_dropout p={p}, outside [0, 1)"
     else:
         p, training = 0.0, False
-    scaling = self.scaling[adapter]
+    scaling = module.scaling[adapter]
     if isinstance(scaling, bool) or not isinstance(scaling, (numbers.Real, torch.Tensor)):
-        return peft_forward(self, x)
-    return lora_linear(
-        x,
-        weight,
-        bias,
-        A,
-        B,
-        scaling,
-        dropout_p=p,
-        training=training,
-        backend=self._lora_kernels_backend,
-    )
+        return f"scaling is a {type(scaling).__name__}"
+    return {
+        "x": x,
+        "weight": weight,
+        "bias": bias,
+        "lora_A": A,
+        "lora_B": B,
+        "scaling": scaling,
+        "dropout_p": p,
+        "training": training,
+        "backend": module.__dict__.get(_BACKEND_ATTR),
+    }
+
+
+def _count(module, reason: str | None) -> None:
+    if torch.compiler.is_compiling():
+        return
+    calls = module.__dict__.get(_CALLS_ATTR)
+    if calls is not None:
+        calls.add(reason)
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    """PatchedLoraLinear.forward: peft's lora.Linear.forward, with the one-active-adapter
+    case run by lora_linear.
+
+    Anything else (disabled or merged adapters, several or no active adapters,
+    adapter_names or other extra arguments, variants, lora_bias, dtypes the op does not
+    take, hooks on the submodules or global module hooks, sharded tensors) goes to
+    peft's own forward.
+    """
+    peft_class = getattr(type(self), "_lora_kernels_peft_class", None)
+    if peft_class is None:
+        # A bound method taken while patched, called after unpatch_peft: the module's
+        # own class serves it.
+        return type(self).forward(self, x, *args, **kwargs)
+    call = _fused_call(self, x, args, kwargs)
+    if isinstance(call, str):
+        _count(self, call)
+        return peft_class.forward(self, x, *args, **kwargs)
+    _count(self, None)
+    return lora_linear(**call)
+
+
+def _patched_class() -> type:
+    """`PatchedLoraLinear`, peft's lora.Linear with the fused forward; created once, and
+    kept as this module's attribute so that pickle finds it by its qualified name."""
+    patched = globals().get(PATCHED_CLASS_NAME)
+    if patched is not None:
+        return patched
+    peft_linear = _require_peft().Linear
+    with _patched_class_lock:
+        patched = globals().get(PATCHED_CLASS_NAME)
+        if patched is None:
+            namespace = {
+                "__module__": __name__,
+                "__qualname__": PATCHED_CLASS_NAME,
+                "__doc__": "peft's lora.Linear, run by lora_kernels' fused op (patch_peft).",
+                "forward": _fused_forward,
+                "_lora_kernels_peft_class": peft_linear,
+            }
+            patched = type(peft_linear)(PATCHED_CLASS_NAME, (peft_linear,), namespace)
+            globals()[PATCHED_CLASS_NAME] = patched
+    return patched
+
+
+def __getattr__(name: str):
+    # PatchedLoraLinear is made on first use: it subclasses peft's class, and peft is
+    # optional. Unpickling a patched model looks it up here.
+    if name == PATCHED_CLASS_NAME:
+        return _patched_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _is_patched(module: nn.Module) -> bool:
-    """Whether `patch_peft` put the fused forward on `module`."""
-    forward = module.__dict__.get("forward")
-    return getattr(forward, "__func__", None) is _fused_forward
+    """Whether `patch_peft` made `module` a PatchedLoraLinear."""
+    return type(module) is globals().get(PATCHED_CLASS_NAME)
 
 
 def patch_peft(peft_model: nn.Module, backend: str | None = None) -> PatchReport:
     """Make every peft `lora.Linear` of `peft_model` that can be served run `lora_linear`.
 
-    In place and reversible (`unpatch_peft`): only the `forward` of those modules is
-    replaced (an instance attribute); the module tree, the parameter names, the state
-    dict and `save_pretrained` are untouched. A patched module computes, for x [*, K],
+    In place and reversible (`unpatch_peft`): each module served becomes a
+    `PatchedLoraLinear` (`module.__class__` is swapped for a subclass of peft's
+    lora.Linear whose only change is `forward`); the module tree, the parameter names,
+    the state dict, the hooks and `save_pretrained` are untouched, and `isinstance`
+    checks against peft's class still hold. A patched module computes, for x [*, K],
     base weight W [N, K], bias b [N] or None, active adapter lora_A.weight [R, K],
     lora_B.weight [N, R], scaling s and lora_dropout p (0 for nn.Identity; applied only
     while the dropout module is in training mode, as peft's nn.Dropout):
@@ -191,8 +400,22 @@ def patch_peft(peft_model: nn.Module, backend: str | None = None) -> PatchReport
     generator), with the same distribution. A call goes to peft's own forward when
     adapters are disabled or merged, when not exactly one active adapter is present,
     with `adapter_names` or other extra arguments, for a LoRA variant (DoRA, ...) or
-    lora_bias, or when a submodule has hooks or the dtypes do not fit the op, so those
-    behave exactly as in peft.
+    lora_bias, when a submodule has hooks or global module hooks are registered, or
+    when the dtypes do not fit the op, so those behave exactly as in peft;
+    `report.calls` counts the calls of each kind.
+
+    A forward that someone else installed is never replaced: a module whose forward was
+    set on the instance (X-LoRA, accelerate's `add_hook_to_module`) or whose class's
+    forward is not peft's own is left as it is and reported, unless that forward is the
+    module's own bound peft forward (the same computation). Hooks registered on the
+    module itself keep running around the fused forward. Because dispatch goes through
+    the class, pickles and `torch.save` of a patched model load patched (lora_kernels
+    and peft must be importable there; unpatch first for a pickle without
+    lora_kernels), and `copy.copy`, `copy.deepcopy` and `nn.DataParallel`'s replicas
+    run their own weights.
+
+    Calling it again on a patched model re-patches the same modules with the new
+    backend and a new report.
 
     Args:
         peft_model: a `peft.PeftModel`, a `LoraModel`, or any module holding peft LoRA
@@ -204,11 +427,13 @@ def patch_peft(peft_model: nn.Module, backend: str | None = None) -> PatchReport
         ValueError: the model holds no peft LoRA layer, or an unknown backend.
 
     Returns:
-        a `PatchReport`: the patched modules, and why the others were not.
+        a `PatchReport`: the patched modules, why the others were not, and call counts.
     """
     peft_lora_layer = _require_peft()
     check_module("peft_model", peft_model)
     check_backend(backend)
+    patched_class = _patched_class()
+    peft_linear = peft_lora_layer.Linear
     report = PatchReport()
     lora_modules = [
         (name, m)
@@ -220,8 +445,16 @@ def patch_peft(peft_model: nn.Module, backend: str | None = None) -> PatchReport
             "patch_peft: the model holds no peft LoRA layer (build it with "
             "peft.get_peft_model or PeftModel.from_pretrained)"
         )
+    class_problem = _class_forward_problem(peft_linear)
     for name, module in lora_modules:
-        problem = _module_problem(module, peft_lora_layer.Linear)
+        already_patched = type(module) is patched_class
+        if already_patched:
+            # A forward set on the instance since the first patch_peft runs instead.
+            problem = _foreign_forward_problem(module, peft_linear)
+        elif type(module) is peft_linear and class_problem is not None:
+            problem = class_problem
+        else:
+            problem = _module_problem(module, peft_linear)
         if problem is None:
             adapters = {a: _adapter_problem(module, a) for a in module.lora_A}
             if adapters and all(why is not None for why in adapters.values()):
@@ -229,19 +462,37 @@ def patch_peft(peft_model: nn.Module, backend: str | None = None) -> PatchReport
             elif not adapters:
                 problem = "no LoRA adapter on this module"
         if problem is not None:
+            if already_patched:
+                _unpatch_module(module)
             report.not_patched[name] = problem
             continue
         for adapter, why in adapters.items():
             if why is not None:
                 report.adapters_not_served[f"{name} [{adapter}]"] = why
-        module._lora_kernels_backend = backend
-        module.forward = types.MethodType(_fused_forward, module)
+        if not already_patched:
+            forward = module.__dict__.pop("forward", None)
+            if forward is not None:  # the module's own bound peft forward
+                module.__dict__[_STASHED_FORWARD_ATTR] = forward
+            module.__class__ = patched_class
+        module.__dict__[_BACKEND_ATTR] = backend
+        module.__dict__[_CALLS_ATTR] = report.calls
         report.patched.append(name)
     return report
 
 
+def _unpatch_module(module: nn.Module) -> None:
+    """Give one PatchedLoraLinear peft's class back, with what it had on the instance."""
+    module.__class__ = type(module)._lora_kernels_peft_class
+    module.__dict__.pop(_BACKEND_ATTR, None)
+    module.__dict__.pop(_CALLS_ATTR, None)
+    forward = module.__dict__.pop(_STASHED_FORWARD_ATTR, None)
+    if forward is not None:
+        module.__dict__["forward"] = forward
+
+
 def unpatch_peft(peft_model: nn.Module) -> list[str]:
-    """Give every module patched by `patch_peft` its peft forward back.
+    """Give every module patched by `patch_peft` peft's class back, and exactly the
+    instance attributes it had before.
 
     Returns:
         the names of the modules restored (empty if none was patched).
@@ -250,10 +501,9 @@ def unpatch_peft(peft_model: nn.Module) -> list[str]:
     restored = []
     for name, module in peft_model.named_modules():
         if _is_patched(module):
-            del module.__dict__["forward"]
-            module.__dict__.pop("_lora_kernels_backend", None)
+            _unpatch_module(module)
             restored.append(name)
     return restored
 
 
-__all__ = ["PatchReport", "patch_peft", "unpatch_peft"]
+__all__ = ["CallCounts", "PatchReport", "patch_peft", "unpatch_peft"]

@@ -576,7 +576,8 @@ def test_patch_report_names_what_it_leaves_to_peft(monkeypatch):
     )
     assert "DoraLinearVariant" in report.adapters_not_served["base_model.model.blocks.0.q [dora]"]
     assert report.adapters_not_served["base_model.model.blocks.1.v [biased]"] == "lora_bias=True"
-    assert "not patched base_model.model.embed" in str(report)
+    assert "  not patched, 1 module(s):\n    1 x a peft.tuners.lora.layer.Embedding" in str(report)
+    assert str(report).count("base_model.model.embed") == 1
 
     reference = copy.deepcopy(model)
     unpatch_peft(reference)
@@ -720,7 +721,8 @@ def test_patched_forward_leaves_non_float_input_under_autocast_to_peft(monkeypat
     counter = CallCounter(monkeypatch)
     x = torch.randint(0, 3, (5, 8))
     errors = []
-    for forward in (layer.forward, type(layer).forward.__get__(layer)):
+    peft_forward = type(layer)._lora_kernels_peft_class.forward
+    for forward in (layer.forward, peft_forward.__get__(layer)):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             with pytest.raises(RuntimeError) as error:
                 forward(x)
@@ -735,8 +737,14 @@ def test_patch_keeps_module_tree_parameter_names_and_save_pretrained(tmp_path):
     before_modules = [(n, type(m)) for n, m in model.named_modules()]
     before_params = [n for n, _ in model.named_parameters()]
     model.save_pretrained(tmp_path / "before")
-    patch_peft(model)
-    assert [(n, type(m)) for n, m in model.named_modules()] == before_modules
+    report = patch_peft(model)
+    # The patched modules' class is a subclass of peft's; nothing else changes type.
+    assert [n for n, _ in model.named_modules()] == [n for n, _ in before_modules]
+    for (name, before), (_, after) in zip(before_modules, model.named_modules(), strict=True):
+        if name in report.patched:
+            assert type(after) is peft_patch.PatchedLoraLinear and isinstance(after, before)
+        else:
+            assert type(after) is before, name
     assert [n for n, _ in model.named_parameters()] == before_params
     assert list(model.state_dict()) == list(copy.deepcopy(model).state_dict())
     model.save_pretrained(tmp_path / "after")
@@ -749,6 +757,7 @@ def test_patch_keeps_module_tree_parameter_names_and_save_pretrained(tmp_path):
     assert unpatch_peft(model) == sorted(
         f"base_model.model.blocks.{i}.{m}" for i in range(2) for m in ("q", "v")
     )
+    assert [(n, type(m)) for n, m in model.named_modules()] == before_modules
     assert "forward" not in model.base_model.model.blocks[0].q.__dict__
     assert unpatch_peft(model) == []
 
