@@ -143,6 +143,20 @@ def autocast_operands(x, weight, bias, lora_A, lora_B):
     return tuple(cast(t) for t in (x, weight, bias, lora_A, lora_B))
 
 
+def composition_needed() -> str | None:
+    """Why this call must run as a composition of ATen ops rather than a fused op, or
+    None: a torch.func transform (grad, vjp, jacrev, vmap, jvp, ...) or forward-mode AD
+    is active. The fused ops have reverse-mode rules only (their backward is a kernel);
+    the composition has every rule torch has, and draws the same Philox mask."""
+    if torch.compiler.is_compiling():
+        return None  # dynamo traces the op as it is; a transform there is dynamo's
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "a torch.func transform"
+    if torch.autograd.forward_ad._current_level >= 0:
+        return "forward-mode AD (torch.autograd.forward_ad)"
+    return None
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -172,7 +186,10 @@ def lora_linear(
 
     Returns:
         [*, N] in x's dtype. Gradients flow to x, bias, lora_A, lora_B and scaling.
-        A weight that requires grad is served by a plain composition of ATen ops.
+        A weight that requires grad, torch.func transforms (grad, jacrev, vmap, jvp)
+        and forward-mode AD are served by a plain composition of ATen ops with the
+        same dropout mask (`composition_needed`); under vmap, dropout needs
+        `randomness="same"` or `"different"`, as any random op does.
     """
     # Under autocast, operands of mixed dtypes are legal (nn.Linear accepts them):
     # cast first, then check what the kernels will see.
@@ -196,9 +213,10 @@ def lora_linear(
     else:
         seed = torch.zeros((), dtype=torch.int64, device=x.device)
 
-    if weight.requires_grad:
-        # dW is outside the fused kernels (W is frozen by design); compose plain ops.
-        # A backend asked for by name must still be usable, as for a frozen weight.
+    if weight.requires_grad or composition_needed():
+        # dW is outside the fused kernels (W is frozen by design), and the fused ops have
+        # no forward-mode or functorch rules: compose plain ops, with the same mask. A
+        # backend asked for by name must still be usable, as for a fused call.
         if backend is not None and not on_meta:
             backends.resolve_backend(x.device.type, backend)
         y = reference.lora_linear_reference(
