@@ -22,6 +22,21 @@ ELEMENTS_PER_PROGRAM = interpreter.DEQUANT_ELEMENTS if interpreter.ACTIVE else 4
 NUM_WARPS = 4
 
 
+# Under the interpreter (NumPy: no inline PTX, no contraction) products are plain.
+_INTERPRETED = tl.constexpr(interpreter.ACTIVE)
+
+
+@triton.jit
+def _mul_rn(a, b):
+    """a * b rounded to float32 (`mul.rn`): never contracted with a following add into a
+    fused multiply-add, whatever fp-fusion setting the kernel is compiled with."""
+    if _INTERPRETED:
+        return a * b
+    return tl.inline_asm_elementwise(
+        "mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32, is_pure=True, pack=1
+    )
+
+
 @triton.jit
 def dequant_4bit_kernel(
     packed, absmax, code, absmax_code, absmax2, offset, out,
@@ -37,8 +52,8 @@ def dequant_4bit_kernel(
 
     scale = absmax (float32 [blocks]), or with NESTED scale[b] = absmax_code[absmax[b]] *
     absmax2[b // BLOCKSIZE2] + offset (absmax uint8 [blocks], absmax_code float32 [256],
-    absmax2 float32, offset float32 []). The launch turns fp fusion off: the product is
-    rounded before the offset is added, as bitsandbytes computes it.
+    absmax2 float32, offset float32 []), the product rounded before the offset is added
+    (`_mul_rn`), as bitsandbytes computes it.
     """
     i_g = tl.program_id(0).to(tl.int64)
     o_b = i_g * GROUP + tl.arange(0, GROUP).to(tl.int64)  # quant blocks of this program
@@ -46,7 +61,7 @@ def dequant_4bit_kernel(
     if NESTED:
         b_q = tl.load(absmax + o_b, mask=m_b, other=0)
         b_scale2 = tl.load(absmax2 + o_b // BLOCKSIZE2, mask=m_b, other=0.0)
-        b_scale = tl.load(absmax_code + b_q.to(tl.int32)) * b_scale2 + tl.load(offset)
+        b_scale = _mul_rn(tl.load(absmax_code + b_q.to(tl.int32)), b_scale2) + tl.load(offset)
     else:
         b_scale = tl.load(absmax + o_b, mask=m_b, other=0.0)  # [GROUP]
 
@@ -79,7 +94,6 @@ def launch_dequant_4bit(
         BLOCKSIZE2=blocksize2,
         GROUP=group,
         num_warps=NUM_WARPS,
-        enable_fp_fusion=False,
     )  # fmt: skip
 
 
