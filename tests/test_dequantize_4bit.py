@@ -229,6 +229,43 @@ def test_dequantize_writes_into_out_and_returns_it(backend):
     assert_bits_equal(out, bnbF.dequantize_4bit(packed, qs))
 
 
+def _op_args(device, dtype=torch.bfloat16):
+    packed, qs = quantize(48, 100, dtype, "nf4", 64, True, torch.uint8, device)
+    w = quant4bit.read_4bit_weight(packed, qs)
+    out = torch.empty(w.shape, dtype=w.dtype, device=device)
+    args = (w.packed, w.absmax, w.code, w.absmax_code, w.absmax2, w.offset)
+    return (*args, w.blocksize, w.blocksize2, out), bnbF.dequantize_4bit(packed, qs)
+
+
+@pytest.mark.skipif(TRITON_DEVICE is None, reason=f"triton: {TRITON_WHY}")
+def test_triton_op_passes_opcheck_schema_autograd_and_fake_tensor_checks():
+    from lora_kernels.backend_triton import dequant  # noqa: F401 (registers the op)
+
+    args, _ = _op_args(TRITON_DEVICE)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.lora_kernels.triton_dequantize_4bit, args, test_utils=utils)
+
+
+@pytest.mark.skipif(
+    TRITON_DEVICE is None or TRITON_DEVICE.type != "cuda",
+    reason="needs a CUDA device (inductor compiles the Triton kernel natively)",
+)
+@pytest.mark.gpu
+def test_triton_op_under_inductor_stays_bit_identical():
+    """Inductor compiles the kernel with its own options: the nested absmax must still
+    not become a fused multiply-add."""
+    from lora_kernels.backend_triton import dequant  # noqa: F401 (registers the op)
+
+    args, expected = _op_args(TRITON_DEVICE)
+
+    def run(*args):
+        torch.ops.lora_kernels.triton_dequantize_4bit(*args)
+        return args[-1] * 1
+
+    out = torch.compile(run, fullgraph=True)(*args)
+    assert_bits_equal(out, expected)
+
+
 def test_automatic_choice_is_triton_on_cuda_and_the_reference_on_cpu():
     assert quant4bit._choose_backend(torch.device("cpu"), None) == "torch"
     if torch.cuda.is_available() and backends.availability("triton")[0]:

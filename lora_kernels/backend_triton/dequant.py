@@ -115,6 +115,12 @@ def triton_dequantize_4bit(
         )
 
 
+@triton_dequantize_4bit.register_fake
+def _(packed, absmax, code, absmax_code, absmax2, offset, blocksize, blocksize2, out):
+    """Writes `out` only: nothing to shape (and the interpreter cannot run fake tensors)."""
+    return None
+
+
 def dequantize_4bit_into(w, out: torch.Tensor) -> None:
     """out = the dense weight of `w` (a checked `quant4bit.Packed4bit`), in one launch."""
     torch.ops.lora_kernels.triton_dequantize_4bit(
