@@ -112,6 +112,14 @@ class Packed4bit:
 # ---------------------------------------------------------------------------------------
 
 
+def _scale_blocks_(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> None:
+    """values[i] *= scales[i // blocksize], in place (values 1-D float32): the whole
+    blocks as rows of [blocks, blocksize], one scale per row, then the short last one."""
+    full = values.numel() - values.numel() % blocksize
+    values[:full].view(-1, blocksize).mul_(scales[: full // blocksize, None])
+    values[full:].mul_(scales[full // blocksize :])
+
+
 def nested_absmax_reference(
     absmax_q: torch.Tensor,
     absmax_code: torch.Tensor,
@@ -123,22 +131,42 @@ def nested_absmax_reference(
 
     The product is rounded to float32 before the offset is added, as bitsandbytes does.
     """
-    blocks = torch.arange(absmax_q.numel(), device=absmax_q.device)
-    scaled = absmax_code[absmax_q.long()] * absmax2[blocks // blocksize2]
-    return scaled + offset
+    absmax = absmax_code.index_select(0, absmax_q.int())
+    _scale_blocks_(absmax, absmax2, blocksize2)
+    return absmax.add_(offset)
 
 
-def dequantize_4bit_reference(w: Packed4bit) -> torch.Tensor:
-    """The dense weight of shape `w.shape` in `w.dtype`: W_i = CODE[c_i] * absmax[i //
-    blocksize] over the flattened weight, c_{2j} the high nibble of byte j."""
-    n = w.numel
-    codes = torch.stack((w.packed >> 4, w.packed & 0xF), dim=1).reshape(-1)[:n]
+def dequantize_4bit_reference(w: Packed4bit, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense weight of shape `w.shape` in `w.dtype` (written into `out` if given):
+    W_i = CODE[c_i] * absmax[i // blocksize] over the flattened weight, c_{2j} the high
+    nibble of byte j."""
+    n, blocksize, device = w.numel, w.blocksize, w.packed.device
+    # Row b of the pair table: the values of byte b's two codes, (CODE[b >> 4], CODE[b & 15]).
+    byte = torch.arange(256, device=device)
+    pairs = torch.stack((w.code[byte >> 4], w.code[byte & 0xF]), dim=1)
+    # The float32 values are made in place: in `out` itself when it is float32 and holds
+    # every code of the bytes (n even, 8-byte aligned), else in a buffer cast into `out`.
+    direct = out is not None and out.dtype == torch.float32 and n % 2 == 0
+    direct = direct and out.storage_offset() % 2 == 0
+    if direct:
+        values = out.view(-1)
+    else:
+        values = torch.empty(2 * w.packed.numel(), dtype=torch.float32, device=device)
+    # A row of two float32 moved as one 8-byte word: a 1-D gather, some 4x faster on the
+    # CPU than a gather of rows (the bytes are copied, never read as an integer).
+    words = pairs.view(torch.int64).view(-1)
+    torch.index_select(words, 0, w.packed.int(), out=values.view(torch.int64))
     if w.nested:
         absmax = nested_absmax_reference(w.absmax, w.absmax_code, w.absmax2, w.offset, w.blocksize2)
     else:
         absmax = w.absmax
-    block = torch.arange(n, device=w.packed.device) // w.blocksize
-    return (w.code[codes.long()] * absmax[block]).to(w.dtype).reshape(w.shape)
+    _scale_blocks_(values[:n], absmax, blocksize)
+    dense = values[:n].view(w.shape)
+    if out is None:
+        return dense.to(w.dtype)
+    if not direct:
+        out.copy_(dense)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -337,8 +365,7 @@ def dequantize_4bit(weight, quant_state=None, *, out=None, backend=None) -> torc
             raise ValueError(f"out must be contiguous, got strides {out.stride()}")
     name = _choose_backend(w.packed.device, backend)
     if name == "torch":
-        dense = dequantize_4bit_reference(w)
-        return dense if out is None else out.copy_(dense)
+        return dequantize_4bit_reference(w, out)
     from .backend_triton import dequant
 
     if out is None:

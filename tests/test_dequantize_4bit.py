@@ -220,10 +220,13 @@ def test_dequantize_reads_a_linear4bit_weight(backend, quant_type, nested, stora
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_dequantize_writes_into_out_and_returns_it(backend):
+@pytest.mark.parametrize(
+    "N, K, dtype", [(48, 100, torch.bfloat16), (48, 100, torch.float32), (33, 71, torch.float32)]
+)
+def test_dequantize_writes_into_out_and_returns_it(backend, N, K, dtype):
     device = device_of(backend)
-    packed, qs = quantize(48, 100, torch.bfloat16, "nf4", 64, True, torch.uint8, device)
-    out = torch.full((48, 100), float("nan"), dtype=torch.bfloat16, device=device)
+    packed, qs = quantize(N, K, dtype, "nf4", 64, True, torch.uint8, device)
+    out = torch.full((N, K), float("nan"), dtype=dtype, device=device)
     result = lora_kernels.dequantize_4bit(packed, qs, out=out, backend=backend)
     assert result is out
     assert_bits_equal(out, bnbF.dequantize_4bit(packed, qs))
