@@ -249,6 +249,21 @@ def test_triton_op_passes_opcheck_schema_autograd_and_fake_tensor_checks():
     torch.library.opcheck(torch.ops.lora_kernels.triton_dequantize_4bit, args, test_utils=utils)
 
 
+@pytest.mark.skipif(TRITON_DEVICE is None, reason=f"triton: {TRITON_WHY}")
+def test_triton_op_refuses_operands_its_kernel_cannot_read():
+    from lora_kernels.backend_triton import dequant  # noqa: F401 (registers the op)
+
+    args, _ = _op_args(TRITON_DEVICE)
+    op = torch.ops.lora_kernels.triton_dequantize_4bit
+    packed, absmax, *rest, out = args
+    with pytest.raises(ValueError, match=r"out must be contiguous"):
+        op(packed, absmax, *rest, torch.empty_like(out).t().contiguous().t())
+    with pytest.raises(ValueError, match=r"packed must be 1-D uint8 with at least 2400 bytes"):
+        op(packed[:-1], absmax, *rest, out)
+    with pytest.raises(ValueError, match=r"one absmax per block, got blocksize 64 and 74"):
+        op(packed, absmax[:-1], *rest, out)
+
+
 @pytest.mark.skipif(
     TRITON_DEVICE is None or TRITON_DEVICE.type != "cuda",
     reason="needs a CUDA device (inductor compiles the Triton kernel natively)",

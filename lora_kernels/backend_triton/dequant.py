@@ -97,6 +97,24 @@ def launch_dequant_4bit(
     )  # fmt: skip
 
 
+def _check_op_inputs(packed, absmax, blocksize: int, out) -> None:
+    """What the kernel assumes of its operands (`quant4bit.read_4bit_weight` checks the
+    rest before the public function calls the op)."""
+    n = out.numel()
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or 2 * packed.numel() < n:
+        raise ValueError(
+            f"packed must be 1-D uint8 with at least {(n + 1) // 2} bytes, got "
+            f"{packed.dtype} of shape {list(packed.shape)}"
+        )
+    if blocksize < 2 or blocksize & (blocksize - 1) or absmax.numel() != -(-n // blocksize):
+        raise ValueError(
+            f"blocksize must be a power of two >= 2 with one absmax per block, got "
+            f"blocksize {blocksize} and {absmax.numel()} absmax for {n} elements"
+        )
+    if not out.is_contiguous() or out.device != packed.device:
+        raise ValueError(f"out must be contiguous and on {packed.device}, got {out.device}")
+
+
 @triton_op("lora_kernels::triton_dequantize_4bit", mutates_args={"out"})
 def triton_dequantize_4bit(
     packed: torch.Tensor,
@@ -109,6 +127,7 @@ def triton_dequantize_4bit(
     blocksize2: int,
     out: torch.Tensor,
 ) -> None:
+    _check_op_inputs(packed, absmax, blocksize, out)
     with interpreter.one_at_a_time():
         launch_dequant_4bit(
             packed, absmax, code, absmax_code, absmax2, offset, blocksize, blocksize2, out
