@@ -68,12 +68,20 @@ _FP4 += tuple(-v for v in _FP4)
 _FP4_SCALE = 12.0
 
 
-@functools.cache
-def code_table(quant_type: str, device: torch.device) -> torch.Tensor:
-    """The 16 values a 4-bit code stands for (float32 [16], on `device`)."""
+def _make_code_table(quant_type: str, device: torch.device) -> torch.Tensor:
     if quant_type == "nf4":
         return torch.tensor(_NF4, dtype=torch.float32, device=device)
     return torch.tensor(_FP4, dtype=torch.float32, device=device) / _FP4_SCALE
+
+
+_cached_code_table = functools.cache(_make_code_table)
+
+
+def code_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """The 16 values a 4-bit code stands for (float32 [16], on `device`)."""
+    if torch.compiler.is_compiling():  # a constant of the graph; dynamo skips caches
+        return _make_code_table(quant_type, device)
+    return _cached_code_table(quant_type, device)
 
 
 @dataclass(frozen=True)
@@ -308,13 +316,15 @@ def read_4bit_weight(weight, quant_state=None) -> Packed4bit:
 # ---------------------------------------------------------------------------------------
 
 
-def _choose_backend(device: torch.device, requested: str | None) -> str:
-    """The dequantize kernel for tensors on `device`: Triton on CUDA where usable, else
-    the reference (the CPU has no faster kernel yet); a requested one must be usable."""
+@torch.compiler.assume_constant_result
+def _choose_backend(device_type: str, requested: str | None) -> str:
+    """The dequantize kernel for tensors of `device_type`: Triton on CUDA where usable,
+    else the reference (the CPU has no faster kernel yet); a requested one must be
+    usable. torch.compile runs it eagerly (its result is a constant)."""
     from . import backends
 
     if requested is None:
-        if device.type == "cuda" and backends.availability("triton")[0]:
+        if device_type == "cuda" and backends.availability("triton")[0]:
             return "triton"
         return "torch"
     if requested not in DEQUANTIZE_BACKENDS:
@@ -326,9 +336,9 @@ def _choose_backend(device: torch.device, requested: str | None) -> str:
         usable, reason = backends.availability("triton")
         if not usable:
             raise RuntimeError(f"lora_kernels backend 'triton' is not usable: {reason}")
-        if not backends._serves("triton", device.type):
+        if not backends._serves("triton", device_type):
             raise RuntimeError(
-                f"lora_kernels backend 'triton' does not run on {device.type} tensors"
+                f"lora_kernels backend 'triton' does not run on {device_type} tensors"
             )
     return requested
 
@@ -363,7 +373,7 @@ def dequantize_4bit(weight, quant_state=None, *, out=None, backend=None) -> torc
             )
         if not out.is_contiguous():
             raise ValueError(f"out must be contiguous, got strides {out.stride()}")
-    name = _choose_backend(w.packed.device, backend)
+    name = _choose_backend(w.packed.device.type, backend)
     if name == "torch":
         return dequantize_4bit_reference(w, out)
     from .backend_triton import dequant

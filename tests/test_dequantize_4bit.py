@@ -284,10 +284,23 @@ def test_triton_op_under_inductor_stays_bit_identical():
     assert_bits_equal(out, expected)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dynamo_traces_dequantize_fullgraph(backend):
+    device = device_of(backend)
+    packed, qs = quantize(48, 100, torch.bfloat16, "fp4", 64, True, torch.uint8, device)
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda packed: lora_kernels.dequantize_4bit(packed, qs, backend=backend),
+        fullgraph=True,
+        backend="eager",
+    )
+    assert_bits_equal(compiled(packed), bnbF.dequantize_4bit(packed, qs))
+
+
 def test_automatic_choice_is_triton_on_cuda_and_the_reference_on_cpu():
-    assert quant4bit._choose_backend(torch.device("cpu"), None) == "torch"
+    assert quant4bit._choose_backend("cpu", None) == "torch"
     if torch.cuda.is_available() and backends.availability("triton")[0]:
-        assert quant4bit._choose_backend(torch.device("cuda"), None) == "triton"
+        assert quant4bit._choose_backend("cuda", None) == "triton"
 
 
 def test_code_tables_hold_bitsandbytes_values():
