@@ -36,8 +36,8 @@ QUANT_TYPES = ("nf4", "fp4")
 # The blocksizes bitsandbytes' dequantize_4bit accepts.
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Backends with a dequantize kernel; the C++ backends have none yet.
-DEQUANTIZE_BACKENDS = ("triton", "torch")
+# Backends with a dequantize kernel (the C++ extension's is CPU-only).
+DEQUANTIZE_BACKENDS = ("triton", "cpu", "torch")
 
 # NF4: the 16 quantiles of N(0, 1) normalised to [-1, 1] (QLoRA, arXiv 2305.14314), as
 # float32 literals exactly as bitsandbytes' `get_4bit_type("nf4")` lists them.
@@ -318,28 +318,31 @@ def read_4bit_weight(weight, quant_state=None) -> Packed4bit:
 
 @torch.compiler.assume_constant_result
 def _choose_backend(device_type: str, requested: str | None) -> str:
-    """The dequantize kernel for tensors of `device_type`: Triton on CUDA where usable,
-    else the reference (the CPU has no faster kernel yet); a requested one must be
-    usable. torch.compile runs it eagerly (its result is a constant)."""
+    """The dequantize kernel for tensors of `device_type`: Triton on CUDA, the C++ kernel
+    on the CPU, each where usable, else the reference; a requested one must be usable
+    and serve the device. torch.compile runs it eagerly (its result is a constant)."""
     from . import backends
 
     if requested is None:
-        if device_type == "cuda" and backends.availability("triton")[0]:
-            return "triton"
-        return "torch"
+        preferred = {"cuda": "triton", "cpu": "cpu"}.get(device_type)
+        if preferred is not None and backends.availability(preferred)[0]:
+            requested = preferred
+        else:
+            return "torch"
     if requested not in DEQUANTIZE_BACKENDS:
         raise ValueError(
             f"backend must be one of {DEQUANTIZE_BACKENDS} or None for dequantize_4bit "
-            f"(the C++ backends have no dequantize kernel yet), got {requested!r}"
+            f"(the 'cuda' backend has no dequantize kernel yet), got {requested!r}"
         )
-    if requested == "triton":
-        usable, reason = backends.availability("triton")
+    if requested != "torch":
+        usable, reason = backends.availability(requested)
         if not usable:
-            raise RuntimeError(f"lora_kernels backend 'triton' is not usable: {reason}")
-        if not backends._serves("triton", device_type):
+            raise RuntimeError(f"lora_kernels backend {requested!r} is not usable: {reason}")
+        if not backends._serves(requested, device_type):
             raise RuntimeError(
-                f"lora_kernels backend 'triton' does not run on {device_type} tensors"
+                f"lora_kernels backend {requested!r} does not run on {device_type} tensors"
             )
+        backends.backend_ops(requested)  # loads the ops (torch.compile: before tracing)
     return requested
 
 
@@ -354,8 +357,8 @@ def dequantize_4bit(weight, quant_state=None, *, out=None, backend=None) -> torc
     quant_state: a `bitsandbytes.functional.QuantState`; default `weight.quant_state`.
     out: optional contiguous tensor of `quant_state.shape` and `quant_state.dtype` on
         the weight's device, written and returned (a reusable workspace).
-    backend: None (Triton on CUDA, the PyTorch reference on the CPU), "triton" or
-        "torch".
+    backend: None (Triton on CUDA, the C++ kernel on the CPU, each where usable, else
+        the PyTorch reference), "triton", "cpu" or "torch".
 
     Returns the dense weight, `quant_state.shape` ([N, K] for a `Linear4bit`) in
     `quant_state.dtype`. Unlike bitsandbytes, the transposed packed layout
@@ -376,9 +379,14 @@ def dequantize_4bit(weight, quant_state=None, *, out=None, backend=None) -> torc
     name = _choose_backend(w.packed.device.type, backend)
     if name == "torch":
         return dequantize_4bit_reference(w, out)
-    from .backend_triton import dequant
-
     if out is None:
         out = torch.empty(w.shape, dtype=w.dtype, device=w.packed.device)
-    dequant.dequantize_4bit_into(w, out)
+    if name == "cpu":
+        op = torch.ops.lora_kernels.cpp_dequantize_4bit
+    else:
+        from .backend_triton import dequant  # noqa: F401 (defines the op)
+
+        op = torch.ops.lora_kernels.triton_dequantize_4bit
+    op(w.packed, w.absmax, w.code, w.absmax_code, w.absmax2, w.offset,
+       w.blocksize, w.blocksize2, out)  # fmt: skip
     return out

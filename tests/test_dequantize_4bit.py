@@ -43,21 +43,36 @@ def _triton_device() -> tuple[torch.device | None, str]:
 
 
 TRITON_DEVICE, TRITON_WHY = _triton_device()
+CPU_USABLE, CPU_WHY = backends.availability("cpu")
 # The reference runs where bitsandbytes' own kernels do: on CUDA when there is a GPU.
 TORCH_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = [
-    pytest.param("torch", id="torch"),
-    pytest.param(
-        "triton",
-        id="triton",
-        marks=pytest.mark.skipif(TRITON_DEVICE is None, reason=f"triton: {TRITON_WHY}"),
-    ),
-]
 STORAGE_IDS = {torch.uint8: "u8", torch.bfloat16: "bf16-storage"}
 
 
+@pytest.fixture(params=["torch", "triton", "cpu-avx512", "cpu-avx2", "cpu-baseline"])
+def backend(request):
+    """The backend name a test passes; the C++ kernel once per CPU build this CPU runs."""
+    name = request.param
+    if name == "triton" and TRITON_DEVICE is None:
+        pytest.skip(f"triton: {TRITON_WHY}")
+    if not name.startswith("cpu-"):
+        yield name
+        return
+    if not CPU_USABLE:
+        pytest.skip(f"backend 'cpu' is not usable: {CPU_WHY}")
+    from lora_kernels import backend_cpp
+
+    isa = name.removeprefix("cpu-")
+    chosen = backend_cpp.cpu_isa(isa)
+    if chosen != isa:
+        backend_cpp.cpu_isa("auto")
+        pytest.skip(f"this CPU does not support the {isa} build (using {chosen})")
+    yield "cpu"
+    backend_cpp.cpu_isa("auto")
+
+
 def device_of(backend: str) -> torch.device:
-    return TRITON_DEVICE if backend == "triton" else TORCH_DEVICE
+    return {"triton": TRITON_DEVICE, "cpu": torch.device("cpu")}.get(backend, TORCH_DEVICE)
 
 
 def quantize(N, K, dtype, quant_type, blocksize, nested, storage, device, seed=0):
@@ -128,7 +143,6 @@ def setting_id(setting):
     return f"{quant_type}-bs{blocksize}-{nested_id}-{STORAGE_IDS[storage]}-{DTYPE_IDS[dtype]}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("setting", SETTINGS, ids=[setting_id(s) for s in SETTINGS])
 def test_dequantize_matches_bitsandbytes_bit_for_bit(backend, setting):
     quant_type, blocksize, nested, storage, dtype = setting
@@ -153,7 +167,6 @@ def shape_id(case):
     return f"N{N}-K{K}-" + setting_id((quant_type, blocksize, nested, storage, dtype))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", SHAPES, ids=[shape_id(c) for c in SHAPES])
 def test_dequantize_matches_bitsandbytes_on_odd_shapes(backend, case):
     N, K, quant_type, blocksize, nested, storage, dtype = case
@@ -170,7 +183,6 @@ def test_dequantize_matches_bitsandbytes_on_odd_shapes(backend, case):
     check_matches_bitsandbytes(backend, N, K, dtype, quant_type, blocksize, nested, storage)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_fp4_code_8_decodes_to_negative_zero_as_bitsandbytes_kernels_do(backend):
     device = device_of(backend)
     packed = torch.tensor([[0x80], [0x08]], dtype=torch.uint8, device=device)
@@ -190,7 +202,6 @@ def test_fp4_code_8_decodes_to_negative_zero_as_bitsandbytes_kernels_do(backend)
         assert_bits_equal(out, bnbF.dequantize_4bit(packed, qs))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "quant_type, nested, storage, compute_dtype",
     [
@@ -219,7 +230,6 @@ def test_dequantize_reads_a_linear4bit_weight(backend, quant_type, nested, stora
     assert_bits_equal(out, bnbF.dequantize_4bit(weight, weight.quant_state))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "N, K, dtype", [(48, 100, torch.bfloat16), (48, 100, torch.float32), (33, 71, torch.float32)]
 )
@@ -284,7 +294,6 @@ def test_triton_op_under_inductor_stays_bit_identical():
     assert_bits_equal(out, expected)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_dynamo_traces_dequantize_fullgraph(backend):
     device = device_of(backend)
     packed, qs = quantize(48, 100, torch.bfloat16, "fp4", 64, True, torch.uint8, device)
@@ -297,8 +306,8 @@ def test_dynamo_traces_dequantize_fullgraph(backend):
     assert_bits_equal(compiled(packed), bnbF.dequantize_4bit(packed, qs))
 
 
-def test_automatic_choice_is_triton_on_cuda_and_the_reference_on_cpu():
-    assert quant4bit._choose_backend("cpu", None) == "torch"
+def test_automatic_choice_is_triton_on_cuda_and_the_cpp_kernel_on_cpu():
+    assert quant4bit._choose_backend("cpu", None) == ("cpu" if CPU_USABLE else "torch")
     if torch.cuda.is_available() and backends.availability("triton")[0]:
         assert quant4bit._choose_backend("cuda", None) == "triton"
 
@@ -415,7 +424,5 @@ def test_an_out_of_the_wrong_dtype_or_shape_is_refused(quantized):
 
 def test_a_backend_without_a_dequantize_kernel_is_refused(quantized):
     packed, qs = quantized
-    with pytest.raises(
-        ValueError, match=r"backend must be one of \('triton', 'torch'\).*got 'cpu'"
-    ):
-        lora_kernels.dequantize_4bit(packed, qs, backend="cpu")
+    with pytest.raises(ValueError, match=r"one of \('triton', 'cpu', 'torch'\).*got 'cuda'"):
+        lora_kernels.dequantize_4bit(packed, qs, backend="cuda")

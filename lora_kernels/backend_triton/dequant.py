@@ -138,11 +138,3 @@ def triton_dequantize_4bit(
 def _(packed, absmax, code, absmax_code, absmax2, offset, blocksize, blocksize2, out):
     """Writes `out` only: nothing to shape (and the interpreter cannot run fake tensors)."""
     return None
-
-
-def dequantize_4bit_into(w, out: torch.Tensor) -> None:
-    """out = the dense weight of `w` (a checked `quant4bit.Packed4bit`), in one launch."""
-    torch.ops.lora_kernels.triton_dequantize_4bit(
-        w.packed, w.absmax, w.code, w.absmax_code, w.absmax2, w.offset,
-        w.blocksize, w.blocksize2, out,
-    )  # fmt: skip
