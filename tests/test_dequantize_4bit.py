@@ -150,8 +150,8 @@ def test_dequantize_matches_bitsandbytes_bit_for_bit(backend, setting):
 
 
 # Shapes: odd K and odd N * K (a padding nibble), a weight smaller than one block, K a
-# multiple of the blocksize, and 263 or 267 blocks of 64 (two nested absmax2 blocks of
-# 256; bf16 storage needs N * K a multiple of 4).
+# multiple of the blocksize, 263 or 267 blocks of 64 (two nested absmax2 blocks of 256;
+# bf16 storage needs N * K a multiple of 4), blocksizes 32 and 4096.
 SHAPES = [
     (33, 71, "nf4", 64, True, torch.uint8, torch.bfloat16),
     (33, 71, "fp4", 128, False, torch.uint8, torch.float16),
@@ -159,6 +159,10 @@ SHAPES = [
     (7, 128, "nf4", 64, False, torch.bfloat16, torch.float32),
     (129, 130, "nf4", 64, True, torch.uint8, torch.bfloat16),
     (129, 132, "fp4", 64, True, torch.bfloat16, torch.float32),
+    # The smallest and largest blocksizes bitsandbytes has (a Triton program then holds
+    # several blocks, or one block of 4096; the last block is short).
+    (33, 130, "nf4", 32, True, torch.uint8, torch.bfloat16),
+    (9, 1001, "fp4", 4096, True, torch.uint8, torch.float16),
 ]
 
 
