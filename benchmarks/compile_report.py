@@ -16,11 +16,16 @@ Shared-memory limits (opt-in maximum per block, CUDA C++ Programming Guide, "Tec
 Specifications per Compute Capability"): 166912 B (163 KB) on sm_80 (A100), 232448 B
 (227 KB) on sm_90 (H100).
 
+The 4-bit dequantize (`backend_triton/dequant.py`, blocksize 64, without and with double
+quantization) is compiled as its launcher runs it; a fused multiply-add in its PTX
+would break bit-exactness with bitsandbytes and is reported as a problem.
+
 Exits with status 1 if any configuration fails to compile or needs more shared memory
-than its target has, or if every configuration of a launch spills. A configuration that
-spills where another of its launch does not is listed as "dropped at launch": on a GPU
-the launcher compiles the candidates and drops those (`backend_triton.launch.spill_free`),
-since whether ptxas spills a tile depends on the Triton version's occupancy heuristics.
+than its target has, if the dequantize contracts a multiply-add, or if every
+configuration of a launch spills. A configuration that spills where another of its
+launch does not is listed as "dropped at launch": on a GPU the launcher compiles the
+candidates and drops those (`backend_triton.launch.spill_free`), since whether ptxas
+spills a tile depends on the Triton version's occupancy heuristics.
 
     python benchmarks/compile_report.py              # everything (several minutes)
     python benchmarks/compile_report.py --quick      # per kernel and target: the first
@@ -55,7 +60,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lora_kernels.backend_triton import configs, kernels  # noqa: E402
+from lora_kernels.backend_triton import configs, dequant, kernels  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 TARGET_NAMES = {(8, 0): "sm_80", (9, 0): "sm_90"}
@@ -167,10 +172,34 @@ def kernel_specs(block_r: int, fma: bool, dropout: bool, rank_tf32: bool) -> dic
             {"s_kk"},
             {"PACK_BITS": True, "BLOCK_M": sizes.mask_block_m, "BLOCK_K": sizes.mask_block_k},
         ),
+        # The 4-bit dequantize at bitsandbytes' default blocksize, without and with
+        # double quantization (absmax as uint8 codes, decoded in the kernel).
+        "dequant4": _dequant_spec(nested=False),
+        "dequant4_dq": _dequant_spec(nested=True),
     }
 
 
-_HELPERS = ("sum_partials", "dropout_mask", "dropout_bits")
+def _dequant_spec(nested: bool) -> KernelSpec:
+    blocksize = 64
+    absent = None if not nested else "fp32"
+    return KernelSpec(
+        dequant.dequant_4bit_kernel,
+        {"packed": "u8", "absmax": "u8" if nested else "fp32", "code": "fp32", "out": "x"}
+        | {"absmax_code": absent, "absmax2": absent, "offset": absent},
+        set(),
+        {
+            "NESTED": nested,
+            "BLOCKSIZE": blocksize,
+            "BLOCKSIZE2": 256,
+            "GROUP": max(1, dequant.ELEMENTS_PER_PROGRAM // blocksize),
+        },
+    )
+
+
+# The 4-bit dequantize: bit-exact with bitsandbytes only without fused multiply-adds,
+# so an fma in its PTX (compiled with Triton's default fp fusion) is a problem.
+_DEQUANT = ("dequant4", "dequant4_dq")
+_HELPERS = ("sum_partials", "dropout_mask", "dropout_bits", *_DEQUANT)
 # Helpers without a floating-point operand: compiled for one dtype case.
 _NO_FLOAT = ("dropout_mask", "dropout_bits")
 # Kernels compiled with and without dropout (their configs differ: the mask's registers).
@@ -179,7 +208,8 @@ _DROPOUT_KERNELS = ("shrink", "bwd_dx", "bwd_da")
 
 def configs_for(name, target, case, block_r, dropout) -> list:
     if name in _HELPERS:
-        return [triton.Config({}, num_warps=4, num_stages=1)]
+        num_warps = dequant.NUM_WARPS if name in _DEQUANT else 4
+        return [triton.Config({}, num_warps=num_warps, num_stages=1)]
     return configs.kernel_configs(
         name,
         capability=target,
@@ -316,8 +346,13 @@ def compile_one(name, spec, case, config, target, block_r, dropout, shared_limit
         row.shared = int(compiled.metadata.shared)
         row.mma = _mma(compiled.asm["ptx"])
         limit = shared_limit or configs.SHARED_MEMORY_LIMIT[target]
+        problems = []
         if row.shared > limit:
-            row.problem = f"shared {row.shared} B > {limit} B"
+            problems.append(f"shared {row.shared} B > {limit} B")
+        if name in _DEQUANT and re.search(r"\bfma\.", compiled.asm["ptx"]):
+            problems.append("fused multiply-add in the PTX")
+        if problems:
+            row.problem = "; ".join(problems)
         elif row.spill_bytes > 0:
             row.problem = _SPILLS
     except Exception as error:  # a failed compile is a row of the report, not a crash
@@ -336,6 +371,8 @@ def plan(only: tuple | None, quick: bool):
                 if case.x != case.lora and name not in _LOADS_ADAPTERS:
                     continue
                 if name in _NO_FLOAT and case is not cases[0]:
+                    continue
+                if name in _DEQUANT and case.precision == "tf32":  # it has no dot
                     continue
                 fma = case.x == torch.float32 and case.precision == "ieee"
                 values = (0,) if name in _HELPERS else configs.launch_block_r_values(name, fma)

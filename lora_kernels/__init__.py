@@ -17,6 +17,7 @@ from .model import (
 )
 from .ops import lora_linear
 from .peft_patch import PatchReport, patch_peft, unpatch_peft
+from .quant4bit import dequantize_4bit
 from .reference import dropout_keep_mask, lora_linear_reference
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "apply_lora",
     "available_backends",
     "count_parameters",
+    "dequantize_4bit",
     "dropout_keep_mask",
     "load_adapter",
     "load_lora_state_dict",

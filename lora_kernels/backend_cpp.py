@@ -50,6 +50,7 @@ HEADERS = (
     "common/op_common.h",
     "common/philox.h",
     "cpu/cpu_common.h",
+    "cpu/cpu_dequant.h",
     "cpu/cpu_grad_pass.h",
     "cpu/cpu_kernels.h",
     "cpu/cpu_kernels_impl.h",
@@ -326,6 +327,10 @@ def _keep_mask_fake(seed, M, K, dropout_p):
     return seed.new_empty(M, K, dtype=torch.bool)
 
 
+def _dequantize_4bit_fake(packed, absmax, code, absmax_code, absmax2, offset, bs, bs2, out):
+    return None  # writes out only
+
+
 def _register_python_side() -> None:
     """Fake implementations and the autograd formula, once per process."""
     global _registered
@@ -336,6 +341,7 @@ def _register_python_side() -> None:
     torch.library.register_fake("lora_kernels::cpp_forward")(_forward_fake)
     torch.library.register_fake("lora_kernels::cpp_backward")(backward_fake)
     torch.library.register_fake("lora_kernels::cpp_keep_mask")(_keep_mask_fake)
+    torch.library.register_fake("lora_kernels::cpp_dequantize_4bit")(_dequantize_4bit_fake)
     ops = torch.ops.lora_kernels
     register_lora_autograd(ops.cpp_forward.default, ops.cpp_backward.default)
     _registered = True

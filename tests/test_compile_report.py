@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "compile_report.py"
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 KERNELS = ("shrink", "fwd", "bwd_dy", "bwd_dx", "bwd_da", "bwd_db", "sum_partials")
-KERNELS += ("dropout_mask", "dropout_bits")
+KERNELS += ("dropout_mask", "dropout_bits", "dequant4", "dequant4_dq")
 
 needs_ptxas = pytest.mark.skipif(
     not (NVIDIA_BIN / "ptxas").exists(),

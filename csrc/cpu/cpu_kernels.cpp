@@ -76,6 +76,8 @@ void keep_mask(uint8_t* keep, int64_t M, int64_t K, const DropoutMask& mask, int
   active()->keep_mask(keep, M, K, mask, num_threads);
 }
 
+void dequant_4bit(const Dequant4bitArgs& args) { active()->dequant_4bit(args); }
+
 double dot(DType dtype, const void* a, const void* b, int64_t n) {
   if (dtype == DType::kFloat64) {
     const double* x = static_cast<const double*>(a);

@@ -110,12 +110,34 @@ struct GradPassArgs {
   int num_threads;
 };
 
+// The 4-bit dequantize (bitsandbytes NF4 / FP4, cpu_dequant.h): the n elements of the
+// flattened weight, out[i] = code[c_i] * scale[i / blocksize], c_{2j} the high nibble of
+// packed[j]; scale = absmax, or with absmax_q (double quantization) scale[b] =
+// absmax_code[absmax_q[b]] * absmax2[b / blocksize2] + offset.
+struct Dequant4bitArgs {
+  DType dtype;  // of out: float32, bfloat16 or float16
+  int64_t n;
+  const uint8_t* packed;       // [ceil(n / 2)]
+  const float* code;           // [16]
+  int64_t blocksize;           // even
+  const float* absmax;         // [ceil(n / blocksize)], or nullptr with absmax_q
+  const uint8_t* absmax_q;     // [ceil(n / blocksize)], or nullptr
+  const float* absmax_code;    // [256] (with absmax_q)
+  const float* absmax2;        // [ceil(blocks / blocksize2)] (with absmax_q)
+  int64_t blocksize2;
+  float offset;
+  void* out;                   // [n] contiguous
+  int num_threads;
+};
+
 void shrink(const ShrinkArgs& args);
 void expand_reduce(const ExpandReduceArgs& args);
 void grad_pass(const GradPassArgs& args);
 
 // keep[m, k] (1 or 0) for a [M, K] row-major uint8 buffer: the mask the kernels apply.
 void keep_mask(uint8_t* keep, int64_t M, int64_t K, const DropoutMask& mask, int num_threads);
+
+void dequant_4bit(const Dequant4bitArgs& args);
 
 // sum_i a[i] * b[i] of two float32 or float64 arrays (`dtype`), summed in float64 in
 // a fixed order, single-threaded.
@@ -134,6 +156,7 @@ struct Kernels {
   void (*expand_reduce)(const ExpandReduceArgs&);
   void (*grad_pass)(const GradPassArgs&);
   void (*keep_mask)(uint8_t*, int64_t, int64_t, const DropoutMask&, int);
+  void (*dequant_4bit)(const Dequant4bitArgs&);
 };
 const Kernels* kernels_baseline();
 const Kernels* kernels_avx2();    // nullptr where not compiled

@@ -7,9 +7,11 @@
 //   cpu_tiles.h      the register tiles of the shrink, reduce and expand
 //   cpu_passes.h     shrink and the fused expand / reduce pass
 //   cpu_grad_pass.h  the backward's pass over X and dY
+//   cpu_dequant.h    the 4-bit (bitsandbytes) dequantize
 #pragma once
 
 #include "cpu/cpu_common.h"
+#include "cpu/cpu_dequant.h"
 #include "cpu/cpu_grad_pass.h"
 #include "cpu/cpu_mask.h"
 #include "cpu/cpu_passes.h"
@@ -33,12 +35,17 @@ void grad_pass_entry(const GradPassArgs& p) {
   by_dtype(p.dtype, [&](auto t) { grad_pass_impl<decltype(t)>(p); });
 }
 
+void dequant_4bit_entry(const Dequant4bitArgs& p) {
+  if (p.n <= 0) return;
+  by_dtype(p.dtype, [&](auto t) { dequant_4bit_impl<decltype(t)>(p); });
+}
+
 }  // namespace
 
 #define LORA_STR2(x) #x
 #define LORA_STR(x) LORA_STR2(x)
-const Kernels kTable = {LORA_STR(LORA_CPU_NS), &shrink_entry, &expand_reduce_entry,
-                        &grad_pass_entry, &keep_mask_impl};
+const Kernels kTable = {LORA_STR(LORA_CPU_NS), &shrink_entry,   &expand_reduce_entry,
+                        &grad_pass_entry,       &keep_mask_impl, &dequant_4bit_entry};
 #undef LORA_STR
 #undef LORA_STR2
 

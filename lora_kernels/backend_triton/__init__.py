@@ -11,6 +11,8 @@ contract functions `availability`, `serves` and `load` (docs/backends.md). The p
     launch.py       one launch_<kernel>() per kernel; forward and backward as their calls
     interpreter.py  what differs under TRITON_INTERPRET=1 (CPU tensors, slow, small
                     tiles), which is read once, when this package is imported
+    dequant.py      the bitsandbytes 4-bit dequantize (lora_kernels.dequantize_4bit):
+                    kernel, launcher and the op lora_kernels::triton_dequantize_4bit
 
 Forward is two launches (shrink U = D(X) A^T with the keep mask's bits, then
 Y = X W^T + b + s U B^T); backward is one pass over dY (G = dY B with dB, db and ds

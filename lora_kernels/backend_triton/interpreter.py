@@ -98,6 +98,9 @@ SIZES = LaunchSizes(
 )
 # How many programs a split aims for (two per SM on a GPU).
 TARGET_PROGRAMS = 4
+# Elements of the dense weight per program of the 4-bit dequantize (dequant.py; at least
+# one quant block): small, so that the tests' weights take many programs.
+DEQUANT_ELEMENTS = 128
 
 _BLOCKS = {
     "fwd": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2},
