@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: setup bench bench-full test test-long test-cuda-build test-compat gpu-check lint format clean
+.PHONY: setup bench bench-full test test-long test-cuda-build test-compat test-peft-suite gpu-check lint
+.PHONY: format clean
 
 setup: $(STAMP)
 
@@ -43,6 +44,11 @@ test: lint
 test-long: lint
 	$(PY) -m pytest -q
 	bash .ci/compile_reports.sh
+	bash .ci/peft_suite.sh
+
+# peft's own LoRA tests, offline, as shipped and with every model patched by patch_peft.
+test-peft-suite: $(STAMP)
+	bash .ci/peft_suite.sh
 
 # The extension built with nvcc against a CUDA torch in .venv-cuda, checked on the CPU.
 test-cuda-build:
