@@ -651,9 +651,10 @@ def test_dynamo_traces_lora_linear_fullgraph_without_graph_break():
 
 
 @pytest.mark.parametrize("name", bt.KERNEL_NAMES)
-def test_gpu_autotuner_prunes_to_kernel_configs(name):
+def test_gpu_autotuner_prunes_to_kernel_configs(name, monkeypatch):
     """The GPU path's autotuner (built here without a GPU, never launched) prunes its
     candidates to exactly `kernel_configs` for what a launcher passes."""
+    monkeypatch.delenv("LORA_KERNELS_MAX_CONFIGS", raising=False)  # gpu-check sets it
     target = ((9, 0), bt.SHARED_MEMORY_LIMIT[(9, 0)])
     tuner = launch.tuned(name, target)
     assert tuner.early_config_prune is not None
