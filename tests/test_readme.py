@@ -5,6 +5,7 @@ import math
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 import warnings
@@ -40,6 +41,35 @@ def test_readme_block_runs(index, tmp_path, monkeypatch):
         exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), {"__name__": "readme"})
 
 
+def run_bash(script: str, cwd, env: dict, timeout_s: float) -> tuple[int, str, str]:
+    """Run `script` with bash -e; past timeout_s, stop it and everything it started, and
+    fail the test. torchrun starts each worker in a session of its own and stops them
+    on SIGTERM, so the script's process group gets SIGTERM first, then SIGKILL."""
+    process = subprocess.Popen(
+        ["bash", "-e", "-c", script],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(process.pid, sig)
+                stdout, stderr = process.communicate(timeout=30)
+                break
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                stdout, stderr = "", ""
+        pytest.fail(
+            f"the script did not finish within {timeout_s} s\n{stdout[-3000:]}{stderr[-3000:]}"
+        )
+    return process.returncode, stdout, stderr
+
+
 def test_readme_gloo_block_runs(tmp_path):
     """The CPU variant of the DDP/FSDP2 script, run by bash as a user would: both engines
     train three steps on both ranks, and rank 0 writes the adapter."""
@@ -49,21 +79,14 @@ def test_readme_gloo_block_runs(tmp_path):
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     package_root = str(pathlib.Path(lora_kernels.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    result = subprocess.run(
-        ["bash", "-e", "-c", GLOO_BLOCKS[0]],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=GLOO_TIMEOUT_S,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    returncode, stdout, stderr = run_bash(GLOO_BLOCKS[0], tmp_path, env, GLOO_TIMEOUT_S)
+    assert returncode == 0, stdout[-3000:] + stderr[-3000:]
     # The two ranks share stdout, so one's line may be cut by the other's: no anchors.
-    losses = re.findall(r"rank (\d) step (\d) loss (-?\d+\.\d{4}|nan|-?inf)", result.stdout)
+    losses = re.findall(r"rank (\d) step (\d) loss (-?\d+\.\d{4}|nan|-?inf)", stdout)
     # Two engines x two ranks x three steps, every loss a finite number.
     assert sorted((rank, step) for rank, step, _ in losses) == sorted(
         (rank, step) for rank in "01" for step in "012" for _engine in range(2)
-    ), result.stdout + result.stderr[-4000:]
+    ), stdout + stderr[-4000:]
     assert all(math.isfinite(float(loss)) for _, _, loss in losses), losses
     # The adapter of the last run (FSDP2), gathered: 2 layers x 7 modules x (A, B).
     tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
