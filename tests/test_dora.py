@@ -511,3 +511,24 @@ def test_autocast_casts_every_operand_and_keeps_float32_products():
     expected = peft_dora_float64(*cast[:5], cast[5], s, None, 0.0)
     assert_close(y, expected, torch.bfloat16, "output under autocast")
     assert ops.autocast_operands(x, weight)[1] is weight  # no autocast: unchanged
+
+
+def test_activation_checkpointing_recomputes_the_same_mask():
+    layer = dora_layer()
+    layer.dropout = 0.3
+    x = torch.randn(6, 23, requires_grad=True)
+    torch.manual_seed(8)
+    layer(x).square().sum().backward()
+    grads = [t.grad.clone() for t in (x, layer.lora_A, layer.lora_B, layer.lora_magnitude)]
+    for t in (x, layer.lora_A, layer.lora_B, layer.lora_magnitude):
+        t.grad = None
+    torch.manual_seed(8)
+    y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+    y.square().sum().backward()
+    for name, grad, t in zip(
+        ("x", "A", "B", "m"),
+        grads,
+        (x, layer.lora_A, layer.lora_B, layer.lora_magnitude),
+        strict=True,
+    ):
+        assert torch.equal(t.grad, grad), f"grad of {name} differs under checkpointing"
