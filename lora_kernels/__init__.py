@@ -15,10 +15,10 @@ from .model import (
     remove_lora,
     set_lora_enabled,
 )
-from .ops import lora_linear
+from .ops import dora_linear, lora_linear
 from .peft_patch import PatchReport, patch_peft, unpatch_peft
 from .quant4bit import dequantize_4bit
-from .reference import dropout_keep_mask, lora_linear_reference
+from .reference import dora_linear_reference, dropout_keep_mask, lora_linear_reference
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,8 @@ __all__ = [
     "available_backends",
     "count_parameters",
     "dequantize_4bit",
+    "dora_linear",
+    "dora_linear_reference",
     "dropout_keep_mask",
     "load_adapter",
     "load_lora_state_dict",

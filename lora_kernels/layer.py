@@ -6,6 +6,10 @@ calls. Shapes: K = in_features, N = out_features, R = rank.
 
     Y = X W^T + b + s * (dropout(X) A^T) B^T,   A = lora_A [R, K], B = lora_B [N, R]
 
+With `use_dora=True` (DoRA, peft's `use_dora`), a magnitude m = lora_magnitude [N] and
+n = ||W + s B A|| per output row (detached) rescale the rows: without dropout
+Y = (m/n) * (X W^T + s X A^T B^T) + b (see `lora_kernels.dora_linear` for dropout).
+
 Adapter dtype: float32 when the wrapped layer is float16 or bfloat16 (as peft does by
 default, `autocast_adapter_dtype=True`: half-precision adapters lose small updates),
 otherwise the layer's dtype. `layer.to(torch.bfloat16)` casts the adapter too, for
@@ -20,8 +24,9 @@ import warnings
 import torch
 from torch import nn
 
+from . import dora
 from .contract import accumulation_dtype
-from .ops import lora_linear
+from .ops import dora_linear, lora_linear
 from .validation import (
     check_alpha,
     check_backend,
@@ -56,6 +61,10 @@ class LoRALinear(nn.Module):
         learnable_scaling: make `scaling` a 0-dim `nn.Parameter` (adapter dtype) that
             trains with A and B.
         backend: backend name passed to `lora_linear`, or None for the automatic choice.
+        use_dora: DoRA (Liu et al. 2024, peft's `use_dora=True`): adds the parameter
+            `lora_magnitude` [N] (adapter dtype), initialised to the row norms of
+            W + s B A, and runs `dora_linear`. Its backend is None or "torch" for now
+            (the reference's composition of ATen ops); merging is not supported yet.
 
     Input x [*, K] in the wrapped layer's dtype; output [*, N] in x's dtype. Gradients
     of A, B (and a learnable scaling) come in their own dtype. Under `torch.autocast`
@@ -72,6 +81,7 @@ class LoRALinear(nn.Module):
         use_rslora: bool = False,
         learnable_scaling: bool = False,
         backend: str | None = None,
+        use_dora: bool = False,
     ):
         super().__init__()
         if not isinstance(original_linear_layer, nn.Linear):
@@ -86,6 +96,12 @@ class LoRALinear(nn.Module):
         self.use_rslora = check_flag("use_rslora", use_rslora)
         learnable_scaling = check_flag("learnable_scaling", learnable_scaling)
         self.backend = check_backend(backend)
+        self.use_dora = check_flag("use_dora", use_dora)
+        if self.use_dora and self.backend not in (None, "torch"):
+            raise ValueError(
+                "use_dora=True runs on the 'torch' backend only so far (fused DoRA kernels "
+                f"are not written yet): pass backend=None or 'torch', got {backend!r}"
+            )
 
         self.in_features = original_linear_layer.in_features
         self.out_features = original_linear_layer.out_features
@@ -112,6 +128,12 @@ class LoRALinear(nn.Module):
         # two thin factors (float32 or wider), so that reset and unwrap can put it back.
         self.register_buffer("_svd_US", None, persistent=False)  # [N, R]
         self.register_buffer("_svd_Vh", None, persistent=False)  # [R, K]
+        if self.use_dora:
+            self.lora_magnitude = nn.Parameter(torch.zeros(self.out_features, **factory))
+        else:
+            self.register_parameter("lora_magnitude", None)
+        # ||W_n||^2 of the frozen weight, for DoRA's norm; see dora.WeightNormCache.
+        self._weight_norm_cache = dora.WeightNormCache()
         self._enabled = True
         self._merged = False
         self.reset_lora_parameters()
@@ -161,7 +183,8 @@ class LoRALinear(nn.Module):
 
         Any earlier SVD residual is undone first, so after a reset the layer's output is
         the original base layer's output (exactly for "kaiming" and "gaussian", where
-        B = 0; up to rounding for "svd").
+        B = 0; up to rounding for "svd"). With DoRA, lora_magnitude becomes the row norms
+        of W + s B A (those of the original weight: B = 0, or W the SVD residual).
 
         "svd" (PiSSA, Meng et al. 2024, as peft's init_lora_weights="pissa"): with
         W = U S V^T and the top-R triplets U_r [N, R], S_r [R], V_r^T [R, K],
@@ -183,6 +206,19 @@ class LoRALinear(nn.Module):
             nn.init.zeros_(self.lora_B)
         else:
             self._init_svd()
+        if self.use_dora:
+            self.lora_magnitude.copy_(self._weight_row_norm())
+
+    @torch.no_grad()
+    def _weight_row_norm(self) -> torch.Tensor:
+        """DoRA's n = ||W + s B A|| [N] (accumulation dtype), from the current adapter."""
+        return dora.weight_row_norm(
+            self.original_linear.weight,
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            self._weight_norm_cache,
+        )
 
     def _init_svd(self) -> None:
         s = self._scaling_value()
@@ -204,6 +240,20 @@ class LoRALinear(nn.Module):
         """x [*, K] -> [*, N] in x's dtype; the base layer alone when disabled or merged."""
         if not self._enabled or self._merged:
             return self.original_linear(x)
+        if self.use_dora:
+            return dora_linear(
+                x,
+                self.original_linear.weight,
+                self.original_linear.bias,
+                self.lora_A,
+                self.lora_B,
+                self.lora_magnitude,
+                self.scaling,
+                dropout_p=self.dropout,
+                training=self.training,
+                backend=self.backend,
+                norm_cache=self._weight_norm_cache,
+            )
         return lora_linear(
             x,
             self.original_linear.weight,
@@ -222,10 +272,18 @@ class LoRALinear(nn.Module):
         s = self.scaling.detach().to(dtype) if self.learnable_scaling else self.scaling
         return s * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))
 
+    def _refuse_dora_merge(self, what: str) -> None:
+        if self.use_dora:
+            raise NotImplementedError(
+                f"LoRALinear.{what}(): merging a DoRA layer (use_dora=True) is not "
+                "supported yet; its merged weight is (m / ||W + s B A||) * (W + s B A)"
+            )
+
     @torch.no_grad()
     def _merged_weight(self) -> torch.Tensor:
         """W + s B A in W's dtype, rounded once; refuses (like peft's safe_merge) when
         the result is not finite."""
+        self._refuse_dora_merge("merge")
         weight = self.original_linear.weight
         acc = accumulation_dtype(weight.dtype)
         merged = (weight.to(acc) + self._delta(acc)).to(weight.dtype)
@@ -244,7 +302,9 @@ class LoRALinear(nn.Module):
 
         Its output matches this layer's eval-mode output. The layer itself is not
         changed. The new parameters have the wrapped layer's requires_grad (frozen).
+        Not for DoRA layers yet (NotImplementedError).
         """
+        self._refuse_dora_merge("merge_weights")
         weight = self.original_linear.weight
         bias = self.original_linear.bias
         merged = nn.Linear(
@@ -267,8 +327,10 @@ class LoRALinear(nn.Module):
 
         Merging a merged layer warns and does nothing. A merge whose result is not
         finite raises ValueError and leaves the weight untouched. While merged, A and
-        B get no gradient; call `unmerge()` before training further.
+        B get no gradient; call `unmerge()` before training further. Not for DoRA
+        layers yet (NotImplementedError).
         """
+        self._refuse_dora_merge("merge")
         if self._merged:
             warnings.warn("LoRALinear.merge(): already merged, nothing done", stacklevel=2)
             return
@@ -319,6 +381,8 @@ class LoRALinear(nn.Module):
             text += ", use_rslora=True"
         if self.learnable_scaling:
             text += ", learnable_scaling=True"
+        if self.use_dora:
+            text += ", use_dora=True"
         if self._merged:
             text += ", merged=True"
         if not self._enabled:

@@ -1,8 +1,10 @@
-"""The public functional op: `lora_linear`.
+"""The public functional ops: `lora_linear` and its DoRA variant `dora_linear`.
 
 Checks the arguments, flattens the leading dims of x, draws the dropout seed, picks
 the backend (`backends.resolve_backend`) and calls its forward op, whose autograd
-formula lives in `contract.py`. The math is in `reference.py`.
+formula lives in `contract.py`. The math is in `reference.py`. `dora_linear` runs the
+reference's composition of ATen ops for now (no fused DoRA kernel yet), with the norm
+of `dora.py` and the plain op's seed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import numbers
 
 import torch
 
-from . import backends, contract, reference
+from . import backends, contract, dora, reference
 from .validation import check_backend, check_dropout_p, check_flag
 
 _FLOAT_DTYPES = contract.STORAGE_DTYPES
@@ -128,19 +130,20 @@ def _autocast_disabled(device_type: str):
     return contextlib.nullcontext()
 
 
-def autocast_operands(x, weight, bias, lora_A, lora_B):
-    """Cast like nn.Linear under torch.autocast: every operand to the autocast dtype."""
+def autocast_operands(x, *operands):
+    """Cast like nn.Linear under torch.autocast: x and every operand (weight, bias,
+    lora_A, lora_B, ...) to the autocast dtype; (x, *operands) unchanged otherwise."""
     device_type = x.device.type
     autocast_device = device_type in _AUTOCAST_DEVICE_TYPES
     if not (autocast_device and torch.is_autocast_enabled(device_type)):
-        return x, weight, bias, lora_A, lora_B
+        return (x, *operands)
     dtype = torch.get_autocast_dtype(device_type)
 
     def cast(t):
         is_float = isinstance(t, torch.Tensor) and t.dtype in _FLOAT_DTYPES
         return t.to(dtype) if is_float else t  # anything else is refused by the checks
 
-    return tuple(cast(t) for t in (x, weight, bias, lora_A, lora_B))
+    return tuple(cast(t) for t in (x, *operands))
 
 
 def composition_needed() -> str | None:
@@ -238,4 +241,88 @@ def lora_linear(
         forward_op, _ = backends.backend_ops(backends.resolve_backend(x.device.type, backend))
     with _autocast_disabled(x.device.type):
         y, _, _ = forward_op(x2d, weight, bias, lora_A, lora_B, scaling_t, p, seed)
+    return y.reshape(*x.shape[:-1], N)
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float | torch.Tensor,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    backend: str | None = None,
+    norm_cache: dora.WeightNormCache | None = None,
+) -> torch.Tensor:
+    """DoRA (peft's `use_dora=True`): Y = (m/n) * (X W^T + s X A^T B^T) + b.
+
+    n = ||W + s B A|| over each output row, detached (`dora.weight_row_norm`). With
+    dropout in training, as peft: Y = X W^T + b + (m/n - 1) * D(X) W^T
+    + (m/n) * s D(X) A^T B^T, D drawing the plain op's mask for the same seed (one draw
+    from torch's default generator per call, as `lora_linear`).
+
+    Args:
+        x, weight, bias, lora_A, lora_B, scaling, dropout_p, training: as `lora_linear`.
+        magnitude: m [N], lora_A's dtype.
+        backend: None or "torch": DoRA runs the reference's composition of ATen ops
+            (autograd through it) until its fused kernels land; another name raises.
+        norm_cache: a `dora.WeightNormCache` that keeps ||W_n||^2 between calls
+            (`LoRALinear` holds one), or None to compute it every call.
+
+    Returns:
+        [*, N] in x's dtype. Gradients flow to x, bias, lora_A, lora_B, magnitude and a
+        learnable scaling (and to weight, when it requires grad); none through n.
+    """
+    if isinstance(x, torch.Tensor) and x.dtype in _FLOAT_DTYPES:
+        x, weight, bias, lora_A, lora_B, magnitude = autocast_operands(
+            x, weight, bias, lora_A, lora_B, magnitude
+        )
+    p = _check_arguments(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    _check_tensor("magnitude", magnitude, ndim=1)
+    N = weight.shape[0]
+    if magnitude.shape[0] != N:
+        raise ValueError(f"magnitude must have shape [{N}] (out_features), got {_shape(magnitude)}")
+    if magnitude.dtype != lora_A.dtype:
+        raise TypeError(f"magnitude must have lora_A's dtype {lora_A.dtype}, got {magnitude.dtype}")
+    if magnitude.device != x.device:
+        raise ValueError(f"magnitude must be on x's device {x.device}, got {magnitude.device}")
+    if norm_cache is not None and not isinstance(norm_cache, dora.WeightNormCache):
+        raise TypeError(
+            "norm_cache must be a lora_kernels.dora.WeightNormCache or None, got "
+            f"{type(norm_cache).__name__}"
+        )
+    check_flag("training", training)
+    check_backend(backend)
+    if backend not in (None, "torch"):
+        raise NotImplementedError(
+            "dora_linear runs on the 'torch' backend only (the reference's composition; "
+            f"fused DoRA kernels are not written yet), got backend={backend!r}"
+        )
+    if not training:
+        p = 0.0
+    K = x.shape[-1]
+    x2d = x.reshape(math.prod(x.shape[:-1]), K)
+    # The plain op's seed: the same draw, so the same mask for the same seed and shape.
+    if p > 0 and x.device.type != "meta":
+        seed = draw_seed(x.device)
+    else:
+        seed = torch.zeros((), dtype=torch.int64, device=x.device)
+    # The operands are cast already; autocast inside would round the float32 products.
+    with _autocast_disabled(x.device.type):
+        weight_norm = dora.weight_row_norm(weight, lora_A, lora_B, scaling, norm_cache)
+        y = reference.dora_linear_reference(
+            x2d,
+            weight,
+            bias,
+            lora_A,
+            lora_B,
+            magnitude,
+            scaling,
+            p,
+            seed=seed,
+            weight_norm=weight_norm,
+        )
     return y.reshape(*x.shape[:-1], N)

@@ -25,6 +25,17 @@ row (docs/design.md, "Dropout mask, bit for bit"):
     key     = (lo32(seed), hi32(seed))
     word    = philox(counter, key)[k % 4]
     keep    = word >= floor(p * 2**32)        (unsigned compare)
+
+DoRA (Liu et al., arXiv 2402.09353; peft's `LoraConfig(use_dora=True)`, peft 0.21),
+`dora_linear_reference`, with a magnitude m [N] and n = ||W + s B A|| per output row,
+detached from the graph (the paper's section 4.3, as peft does):
+
+    without dropout, or in eval:  Y = (m/n) * (X W^T + s U B^T) + b
+    with dropout, in training:    Y = X W^T + b + (m/n - 1) * D(X) W^T + (m/n) * s U B^T
+
+with U = D(X) A^T and the same keep mask as the plain op. The second form is peft's:
+the base term on the un-dropped input, DoRA's correction on the dropped one. Gradients
+flow to x, A, B, m, a bias that requires grad and a learnable scaling, not through n.
 """
 
 from __future__ import annotations
@@ -264,5 +275,91 @@ def lora_linear_reference(
     keep = dropout_keep_mask(seed, M, K, p, x.device) if p > 0 else None
     y, _ = lora_linear_forward_reference(
         x.reshape(M, K), weight, bias, lora_A, lora_B, scaling, p, keep
+    )
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def dora_weight_norm_reference(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float | torch.Tensor,
+) -> torch.Tensor:
+    """n = ||W + s B A|| over each output row [N], detached, in the accumulation dtype.
+
+    The direct form, through the [N, K] matrix W + s B A (as peft computes it);
+    `lora_kernels.dora.weight_row_norm` gets the same without that temporary.
+    """
+    acc = accumulation_dtype(weight.dtype)
+    if isinstance(scaling, torch.Tensor):
+        scaling = scaling.detach().to(acc)
+    with torch.no_grad():
+        direct = weight.to(acc) + scaling * (lora_B.detach().to(acc) @ lora_A.detach().to(acc))
+        return torch.linalg.vector_norm(direct, dim=1)
+
+
+def dora_linear_forward_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float | torch.Tensor,
+    dropout_p: float = 0.0,
+    keep: torch.Tensor | None = None,
+    weight_norm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DoRA's Y [M, N] for a 2-D x [M, K], in x's dtype; differentiable with autograd.
+
+    magnitude m [N]; `keep` is the [M, K] bool mask, or None for no dropout;
+    `weight_norm` is n [N] (detached here), the direct `dora_weight_norm_reference`
+    when None. The base products X W^T and (X * keep) W^T are those of `F.linear` in
+    x's dtype (the dropout scale 1/(1 - p) is applied after the product, so the masked
+    input is exact); U, the LoRA term, the scale m/n and the sum are in the accumulation
+    dtype, rounded once.
+    """
+    acc = accumulation_dtype(x.dtype)
+    if weight_norm is None:
+        weight_norm = dora_weight_norm_reference(weight, lora_A, lora_B, scaling)
+    # m/n [N], broadcast over the rows of Y: n is a constant of the graph.
+    scale = magnitude.to(acc) / weight_norm.detach().to(acc)
+    u = apply_dropout(x.to(acc), keep, dropout_p) @ lora_A.to(acc).t()
+    lora = scaling * (u @ lora_B.to(acc).t())
+    base = torch.nn.functional.linear(x, weight).to(acc)
+    if keep is None:
+        y = scale * (base + lora)
+    else:
+        dropped_base = torch.nn.functional.linear(x * keep, weight).to(acc)
+        y = base + (scale - 1) * (dropped_base * dropout_scale(dropout_p)) + scale * lora
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype)
+
+
+def dora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float | torch.Tensor,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    seed: int | torch.Tensor = 0,
+    weight_norm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DoRA's Y (see the module docstring) with the mask of `dropout_keep_mask(seed, ...)`.
+
+    x [*, K], weight [N, K], bias [N] or None, lora_A [R, K], lora_B [N, R], magnitude
+    [N]; returns [*, N] in x's dtype. `weight_norm` as in `dora_linear_forward_reference`.
+    """
+    K = x.shape[-1]
+    M = math.prod(x.shape[:-1])  # not reshape(-1, K): with K == 0 the -1 is ambiguous
+    p = dropout_p if training else 0.0
+    keep = dropout_keep_mask(seed, M, K, p, x.device) if p > 0 else None
+    y = dora_linear_forward_reference(
+        x.reshape(M, K), weight, bias, lora_A, lora_B, magnitude, scaling, p, keep, weight_norm
     )
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,534 @@
+"""DoRA (`use_dora=True`): peft 0.21's formula on the reference path.
+
+The output and the gradients of x, A, B, m (a bias, a learnable scaling) against a
+float64 transcription of peft's `DoraLinearLayer.forward` with the plain op's dropout
+mask; `LoRALinear(use_dora=True)` against peft itself; the norm identity of `dora.py`
+against the direct norm; the ||W_n||^2 cache against every way the weight can change.
+"""
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import DTYPE_IDS, assert_close, make_inputs
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lora_kernels
+from lora_kernels import LoRALinear, dora, ops, reference
+
+F32, F64 = torch.float32, torch.float64
+
+
+def peft_dora_float64(x, weight, bias, lora_A, lora_B, magnitude, scaling, keep, p):
+    """peft 0.21's DoRA forward (lora.Linear.forward, DoraLinearVariant.forward,
+    DoraLinearLayer.forward), transcribed step by step, for 2-D float64 operands;
+    `keep` None means peft's Identity dropout or eval. The dropout is our op's D: the
+    kept elements scaled by 1 / (1 - p) rounded to float32 (`reference.dropout_scale`)."""
+    result = F.linear(x, weight, bias)  # base_layer(x)
+    if keep is None:
+        lora_x = x
+        base_result = result - bias if bias is not None else result
+    else:
+        lora_x = x * keep * reference.dropout_scale(p)  # x = dropout(x)
+        base_result = F.linear(lora_x, weight)
+    # get_lora_weight: lora_B(lora_A(eye)).T, then get_weight_norm on its detached value.
+    eye = torch.eye(lora_A.shape[1], dtype=lora_A.dtype)
+    lora_weight = F.linear(F.linear(eye, lora_A), lora_B).T
+    weight_norm = torch.linalg.norm(weight + scaling * lora_weight.detach(), dim=1).detach()
+    mag_norm_scale = (magnitude / weight_norm).view(1, -1)
+    lora_result = F.linear(F.linear(lora_x, lora_A), lora_B)
+    result_dora = (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling
+    return result + result_dora
+
+
+def plain_op_mask(M, K, p, manual_seed):
+    """The keep mask [M, K] that the plain op `lora_linear` draws after
+    `torch.manual_seed(manual_seed)`, read off its output: with W = 0, A = B = I and
+    s = 1 its output is D(1) = keep / (1 - p)."""
+    eye = torch.eye(K)
+    torch.manual_seed(manual_seed)
+    y = lora_kernels.lora_linear(torch.ones(M, K), torch.zeros(K, K), None, eye, eye, 1.0, p)
+    return y != 0
+
+
+def random_magnitude(weight, lora_A, lora_B, scaling, seed=3):
+    """m [N] in the adapters' dtype: the row norms of W + s B A times a factor in
+    [0.5, 1.5), so that m/n is far from 1 (a formula that drops m/n fails)."""
+    n = reference.dora_weight_norm_reference(weight, lora_A, lora_B, scaling)
+    g = torch.Generator().manual_seed(seed)
+    factor = 0.5 + torch.rand(n.shape, generator=g, dtype=F64)
+    return (n.double() * factor).to(lora_A.dtype).requires_grad_()
+
+
+SHAPES = [
+    pytest.param((), 13, 21, 11, 5, id="M13-K21-N11-R5"),
+    pytest.param((3,), 7, 70, 33, 7, id="x3x7-K70-N33-R7"),
+    pytest.param((), 1, 16, 5, 1, id="M1-K16-N5-R1"),
+]
+DTYPES = [pytest.param(dt, id=DTYPE_IDS[dt]) for dt in (F32, torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead, M, K, N, R", SHAPES)
+def test_dora_linear_matches_peft_formula_float64(lead, M, K, N, R, dtype, bias, p):
+    # float32 adapters on a 16-bit layer, as LoRALinear (and peft) make them.
+    lora_dtype = F32 if dtype != F32 else dtype
+    x, weight, b, A, B, _ = make_inputs(
+        M, K, N, R, dtype, lora_dtype=lora_dtype, bias=bias, lead=lead
+    )
+    s = torch.tensor(0.75, dtype=F32, requires_grad=True)
+    m = random_magnitude(weight, A, B, 0.75)
+    torch.manual_seed(11)
+    y = lora_kernels.dora_linear(x, weight, b, A, B, m, s, p)
+    assert y.dtype == dtype and y.shape == (*lead, M, N)
+    Mt = M * (lead[0] if lead else 1)
+    keep = plain_op_mask(Mt, K, p, 11) if p > 0 else None
+    if p > 0:
+        assert not keep.all() and keep.any()  # the mask really drops something
+
+    named = {"x": x, "bias": b, "lora_A": A, "lora_B": B, "magnitude": m, "scaling": s}
+    named = {k: t for k, t in named.items() if t is not None}
+    up = {k: t.detach().double().requires_grad_() for k, t in named.items()}
+    y64 = peft_dora_float64(
+        up["x"].reshape(Mt, K),
+        weight.double(),
+        up.get("bias"),
+        up["lora_A"],
+        up["lora_B"],
+        up["magnitude"],
+        up["scaling"],
+        keep,
+        p,
+    ).reshape(*lead, M, N)
+    assert_close(y, y64, dtype, "output")
+
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=F64)
+    grad_y = grad_y.to(dtype)
+    grads = torch.autograd.grad(y, list(named.values()), grad_y)
+    grads64 = torch.autograd.grad(y64, list(up.values()), grad_y.double())
+    for name, grad, grad64 in zip(named, grads, grads64, strict=True):
+        assert grad.dtype == named[name].dtype, f"grad of {name}: dtype {grad.dtype}"
+        assert grad64.abs().max() > 0, f"grad of {name} is zero: the check could not fail"
+        assert_close(grad, grad64, dtype, f"grad of {name}")
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+def test_reference_is_peft_formula_in_float64(p):
+    """The ground truth itself, in float64 where rounding cannot hide a wrong term."""
+    M, K, N, R = 17, 23, 19, 4
+    x, weight, b, A, B, _ = make_inputs(M, K, N, R, F64)
+    m = random_magnitude(weight, A, B, 0.75)
+    keep = reference.dropout_keep_mask(12345, M, K, p) if p > 0 else None
+    y = reference.dora_linear_reference(x, weight, b, A, B, m, 0.75, p, seed=12345)
+    y_peft = peft_dora_float64(x, weight, b, A, B, m, 0.75, keep, p)
+    assert_close(y, y_peft, F64, "output")
+    grads = torch.autograd.grad(y.sum(), (x, b, A, B, m))
+    grads_peft = torch.autograd.grad(y_peft.sum(), (x, b, A, B, m))
+    for name, g, g_peft in zip(("x", "bias", "A", "B", "m"), grads, grads_peft, strict=True):
+        assert_close(g, g_peft, F64, f"grad of {name}")
+
+
+def test_eval_has_no_dropout_and_draws_no_seed():
+    x, weight, b, A, B, s = make_inputs(9, 14, 6, 3, F32)
+    m = random_magnitude(weight, A, B, s)
+    torch.manual_seed(5)
+    y_eval = lora_kernels.dora_linear(x, weight, b, A, B, m, s, 0.3, training=False)
+    state_after = torch.get_rng_state()
+    y_p0 = lora_kernels.dora_linear(x, weight, b, A, B, m, s, 0.0)
+    assert torch.equal(state_after, torch.get_rng_state())
+    torch.manual_seed(5)
+    assert torch.equal(state_after, torch.get_rng_state())  # no draw in eval
+    assert torch.equal(y_eval, y_p0)
+
+
+def test_seed_is_drawn_once_per_call_as_the_plain_op_draws_it():
+    x, weight, b, A, B, s = make_inputs(9, 14, 6, 3, F32)
+    m = random_magnitude(weight, A, B, s)
+    torch.manual_seed(21)
+    lora_kernels.lora_linear(x, weight, b, A, B, s, 0.2)
+    after_plain = torch.get_rng_state()
+    torch.manual_seed(21)
+    lora_kernels.dora_linear(x, weight, b, A, B, m, s, 0.2)
+    assert torch.equal(after_plain, torch.get_rng_state())
+
+
+# ---------------------------------------------------------------------------------------
+# Against peft itself
+# ---------------------------------------------------------------------------------------
+
+
+class OneLinear(nn.Module):
+    def __init__(self, K, N, bias, dtype):
+        super().__init__()
+        self.lin = nn.Linear(K, N, bias=bias, dtype=dtype)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class FixedMaskDropout(nn.Module):
+    """peft's lora_dropout with a given keep mask: D(x) = x * keep / (1 - p)."""
+
+    def __init__(self, keep, p):
+        super().__init__()
+        self.keep, self.p = keep, p
+
+    def forward(self, x):
+        return x * self.keep.reshape(x.shape) * reference.dropout_scale(self.p)
+
+
+def ours_and_peft(K, N, R, dtype, bias, dropout):
+    """Our DoRA layer and peft's on copies of one random nn.Linear, with equal A, B, m:
+    B random and m off the norms (peft inits B = 0 and m = ||W||)."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = OneLinear(K, N, bias, dtype)
+    ours = LoRALinear(
+        copy.deepcopy(base.lin), rank=R, alpha=2.0 * R, dropout=dropout, use_dora=True
+    )
+    config = peft.LoraConfig(
+        r=R, lora_alpha=2.0 * R, lora_dropout=dropout, target_modules=["lin"], use_dora=True
+    )
+    theirs = peft.get_peft_model(copy.deepcopy(base), config).base_model.model.lin
+    with torch.no_grad():
+        # The inits agree (B = 0, m = the norms of W) before any value is changed; peft
+        # takes the norm of a 16-bit layer in its dtype, we in float32.
+        assert_close(
+            ours.lora_magnitude, theirs.lora_magnitude_vector["default"].weight, dtype, "m init"
+        )
+        ours.lora_B.normal_(std=0.5)
+        ours.lora_magnitude.mul_(0.5 + torch.rand(N))
+        theirs.lora_A["default"].weight.copy_(ours.lora_A)
+        theirs.lora_B["default"].weight.copy_(ours.lora_B)
+        theirs.lora_magnitude_vector["default"].weight.copy_(ours.lora_magnitude)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["p0", "p0.1-peft_given_our_mask"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(dt, id=DTYPE_IDS[dt]) for dt in (F32, torch.bfloat16)]
+)
+def test_layer_matches_peft_dora(dtype, bias, dropout):
+    K, N, R, lead = 37, 29, 5, (3, 11)
+    ours, theirs = ours_and_peft(K, N, R, dtype, bias, dropout)
+    if dropout > 0:
+        # peft's dropout module replaced by one with the mask our op draws after seed 4.
+        theirs.lora_dropout["default"] = FixedMaskDropout(plain_op_mask(33, K, dropout, 4), dropout)
+    x = torch.randn(*lead, K, generator=torch.Generator().manual_seed(1)).to(dtype)
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(4)
+    y = ours(x_ours)
+    y_peft = theirs(x_theirs)
+    assert y.dtype == y_peft.dtype == dtype
+    assert_close(y, y_peft, dtype, "output")
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    y.backward(grad_y)
+    y_peft.backward(grad_y)
+    pairs = {
+        "x": (x_ours.grad, x_theirs.grad),
+        "lora_A": (ours.lora_A.grad, theirs.lora_A["default"].weight.grad),
+        "lora_B": (ours.lora_B.grad, theirs.lora_B["default"].weight.grad),
+        "magnitude": (
+            ours.lora_magnitude.grad,
+            theirs.lora_magnitude_vector["default"].weight.grad,
+        ),
+    }
+    for name, (grad, grad_peft) in pairs.items():
+        assert grad.dtype == grad_peft.dtype, f"grad of {name}: {grad.dtype} vs {grad_peft.dtype}"
+        assert_close(grad, grad_peft, dtype, f"grad of {name}")
+    # peft freezes the base layer as LoRALinear does: no other gradient to compare.
+    assert theirs.base_layer.weight.grad is None and ours.original_linear.weight.grad is None
+
+
+# ---------------------------------------------------------------------------------------
+# The norm without an [N, K] temporary
+# ---------------------------------------------------------------------------------------
+
+
+def norm_operands(N, K, R, dtype, update_scale, cancel_rows=None):
+    """W [N, K] in `dtype`, float32 A and B and s with ||s B A|| about `update_scale`
+    times ||W|| per row; `cancel_rows` makes those rows W_n = -s B_n A + 1e-3 W_n."""
+    g = torch.Generator().manual_seed(N + K + R)
+    W = torch.randn(N, K, generator=g, dtype=F64) / K**0.5
+    A = torch.randn(R, K, generator=g, dtype=F64) / K**0.5
+    B = torch.randn(N, R, generator=g, dtype=F64) * update_scale / R**0.5
+    s = 0.75
+    if cancel_rows is not None:
+        W[cancel_rows] = -(s * B @ A)[cancel_rows] + 1e-3 * W[cancel_rows]
+    return W.to(dtype), A.float(), B.float(), s
+
+
+def row_rel_error(n, weight, A, B, s):
+    ref = reference.dora_weight_norm_reference(weight.double(), A.double(), B.double(), s)
+    return ((n.double() - ref) / ref).abs()
+
+
+@pytest.mark.parametrize("update_scale", [1e-3, 1.0], ids=["update_small", "update_comparable"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_row_norm_matches_the_direct_norm(dtype, update_scale):
+    W, A, B, s = norm_operands(67, 131, 7, dtype, update_scale)
+    n = dora.weight_row_norm(W, A, B, s)
+    assert n.dtype == F32 and n.shape == (67,)
+    # Per row, relative: the float32 products' rounding only (measured <= 2e-7).
+    assert row_rel_error(n, W, A, B, s).max() < 1e-6
+
+
+def test_weight_row_norm_recomputes_cancelling_rows():
+    cancel = slice(0, None, 3)
+    W, A, B, s = norm_operands(67, 131, 7, F32, 1.0, cancel)
+    n = dora.weight_row_norm(W, A, B, s)
+    direct = reference.dora_weight_norm_reference(W, A, B, s)  # float32, the direct form
+    error, direct_error = row_rel_error(n, W, A, B, s), row_rel_error(direct, W, A, B, s)
+    # No worse than peft's own float32 norm, row by row (1e-3 of ||W|| is left: n^2 is
+    # 1e-6 of the terms, where the identity alone would lose every bit).
+    assert (error <= 2 * direct_error + 1e-7).all()
+    assert error[1::3].max() < 1e-6
+
+
+def test_weight_row_norm_without_the_guard_would_fail(monkeypatch):
+    """The cancellation test can fail: the identity alone is far off on those rows."""
+    W, A, B, s = norm_operands(67, 131, 7, F32, 1.0, slice(0, None, 3))
+    monkeypatch.setattr(dora, "CANCELLATION_RATIO", 0.0)
+    assert row_rel_error(dora.weight_row_norm(W, A, B, s), W, A, B, s).max() > 1e-2
+
+
+class _LargestOutput(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(dt, id=DTYPE_IDS[dt]) for dt in (F32, torch.bfloat16)]
+)
+def test_weight_row_norm_forms_no_N_by_K_temporary(dtype, monkeypatch):
+    N, K, R = 67, 131, 7
+    W, A, B, s = norm_operands(N, K, R, dtype, 1.0)
+    # Blocks of 1000 elements for the 16-bit W's cast to float32.
+    monkeypatch.setattr(dora, "_CHUNK_ELEMENTS", 1000)
+    with _LargestOutput() as mode:
+        dora.weight_row_norm(W, A, B, s)
+    assert 0 < mode.largest <= max(1000 + K, N * R, R * K)
+    with _LargestOutput() as mode:
+        reference.dora_weight_norm_reference(W, A, B, s)
+    assert mode.largest == N * K  # the mode does see the direct form's temporary
+
+
+# ---------------------------------------------------------------------------------------
+# The ||W_n||^2 cache
+# ---------------------------------------------------------------------------------------
+
+
+def dora_layer(K=23, N=17, R=4, dtype=F32):
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(K, N, dtype=dtype), rank=R, alpha=8, use_dora=True)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.3)
+    return layer
+
+
+def expected_output(layer, x):
+    """The layer's output from its current values, through the direct norm."""
+    lin = layer.original_linear
+    return reference.dora_linear_reference(
+        x, lin.weight, lin.bias, layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.scaling
+    )
+
+
+def test_cache_computes_the_weight_norm_once(monkeypatch):
+    layer = dora_layer()
+    x = torch.randn(5, 23)
+    calls = []
+    real = dora.squared_row_norms
+    monkeypatch.setattr(dora, "squared_row_norms", lambda w: calls.append(1) or real(w))
+    layer(x)
+    layer(x)
+    layer(x).sum().backward()
+    assert len(calls) == 0  # filled when the magnitude was initialised
+    layer._weight_norm_cache.clear()
+    layer(x)
+    layer(x)
+    assert len(calls) == 1
+
+
+def _write_in_place(layer, new):
+    layer.original_linear.weight.copy_(new)
+
+
+def _assign_data(layer, new):
+    layer.original_linear.weight.data = new.clone()
+
+
+def _new_parameter(layer, new):
+    layer.original_linear.weight = nn.Parameter(new.clone(), requires_grad=False)
+
+
+def _load_state_dict(layer, new):
+    layer.original_linear.load_state_dict({"weight": new, "bias": layer.original_linear.bias})
+
+
+def _through_data_then_clear(layer, new):
+    # A write through .data bumps no version counter: clear() is the documented remedy.
+    layer.original_linear.weight.data.copy_(new)
+    layer._weight_norm_cache.clear()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [_write_in_place, _assign_data, _new_parameter, _load_state_dict, _through_data_then_clear],
+    ids=["copy_", "data=", "new_parameter", "load_state_dict", "data.copy_+clear"],
+)
+def test_cache_is_invalidated_when_the_weight_changes(change):
+    layer = dora_layer()
+    x = torch.randn(5, 23)
+    layer(x)
+    stale = layer._weight_norm_cache._value.clone()
+    new = torch.randn_like(layer.original_linear.weight) * 2
+    with torch.no_grad():
+        change(layer, new)
+    # A stale ||W_n||^2 would be far off: the test would catch its use.
+    assert (dora.squared_row_norms(new) - stale).abs().max() > 0.1 * stale.abs().max()
+    assert_close(layer(x), expected_output(layer, x), F32, "output after the weight changed")
+
+
+def test_cache_survives_deepcopy_and_torch_save():
+    layer = dora_layer()
+    x = torch.randn(5, 23)
+    layer(x)
+    clone = copy.deepcopy(layer)
+    with torch.no_grad():
+        clone.original_linear.weight.mul_(3)
+    assert_close(clone(x), expected_output(clone, x), F32, "deep copy, weight changed")
+    assert_close(layer(x), expected_output(layer, x), F32, "original")
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert_close(loaded(x), layer(x), F32, "after torch.save / torch.load")
+
+
+def test_inference_tensors_are_not_cached():
+    with torch.inference_mode():
+        layer = dora_layer()
+        x = torch.randn(5, 23)
+        layer(x)
+        layer.original_linear.weight.mul_(2)  # an inference tensor: no version counter
+        assert_close(layer(x), expected_output(layer, x), F32, "inference mode")
+
+
+# ---------------------------------------------------------------------------------------
+# LoRALinear(use_dora=True)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("init", ["kaiming", "gaussian", "svd"])
+def test_magnitude_starts_at_the_row_norms_and_the_output_at_the_base(init, dtype):
+    torch.manual_seed(0)
+    base = nn.Linear(23, 17, dtype=dtype)
+    original = base.weight.detach().clone()
+    layer = LoRALinear(base, rank=4, alpha=8, dropout=0.1, init=init, use_dora=True)
+    assert layer.lora_magnitude.dtype == layer.lora_A.dtype and layer.lora_magnitude.requires_grad
+    norms = torch.linalg.vector_norm(original.double(), dim=1)
+    # init="svd" rounds the residual W - s B A to W's dtype once.
+    assert_close(layer.lora_magnitude, norms, dtype if init == "svd" else F32, "magnitude")
+    x = torch.randn(6, 23).to(dtype)
+    expected = F.linear(x.double(), original.double(), base.bias.double())
+    if init != "svd":  # B = 0: dropout has nothing to drop yet
+        layer.train()
+        assert_close(layer(x), expected, dtype, "output at init, training with dropout")
+    layer.eval()
+    assert_close(layer(x), expected, dtype, "output at init, eval")
+
+
+def test_learnable_scaling_trains_and_plain_layers_keep_their_state_dict():
+    layer = LoRALinear(nn.Linear(23, 17), rank=4, use_dora=True, learnable_scaling=True)
+    layer(torch.randn(5, 23)).sum().backward()
+    assert layer.scaling.grad is not None and layer.lora_magnitude.grad.abs().max() > 0
+    assert "lora_magnitude" in layer.state_dict()
+    plain = LoRALinear(nn.Linear(23, 17), rank=4)
+    assert plain.lora_magnitude is None
+    assert sorted(plain.state_dict()) == [
+        "lora_A",
+        "lora_B",
+        "original_linear.bias",
+        "original_linear.weight",
+    ]
+    assert "use_dora=True" in repr(layer) and "use_dora" not in repr(plain)
+
+
+def test_dora_refusals_name_what_is_wrong():
+    with pytest.raises(TypeError, match="use_dora must be a bool"):
+        LoRALinear(nn.Linear(4, 3), rank=2, use_dora=1)
+    with pytest.raises(ValueError, match="use_dora=True runs on the 'torch' backend only"):
+        LoRALinear(nn.Linear(4, 3), rank=2, use_dora=True, backend="cpu")
+    layer = LoRALinear(nn.Linear(4, 3), rank=2, use_dora=True)
+    for method in (layer.merge, layer.merge_weights):
+        with pytest.raises(NotImplementedError, match="merging a DoRA layer"):
+            method()
+    x, weight, b, A, B, s = make_inputs(5, 6, 4, 2, F32)
+    m = torch.ones(4)
+    with pytest.raises(NotImplementedError, match="'torch' backend only"):
+        lora_kernels.dora_linear(x, weight, b, A, B, m, s, backend="cpu")
+    with pytest.raises(ValueError, match=r"magnitude must have shape \[4\].*got \[5\]"):
+        lora_kernels.dora_linear(x, weight, b, A, B, torch.ones(5), s)
+    with pytest.raises(TypeError, match="magnitude must have lora_A's dtype torch.float32"):
+        lora_kernels.dora_linear(x, weight, b, A, B, m.double(), s)
+    with pytest.raises(ValueError, match="magnitude must be 1-D"):
+        lora_kernels.dora_linear(x, weight, b, A, B, m[None], s)
+    with pytest.raises(TypeError, match="norm_cache must be a lora_kernels.dora.WeightNormCache"):
+        lora_kernels.dora_linear(x, weight, b, A, B, m, s, norm_cache={})
+
+
+def test_dora_linear_on_meta_gives_shapes():
+    x, weight, b, A, B, s = (
+        t.to("meta") if isinstance(t, torch.Tensor) else t for t in make_inputs(5, 6, 4, 2, F32)
+    )
+    y = lora_kernels.dora_linear(x, weight, b, A, B, torch.ones(4, device="meta"), s, 0.1)
+    assert y.shape == (5, 4) and y.device.type == "meta"
+
+
+def test_autocast_casts_every_operand_and_keeps_float32_products():
+    x, weight, b, A, B, s = make_inputs(9, 14, 6, 3, F32)
+    m = random_magnitude(weight, A, B, s)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_kernels.dora_linear(x, weight, b, A, B, m, s)
+    assert y.dtype == torch.bfloat16
+    cast = [t.detach().to(torch.bfloat16).double() for t in (x, weight, b, A, B, m)]
+    expected = peft_dora_float64(*cast[:5], cast[5], s, None, 0.0)
+    assert_close(y, expected, torch.bfloat16, "output under autocast")
+    assert ops.autocast_operands(x, weight)[1] is weight  # no autocast: unchanged
+
+
+def test_activation_checkpointing_recomputes_the_same_mask():
+    layer = dora_layer()
+    layer.dropout = 0.3
+    x = torch.randn(6, 23, requires_grad=True)
+    torch.manual_seed(8)
+    layer(x).square().sum().backward()
+    grads = [t.grad.clone() for t in (x, layer.lora_A, layer.lora_B, layer.lora_magnitude)]
+    for t in (x, layer.lora_A, layer.lora_B, layer.lora_magnitude):
+        t.grad = None
+    torch.manual_seed(8)
+    y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+    y.square().sum().backward()
+    for name, grad, t in zip(
+        ("x", "A", "B", "m"),
+        grads,
+        (x, layer.lora_A, layer.lora_B, layer.lora_magnitude),
+        strict=True,
+    ):
+        assert torch.equal(t.grad, grad), f"grad of {name} differs under checkpointing"
