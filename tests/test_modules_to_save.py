@@ -320,6 +320,21 @@ def test_model_with_a_head_copy_pickles_and_deep_copies():
         assert torch.equal(logits(clone), logits(model))
 
 
+def test_fullgraph_compile_runs_the_head_copy():
+    model = nn.Sequential(nn.Linear(9, 7), nn.ReLU(), nn.Linear(7, 3))
+    apply_lora(model, rank=2, alpha=4, target_modules=["0"], modules_to_save=["2"])
+    perturb_trainable(model)
+    x = torch.randn(5, 9, generator=torch.Generator().manual_seed(2))
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True)(x)
+    assert rel_error(compiled, eager) <= FP32_TOL
+    compiled.square().sum().backward()
+    assert model[2].trainable_copy.weight.grad.abs().sum() > 0
+    assert model[2].original_module.weight.grad is None
+    with lora_disabled(model):
+        assert not torch.equal(model(x), eager)
+
+
 # ----------------------------------------------------------------------------------------
 # Errors
 # ----------------------------------------------------------------------------------------
