@@ -138,7 +138,8 @@ def match_modules_to_save(
     peft's rule (`_set_trainable`): a module matches when its full name ends with an
     entry, as a string ("score" matches "score" and "head.score"). Names inside a
     `LoRALinear` or a `ModuleToSave` are not candidates; a match that cannot be
-    copied raises: a `LoRALinear` or a module holding one, a container, a module
+    copied raises: a `LoRALinear` or a module holding one or a `ModuleToSave`, a
+    container, a module
     registered under several names (one copy would untie them), or a match inside
     another match.
     """
@@ -168,6 +169,13 @@ def match_modules_to_save(
             raise ValueError(
                 f"{where}, which is or holds a LoRALinear; a module is either adapted or "
                 "trained whole (remove_lora or merge_lora first)"
+            )
+        if not isinstance(module, ModuleToSave) and any(
+            isinstance(m, ModuleToSave) for m in module.modules()
+        ):
+            raise ValueError(
+                f"{where}, which holds a ModuleToSave; a copy of a copy would train the "
+                "inner module twice over (name the modules beside it instead)"
             )
         if len(names_of[id(module)]) > 1:
             raise ValueError(
@@ -227,8 +235,8 @@ def apply_lora(
         ValueError: nothing matches (the message lists the linear modules seen), or an
             explicit target is already a `LoRALinear`, or a bad rank/alpha/dropout/init;
             a modules_to_save entry that matches no module, or matches a `LoRALinear`
-            (or a module holding one), a module registered under several names, or a
-            module inside another match.
+            (or a module holding one or a `ModuleToSave`), a module registered under
+            several names, or a module inside another match.
         TypeError: an explicit target is not an `nn.Linear` (it is named), or is the
             `out_proj` of an `nn.MultiheadAttention` (which reads `out_proj.weight`
             directly and would bypass the adapter), or `model` itself is an `nn.Linear`;
@@ -324,9 +332,7 @@ def _select_targets(
     names_of: dict[int, list[str]] = {}
     # The root cannot be replaced in place, what a LoRALinear wraps is not a candidate,
     # and peft gives no adapter to a module it trains whole or to anything inside it.
-    skipped_copied = sorted(
-        n for n, m in modules if isinstance(m, nn.Linear) and (n in copied or is_inside(n, copied))
-    )
+    skipped_copied = sorted(copied)
     modules = [
         (n, m)
         for n, m in modules

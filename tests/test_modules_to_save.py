@@ -392,6 +392,15 @@ class Shared(nn.Module):
         return self.head(self.body(x)) + self.xhead(self.body(x))
 
 
+def test_apply_lora_rejects_a_module_to_save_that_holds_a_copy():
+    model = apply_lora(
+        tiny_bert(), rank=2, alpha=4, target_modules=["query"], modules_to_save=["pooler.dense"]
+    )
+    with pytest.raises(ValueError, match=r"matches 'bert.pooler', which holds a ModuleToSave"):
+        apply_lora(model, rank=2, alpha=4, target_modules=["value"], modules_to_save=["pooler"])
+    assert type(model.bert.pooler.dense) is ModuleToSave
+
+
 def test_apply_lora_rejects_a_module_to_save_registered_under_two_names():
     with pytest.raises(
         ValueError, match=r"matches 'head', which is also registered as \['head', 'alias'\]"
@@ -456,3 +465,44 @@ def test_load_adapter_refuses_a_model_that_already_has_the_head_copy(tmp_path):
     model.classifier = ModuleToSave(model.classifier)
     with pytest.raises(ValueError, match=r"'classifier' is already a ModuleToSave"):
         load_adapter(model, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "task_type, head",
+    [("TOKEN_CLS", "classifier"), ("QUESTION_ANS", "qa_outputs")],
+    ids=["TOKEN_CLS", "QUESTION_ANS"],
+)
+def test_peft_task_heads_load_both_ways(tmp_path, task_type, head):
+    from transformers import BertForQuestionAnswering, BertForTokenClassification
+
+    cls = BertForTokenClassification if task_type == "TOKEN_CLS" else BertForQuestionAnswering
+    config = tiny_bert().config
+    # A question-answering head gives a start and an end logit per token.
+    config.num_labels = 3 if task_type == "TOKEN_CLS" else 2
+
+    def make():
+        torch.manual_seed(0)
+        return cls(config).eval()
+
+    def output(model):
+        with torch.no_grad():
+            out = model(**batch())
+        return out.logits if task_type == "TOKEN_CLS" else out.start_logits
+
+    lora = LoraConfig(task_type=task_type, r=4, lora_alpha=8, target_modules=BERT_TARGETS)
+    theirs = get_peft_model(make(), lora)
+    perturb_trainable(theirs)
+    theirs.eval().save_pretrained(tmp_path / "peft")
+    ours = load_adapter(make(), tmp_path / "peft")
+    assert isinstance(ours.get_submodule(head), ModuleToSave)
+    assert rel_error(output(ours), output(theirs)) <= FP32_TOL
+
+    # Back: our save with the task type loads in peft with the same head.
+    perturb_trainable(ours, seed=6)
+    save_adapter(ours, tmp_path / "ours", task_type=task_type)
+    again = PeftModel.from_pretrained(make(), tmp_path / "ours").eval()
+    assert rel_error(output(again), output(ours)) <= FP32_TOL
+    assert rel_error(output(again), output(theirs)) > 1e-2
+    # And without a head copy, that task type is refused.
+    with pytest.raises(ValueError, match=rf"task_type='{task_type}' .*copies of \['{head}'\]"):
+        save_adapter(apply_lora(make(), rank=2, alpha=4), tmp_path / "bad", task_type=task_type)
