@@ -4,6 +4,7 @@ from .adapter_format import load_adapter, save_adapter
 from .backends import BACKENDS, available_backends
 from .layer import LoRALinear
 from .model import (
+    ModuleToSave,
     apply_lora,
     count_parameters,
     load_lora_state_dict,
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "LoRALinear",
+    "ModuleToSave",
     "PatchReport",
     "__version__",
     "apply_lora",

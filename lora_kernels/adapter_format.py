@@ -5,7 +5,10 @@ a model adapted with `apply_lora` and a `peft.PeftModel` exchange adapters both 
 Keys are peft's: `base_model.model.<module path>.lora_A.weight` [R, K] and
 `base_model.model.<module path>.lora_B.weight` [N, R], where <module path> is the
 module's name in the base model (`model.named_modules()` of the model without
-adapters, e.g. "model.layers.0.self_attn.q_proj").
+adapters, e.g. "model.layers.0.self_attn.q_proj"). A module trained whole
+(`modules_to_save`, a `ModuleToSave` here) is stored as its trained copy's state_dict
+under the module's own name, `base_model.model.<module path>.<tensor>` (peft drops the
+`modules_to_save.<adapter name>.` of its in-memory keys when it saves).
 
 safetensors is optional: it is imported by the functions that read or write it.
 """
@@ -23,7 +26,16 @@ import torch
 from torch import nn
 
 from .layer import LoRALinear
-from .model import is_inside, lora_places, mark_only_lora_as_trainable, replace_module
+from .model import (
+    ModuleToSave,
+    check_modules_to_save,
+    is_inside,
+    lora_places,
+    mark_only_lora_as_trainable,
+    match_modules_to_save,
+    replace_module,
+    saved_copies,
+)
 from .validation import check_alpha, check_dropout_p, check_module, check_rank
 
 CONFIG_NAME = "adapter_config.json"
@@ -39,6 +51,13 @@ TASK_TYPES = (
     "QUESTION_ANS",
     "FEATURE_EXTRACTION",
 )
+# The modules_to_save that peft's PeftModelFor<task> adds to the config's own, when it
+# builds or loads a model of that task type (PeftModelForSequenceClassification, ...).
+TASK_MODULES_TO_SAVE = {
+    "SEQ_CLS": ["classifier", "score"],
+    "TOKEN_CLS": ["classifier", "score"],
+    "QUESTION_ANS": ["qa_outputs"],
+}
 # init_lora_weights values that leave the base weights as they are: an adapter saved
 # with them applies to the unmodified base model. PiSSA, OLoRA, CorDA, LoftQ and
 # LoRA-GA rewrite the base weights; MiCA is a variant with a frozen B.
@@ -84,7 +103,6 @@ _KNOWN_ENTRIES = {
 _UNSUPPORTED_ENTRIES = {
     "use_dora": "DoRA (a magnitude vector and a normalised weight) is not plain LoRA",
     "lora_bias": "lora_bias adds a trainable bias to lora_B; LoRALinear has none",
-    "modules_to_save": "modules_to_save trains full copies of whole modules beside the adapter",
     "fan_in_fan_out": "fan_in_fan_out targets transposed (Conv1D, GPT-2 style) weights",
     "layer_replication": "layer_replication changes the model's layer structure",
     "trainable_token_indices": "trainable_token_indices trains rows of an embedding",
@@ -162,9 +180,12 @@ def save_adapter(
     Writes `adapter_config.json` (peft_type "LORA", r, lora_alpha, lora_dropout,
     target_modules, use_rslora, bias "none", fan_in_fan_out false, rank_pattern and
     alpha_pattern for the layers whose rank or alpha differ from the most common one,
-    task_type and base_model_name_or_path if given) and `adapter_model.safetensors` with
+    task_type and base_model_name_or_path if given, modules_to_save: the full names of
+    the `ModuleToSave` modules) and `adapter_model.safetensors` with
     `base_model.model.<name>.lora_A.weight` [R, K] and `...lora_B.weight` [N, R] for
-    every `LoRALinear` named <name> in `model` (in the adapter's dtype). The result
+    every `LoRALinear` named <name> in `model` (in the adapter's dtype), and
+    `base_model.model.<name>.<key>` for every entry <key> of the trained copy's
+    state_dict of every `ModuleToSave` named <name> (in its own dtype). The result
     loads with `peft.PeftModel.from_pretrained(base_model, path)` and with
     `load_adapter`.
 
@@ -184,7 +205,11 @@ def save_adapter(
     Raises:
         ValueError: no `LoRALinear` in `model`; layers that peft's format cannot express
             (a learnable scaling, an init="svd" layer whose base weight holds the PiSSA
-            residual, different dropouts or use_rslora across layers), each named.
+            residual, different dropouts or use_rslora across layers), each named;
+            modules that peft would train whole on loading but that are not a
+            `ModuleToSave` here: those of the task type (SEQ_CLS and TOKEN_CLS add
+            "classifier" and "score", QUESTION_ANS "qa_outputs", matched as names
+            ending so), or others whose names end with a saved module's name.
 
     Returns:
         the directory, as a `pathlib.Path`.
@@ -193,9 +218,11 @@ def save_adapter(
     model = _unwrap(model)
     places = lora_places(model)
     _check_expressible(places)
-    config = _adapter_config(model, places, base_model_name_or_path, task_type)
+    copies = saved_copies(model)
+    _check_modules_to_save_expressible(model, places, copies, task_type)
+    config = _adapter_config(model, places, copies, base_model_name_or_path, task_type)
     # Every rank gathers (a collective for FSDP2's DTensors), whichever one writes.
-    tensors = _adapter_weights(places)
+    tensors = _adapter_weights(places, copies)
     if is_main_process is None:
         is_main_process = not _distributed() or torch.distributed.get_rank() == 0
     if not is_main_process:
@@ -252,6 +279,65 @@ def _check_expressible(places: list[tuple[str, LoRALinear]]) -> None:
             )
 
 
+def _base_module_names(model: nn.Module) -> list[str]:
+    """named_modules() names of the model without adapters: what a LoRALinear wraps is
+    dropped, and a ModuleToSave's original module's children keep their own names."""
+    modules = list(model.named_modules(remove_duplicate=False))
+    lora_names = {name for name, m in modules if isinstance(m, LoRALinear)}
+    copy_names = {name for name, m in modules if isinstance(m, ModuleToSave)}
+    names = []
+    for name, _ in modules:
+        if is_inside(name, lora_names):
+            continue
+        owner = next((w for w in copy_names if is_inside(name, {w})), None)
+        if owner is not None:
+            # "<owner>.original_module.<rest>" is "<owner>.<rest>" without adapters.
+            head, _, rest = name[len(owner) + 1 :].partition(".")
+            if head != "original_module" or not rest:
+                continue
+            name = f"{owner}.{rest}"
+        names.append(name)
+    return names
+
+
+def _check_modules_to_save_expressible(
+    model: nn.Module,
+    places: list[tuple[str, LoRALinear]],
+    copies: list[tuple[str, ModuleToSave]],
+    task_type: str | None,
+) -> None:
+    """Raise a ValueError unless peft, loading the adapter, trains whole exactly the
+    modules that are ModuleToSave here, and adapts every LoRALinear: it copies each
+    module whose name ends with an entry of modules_to_save (ours and the task
+    type's), and gives no adapter to those or what lies inside them."""
+    copied = {name for name, _ in copies}
+    task_entries = TASK_MODULES_TO_SAVE.get(task_type, [])
+    entries = sorted(copied) + task_entries
+    base_names = [n for n in _base_module_names(model) if n]
+    peft_copies = {n for n in base_names if any((KEY_PREFIX + n).endswith(e) for e in entries)}
+    extra = sorted(peft_copies - copied)
+    if extra:
+        because = (
+            f"task_type={task_type!r} makes peft train whole every module whose name ends "
+            f"with one of {task_entries}"
+            if any(n.endswith(e) for n in extra for e in task_entries)
+            else f"peft trains whole every module whose name ends with one of {sorted(copied)}"
+        )
+        raise ValueError(
+            f"save_adapter: {because}, so on loading it would expect trained copies of "
+            f"{extra}, which this model does not have (they are not ModuleToSave); pass "
+            f"them to apply_lora(..., modules_to_save=[...]) before training"
+            + (", or save with another task_type" if task_entries else "")
+        )
+    for name, _ in places:
+        inside = [m for m in entries if re.match(rf"(^|.*\.){m}($|\..*)", name)]
+        if inside:
+            raise ValueError(
+                f"save_adapter: peft would give {name!r} no adapter, since it lies in "
+                f"modules_to_save {inside}"
+            )
+
+
 def _plain_number(value: float) -> int | float:
     """An integral float as int (peft writes r and lora_alpha as ints), else the float."""
     return int(value) if float(value).is_integer() else float(value)
@@ -269,11 +355,11 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     pick out exactly these modules in the model without adapters, else the full names."""
     short = sorted({name.rsplit(".", 1)[-1] for name in names})
     wanted = set(names)
-    lora_names = {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    copied = {name for name, _ in saved_copies(model)}
     matched = set()
-    for name, _ in model.named_modules(remove_duplicate=False):
-        # What a LoRALinear wraps is not a module of the model without adapters.
-        if is_inside(name, lora_names):
+    for name in _base_module_names(model):
+        # peft gives no adapter to what lies in a module it trains whole.
+        if name in copied or is_inside(name, copied):
             continue
         if name and name.rsplit(".", 1)[-1] in short:
             matched.add(name)
@@ -283,11 +369,13 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
 def _adapter_config(
     model: nn.Module,
     places: list[tuple[str, LoRALinear]],
+    copies: list[tuple[str, ModuleToSave]],
     base_model_name_or_path: str | None,
     task_type: str | None,
 ) -> dict:
     """adapter_config.json's entries: the most common rank and alpha as r and
-    lora_alpha, the layers that differ in rank_pattern and alpha_pattern."""
+    lora_alpha, the layers that differ in rank_pattern and alpha_pattern, the
+    modules trained whole as modules_to_save."""
     names = [name for name, _ in places]
     r = _most_common([layer.rank for _, layer in places])
     alpha = _most_common([layer.alpha for _, layer in places])
@@ -312,18 +400,24 @@ def _adapter_config(
         "init_lora_weights": True,
         "use_dora": False,
         "lora_bias": False,
-        "modules_to_save": None,
+        "modules_to_save": sorted(name for name, _ in copies) or None,
         "layers_to_transform": None,
         "layers_pattern": None,
     }
 
 
-def _adapter_weights(places: list[tuple[str, LoRALinear]]) -> dict[str, torch.Tensor]:
-    """peft's keys -> CPU copies of lora_A [R, K] and lora_B [N, R], in the adapter dtype."""
+def _adapter_weights(
+    places: list[tuple[str, LoRALinear]], copies: list[tuple[str, ModuleToSave]]
+) -> dict[str, torch.Tensor]:
+    """peft's keys -> CPU copies of lora_A [R, K] and lora_B [N, R], in the adapter
+    dtype, and of each trained copy's state_dict, in its own dtype."""
     tensors = {}
     for name, layer in places:
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = _to_plain_tensor(layer.lora_A)
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = _to_plain_tensor(layer.lora_B)
+    for name, wrapper in copies:
+        for key, t in wrapper.trainable_copy.state_dict().items():
+            tensors[f"{KEY_PREFIX}{name}.{key}"] = _to_plain_tensor(t)
     return tensors
 
 
@@ -350,7 +444,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     `LoRALinear` with peft's per-module rank (rank_pattern, else r) and alpha
     (alpha_pattern, else lora_alpha), use_rslora and lora_dropout, holding the stored
     lora_A [R, K] and lora_B [N, R] (cast to the adapter dtype, see `LoRALinear`).
-    Everything else is frozen, as after `apply_lora`. The default RNG is left as it was.
+    Every module that peft trains whole (its name ends with an entry of the config's
+    modules_to_save or of its task type's: "classifier" and "score" for SEQ_CLS and
+    TOKEN_CLS, "qa_outputs" for QUESTION_ANS; entries that match nothing are passed
+    over, as peft does) becomes a `ModuleToSave` whose trainable copy holds the stored
+    `base_model.model.<name>.<key>` tensors (cast to the module's dtypes). Everything
+    else is frozen, as after `apply_lora`. The default RNG is left as it was.
 
     Args:
         model: the base model, without adapters (module names as in peft's keys); a
@@ -362,10 +461,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         ValueError: an unsupported entry (DoRA, lora_bias, bias other than "none",
             embeddings or other non-Linear targets, modules_to_save, an init that
             changes the base weights such as PiSSA/OLoRA, a LoRA variant), a key that
-            is not a LoRA weight, a module that is missing from `model` or is already a
-            `LoRALinear`, or a tensor whose shape does not fit its module (the module,
-            the expected and the stored shape are named). The model is left unchanged.
-        TypeError: a listed module that is not an `nn.Linear` (named with its type).
+            is not a LoRA weight or a tensor of a module to save, a module that is
+            missing from `model` or is already a `LoRALinear` or `ModuleToSave`, a
+            LoRA weight inside a module to save, a module to save whose tensors are
+            missing, or a tensor whose shape does not fit its module (the module, the
+            expected and the stored shape are named). The model is left unchanged.
+        TypeError: a listed module that is not an `nn.Linear` (named with its type);
+            modules_to_save that is not a list of names, or matches a container.
 
     Returns:
         `model`.
@@ -374,15 +476,19 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     path = pathlib.Path(path)
     config = _read_config(path)
     weights_where = str(path / WEIGHTS_NAME)
-    tensors = _adapter_tensors(_read_weights(path), weights_where)
-    if not tensors:
-        raise ValueError(f"load_adapter: {weights_where} holds no LoRA weights")
+    weights = _read_weights(path)
     settings = _LayerSettings(config)
     wrapper, model = model, _unwrap(model)
-    modules = dict(model.named_modules(remove_duplicate=False))
     # Everything is checked before the model changes: a refused adapter leaves it as it was.
-    plan = [_plan_layer(name, pair, modules, settings) for name, pair in tensors.items()]
+    copy_plan = _plan_copies(model, config, weights, weights_where)
+    tensors = _adapter_tensors(weights, weights_where)
+    if not tensors:
+        raise ValueError(f"load_adapter: {weights_where} holds no LoRA weights")
+    modules = dict(model.named_modules(remove_duplicate=False))
+    copied = {name for name, _, _ in copy_plan}
+    plan = [_plan_layer(name, pair, modules, settings, copied) for name, pair in tensors.items()]
     _install_layers(model, plan, settings)
+    _install_copies(model, copy_plan)
     mark_only_lora_as_trainable(model)
     return wrapper
 
@@ -445,6 +551,12 @@ def _check_config(config: dict, where: str) -> None:
         value = config.get(entry) or {}
         if not isinstance(value, dict):
             raise ValueError(f"{where}: entry {entry!r} must be a dict, got {value!r}")
+    modules_to_save = config.get("modules_to_save")
+    if modules_to_save is not None:
+        try:
+            check_modules_to_save("modules_to_save", modules_to_save)
+        except TypeError as error:
+            raise ValueError(f"{where}: entry {error}") from None
 
 
 def _read_weights(path: pathlib.Path) -> dict[str, torch.Tensor]:
@@ -482,12 +594,13 @@ def _adapter_tensors(
             )
         elif "modules_to_save" in rest:
             raise ValueError(
-                f"{where}: key {key!r} belongs to modules_to_save, which is not supported"
+                f"{where}: key {key!r} holds a module to save under peft's in-memory "
+                "name; saved adapters store it as base_model.model.<module>.<tensor>"
             )
         else:
             raise ValueError(
                 f"{where}: key {key!r} is not a lora_A/lora_B weight of a linear layer "
-                "and is not supported"
+                "nor a tensor of a module in modules_to_save, and is not supported"
             )
     for name, pair in modules.items():
         for part in ("A", "B"):
@@ -523,8 +636,70 @@ class _LayerSettings:
             ) from None
 
 
-def _check_target(name: str, modules: dict[str, nn.Module]) -> nn.Linear:
+def _plan_copies(
+    model: nn.Module, config: dict, weights: dict[str, torch.Tensor], where: str
+) -> list[tuple[str, nn.Module, dict[str, torch.Tensor]]]:
+    """(name, module, {state_dict key: stored tensor}) for every module peft trains
+    whole, each checked; its tensors are taken out of `weights`."""
+    entries = list(config.get("modules_to_save") or [])
+    entries += TASK_MODULES_TO_SAVE.get(config.get("task_type"), [])
+    if not entries:
+        return []
+    argument = "the adapter's modules_to_save"
+    matched, _ = match_modules_to_save(model, entries, argument)
+    plan = []
+    for name, module in matched:
+        if isinstance(module, ModuleToSave):
+            raise ValueError(
+                f"load_adapter: {name!r} is already a ModuleToSave; load into the model "
+                "without adapters (remove_lora first)"
+            )
+        stored = {}
+        for key, current in module.state_dict().items():
+            saved_key = f"{KEY_PREFIX}{name}.{key}"
+            if saved_key not in weights:
+                raise ValueError(
+                    f"load_adapter: {name!r} is in modules_to_save ({entries}), but {where} "
+                    f"has no {saved_key!r} for its {key!r}"
+                )
+            value = weights[saved_key]
+            if value.shape != current.shape:
+                raise ValueError(
+                    f"load_adapter: {saved_key!r} has shape {list(value.shape)}, but "
+                    f"{name}.{key} of the model has shape {list(current.shape)}"
+                )
+            if value.is_floating_point() != current.is_floating_point():
+                raise ValueError(
+                    f"load_adapter: {saved_key!r} has dtype {value.dtype}, but "
+                    f"{name}.{key} of the model is {current.dtype}"
+                )
+            stored[key] = value
+        plan.append((name, module, stored))
+    for name, _, stored in plan:
+        for key in stored:
+            del weights[f"{KEY_PREFIX}{name}.{key}"]
+    return plan
+
+
+def _install_copies(model: nn.Module, plan: list) -> None:
+    """Put a ModuleToSave in each planned module's place, its copy holding the stored
+    tensors."""
+    for name, module, stored in plan:
+        wrapper = ModuleToSave(module)
+        copied = wrapper.trainable_copy.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for key, value in stored.items():
+                copied[key].copy_(value)
+        replace_module(model, name, wrapper)
+
+
+def _check_target(name: str, modules: dict[str, nn.Module], copied: set[str]) -> nn.Linear:
     """The module named `name`, if it can take a LoRA adapter; else an error naming it."""
+    if name in copied or is_inside(name, copied):
+        raise ValueError(
+            f"load_adapter: the adapter has LoRA weights for {name!r}, which is (or lies "
+            "in) a module to save; peft trains such modules whole, without adapters"
+        )
     if name not in modules:
         raise ValueError(
             f"load_adapter: the adapter has weights for {name!r}, which is not a module "
@@ -554,9 +729,10 @@ def _plan_layer(
     pair: dict[str, torch.Tensor],
     modules: dict[str, nn.Module],
     settings: _LayerSettings,
+    copied: set[str],
 ) -> tuple[str, nn.Linear, int, float, torch.Tensor, torch.Tensor]:
     """(name, module, rank, alpha, A, B) for one adapted module, every part checked."""
-    module = _check_target(name, modules)
+    module = _check_target(name, modules, copied)
     rank, alpha = settings.rank_and_alpha(name)
     where = f"load_adapter: {name!r}"
     A, B = pair["A"], pair["B"]

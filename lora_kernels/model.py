@@ -2,12 +2,13 @@
 
 Module names are those of `model.named_modules()` ("layers.0.attn.q_proj"); the keys
 of `lora_state_dict` are the matching `model.state_dict()` keys of the adapter
-parameters ("layers.0.attn.q_proj.lora_A").
+parameters ("layers.0.attn.q_proj.lora_A", "classifier.trainable_copy.weight").
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Iterator
 
@@ -52,6 +53,45 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+class ModuleToSave(nn.Module):
+    """A trainable full copy of a module beside the frozen original: peft's
+    `modules_to_save` (its `ModulesToSaveWrapper`), for a classification head, say.
+
+    The forward runs `trainable_copy` while `enabled`, else `original_module`, with the
+    caller's arguments as they are. An attribute that the wrapper does not have is
+    read from the module that runs (`head.weight`, `head.out_features`), as peft does.
+
+    Args:
+        module: the module to copy (`copy.deepcopy`); it stays in place as
+            `original_module`, frozen. The copy's parameters are made trainable.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.original_module = module
+        self.trainable_copy = copy.deepcopy(module)
+        self.enabled = True
+        self.original_module.requires_grad_(False)
+        self.trainable_copy.requires_grad_(True)
+
+    @property
+    def active_module(self) -> nn.Module:
+        """The module that forward runs: the copy while enabled, else the original."""
+        return self.trainable_copy if self.enabled else self.original_module
+
+    def forward(self, *args, **kwargs):
+        return self.active_module(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Not yet initialised (unpickling, copying): nothing to delegate to.
+            if "trainable_copy" not in self.__dict__.get("_modules", {}):
+                raise
+        return getattr(self.active_module, name)
+
+
 def lora_places(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     """Every (name, layer) where a LoRALinear is registered, shared ones at each name."""
     return [
@@ -59,6 +99,97 @@ def lora_places(model: nn.Module) -> list[tuple[str, LoRALinear]]:
         for name, m in model.named_modules(remove_duplicate=False)
         if isinstance(m, LoRALinear)
     ]
+
+
+def saved_copies(model: nn.Module) -> list[tuple[str, ModuleToSave]]:
+    """Every (name, wrapper) where a `ModuleToSave` is registered (modules_to_save)."""
+    return [
+        (name, m)
+        for name, m in model.named_modules(remove_duplicate=False)
+        if isinstance(m, ModuleToSave)
+    ]
+
+
+# Containers have no forward of their own to copy (peft refuses them as well).
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+
+
+def check_modules_to_save(argument: str, entries) -> list[str]:
+    """entries as a list of non-empty names, or a TypeError naming `argument`."""
+    if isinstance(entries, str) or not isinstance(entries, (list, tuple)):
+        raise TypeError(
+            f"{argument} must be None or a list of module names, got {entries!r} "
+            f"({type(entries).__name__})"
+        )
+    for entry in entries:
+        if not isinstance(entry, str) or not entry:
+            raise TypeError(
+                f"{argument} entries must be non-empty module names (str), got {entry!r}"
+            )
+    return list(entries)
+
+
+def match_modules_to_save(
+    model: nn.Module, entries: list[str], argument: str
+) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+    """The modules that peft's modules_to_save `entries` pick out of `model`, and the
+    entries that pick out none.
+
+    peft's rule (`_set_trainable`): a module matches when its full name ends with an
+    entry, as a string ("score" matches "score" and "head.score"). Names inside a
+    `LoRALinear` or a `ModuleToSave` are not candidates; a match that cannot be
+    copied raises: a `LoRALinear` or a module holding one or a `ModuleToSave`, a
+    container, a module
+    registered under several names (one copy would untie them), or a match inside
+    another match.
+    """
+    modules = list(model.named_modules(remove_duplicate=False))
+    wrapped = {n for n, m in modules if isinstance(m, (LoRALinear, ModuleToSave))}
+    names_of: dict[int, list[str]] = {}
+    for name, module in modules:
+        names_of.setdefault(id(module), []).append(name)
+    matched: list[tuple[str, nn.Module]] = []
+    found: set[str] = set()
+    for name, module in modules:
+        if not name or is_inside(name, wrapped):
+            continue
+        hits = [e for e in entries if name.endswith(e)]
+        if not hits:
+            continue
+        found.update(hits)
+        where = f"{argument} matches {name!r}"
+        if isinstance(module, _CONTAINERS):
+            raise TypeError(
+                f"{where}, a {type(module).__name__}, which has no forward to copy; name "
+                "the modules inside it"
+            )
+        if isinstance(module, LoRALinear) or any(
+            isinstance(m, LoRALinear) for m in module.modules()
+        ):
+            raise ValueError(
+                f"{where}, which is or holds a LoRALinear; a module is either adapted or "
+                "trained whole (remove_lora or merge_lora first)"
+            )
+        if not isinstance(module, ModuleToSave) and any(
+            isinstance(m, ModuleToSave) for m in module.modules()
+        ):
+            raise ValueError(
+                f"{where}, which holds a ModuleToSave; a copy of a copy would train the "
+                "inner module twice over (name the modules beside it instead)"
+            )
+        if len(names_of[id(module)]) > 1:
+            raise ValueError(
+                f"{where}, which is also registered as {_listing(names_of[id(module)])}; a "
+                "trainable copy at one name would untie them"
+            )
+        outer = [n for n, _ in matched if is_inside(name, {n})]
+        if outer:
+            raise ValueError(
+                f"{where}, which lies inside {outer[0]!r}, also matched; a copy of "
+                f"{outer[0]!r} already holds it (name only the outer module)"
+            )
+        matched.append((name, module))
+    return matched, [e for e in entries if e not in found]
 
 
 def apply_lora(
@@ -73,6 +204,7 @@ def apply_lora(
     *,
     learnable_scaling: bool = False,
     backend: str | None = None,
+    modules_to_save: list[str] | None = None,
 ) -> nn.Module:
     """Replace the matching `nn.Linear` modules of `model` in place by `LoRALinear`.
 
@@ -86,17 +218,30 @@ def apply_lora(
             "." + entry; a string: a regex that must match the full name.
         exclude_modules: same forms (None excludes nothing); matching modules are left
             alone.
+        modules_to_save: None, or names of modules to train whole, as peft's
+            `modules_to_save` (a freshly initialised classification head, say): each
+            module whose full name ends with an entry ("classifier" matches
+            "classifier" and "head.classifier", peft's rule) is replaced by a
+            `ModuleToSave`, a trainable copy beside the frozen original. Such modules,
+            and everything inside them, take no LoRA adapter (peft's rule too).
+            A module already wrapped by an earlier call counts as matched.
 
-    Everything but the adapters (old and new) is frozen. A `nn.Linear` shared under
-    several names gets one `LoRALinear`, placed at each of them. The model is checked
-    completely before it is changed: on error it is left as it was.
+    Everything but the adapters and the trainable copies (old and new) is frozen. A
+    `nn.Linear` shared under several names gets one `LoRALinear`, placed at each of
+    them. The model is checked completely before it is changed: on error it is left
+    as it was.
 
     Raises:
         ValueError: nothing matches (the message lists the linear modules seen), or an
-            explicit target is already a `LoRALinear`, or a bad rank/alpha/dropout/init.
+            explicit target is already a `LoRALinear`, or a bad rank/alpha/dropout/init;
+            a modules_to_save entry that matches no module, or matches a `LoRALinear`
+            (or a module holding one or a `ModuleToSave`), a module registered under
+            several names, or a module inside another match.
         TypeError: an explicit target is not an `nn.Linear` (it is named), or is the
             `out_proj` of an `nn.MultiheadAttention` (which reads `out_proj.weight`
-            directly and would bypass the adapter), or `model` itself is an `nn.Linear`.
+            directly and would bypass the adapter), or `model` itself is an `nn.Linear`;
+            modules_to_save is not a list of names, or matches a container
+            (`nn.ModuleList`, ...).
 
     Returns:
         `model`.
@@ -117,7 +262,10 @@ def apply_lora(
         "learnable_scaling": check_flag("learnable_scaling", learnable_scaling),
         "backend": check_backend(backend),
     }
-    targets, skipped_mha = _select_targets(model, target_modules, exclude_modules)
+    to_copy = _select_modules_to_save(model, modules_to_save)
+    targets, skipped_mha = _select_targets(
+        model, target_modules, exclude_modules, {name for name, _ in to_copy}
+    )
     if skipped_mha:
         warnings.warn(
             f"apply_lora: left {_listing(skipped_mha)} without adapter: nn.MultiheadAttention "
@@ -126,19 +274,45 @@ def apply_lora(
         )
     if init == "svd":
         _check_svd_rank(targets, settings["rank"])
-    for lora, names in _build_layers(model, targets, settings):
+    layers, copies = _build_layers(model, targets, to_copy, settings)
+    for lora, names in layers:
         for name in names:
             replace_module(model, name, lora)
+    for name, wrapper in copies:
+        replace_module(model, name, wrapper)
     mark_only_lora_as_trainable(model)
     return model
 
 
+def _select_modules_to_save(model: nn.Module, modules_to_save) -> list[tuple[str, nn.Module]]:
+    """The modules apply_lora copies for modules_to_save (not those already copied);
+    raises for an entry that matches nothing."""
+    if modules_to_save is None:
+        return []
+    entries = check_modules_to_save("modules_to_save", modules_to_save)
+    matched, unmatched = match_modules_to_save(model, entries, "modules_to_save")
+    if unmatched:
+        wrapped = {n for n, m in model.named_modules() if isinstance(m, (LoRALinear, ModuleToSave))}
+        short = {
+            n.rsplit(".", 1)[-1]
+            for n, _ in model.named_modules()
+            if n and not is_inside(n, wrapped)
+        }
+        raise ValueError(
+            f"modules_to_save entries {unmatched!r} match no module (a module matches "
+            f"when its full name ends with the entry); the last parts of the model's "
+            f"module names are {_listing(sorted(short))}"
+        )
+    return [(name, m) for name, m in matched if not isinstance(m, ModuleToSave)]
+
+
 def _select_targets(
-    model: nn.Module, target_modules, exclude_modules
+    model: nn.Module, target_modules, exclude_modules, to_copy: set[str]
 ) -> tuple[list[tuple[nn.Linear, list[str]]], list[str]]:
     """The nn.Linear layers apply_lora wraps, each with every name it is registered
     under, and the nn.MultiheadAttention out_proj names it skipped; raises when an
-    explicit target cannot be adapted or nothing matches."""
+    explicit target cannot be adapted or nothing matches. Modules in `to_copy` or
+    already copied (modules_to_save), and everything inside them, are no candidates."""
     explicit = target_modules is not None and target_modules != ALL_LINEAR
     is_target = module_matcher("target_modules", target_modules)
     is_excluded = (
@@ -149,14 +323,21 @@ def _select_targets(
 
     modules = list(model.named_modules(remove_duplicate=False))
     lora_names = {name for name, m in modules if isinstance(m, LoRALinear)}
+    copied = to_copy | {name for name, m in modules if isinstance(m, ModuleToSave)}
     mha_out_proj = {id(m.out_proj) for _, m in modules if isinstance(m, nn.MultiheadAttention)}
     linear_seen: list[str] = []
     # id -> nn.Linear to wrap; a shared layer is wrapped at every name it is registered
     # under, once one of them matches, so that one weight never behaves two ways.
     targets: dict[int, nn.Linear] = {}
     names_of: dict[int, list[str]] = {}
-    # The root cannot be replaced in place, and what a LoRALinear wraps is not a candidate.
-    modules = [(n, m) for n, m in modules if n and not is_inside(n, lora_names)]
+    # The root cannot be replaced in place, what a LoRALinear wraps is not a candidate,
+    # and peft gives no adapter to a module it trains whole or to anything inside it.
+    skipped_copied = sorted(copied)
+    modules = [
+        (n, m)
+        for n, m in modules
+        if n and not is_inside(n, lora_names | copied) and n not in copied
+    ]
     for name, module in modules:
         names_of.setdefault(id(module), []).append(name)
     skipped_mha: list[str] = []
@@ -201,6 +382,11 @@ def _select_targets(
                 if skipped_mha
                 else ""
             )
+            + (
+                f" ({_listing(skipped_copied)} skipped: in modules_to_save, trained whole)"
+                if skipped_copied
+                else ""
+            )
         )
     return [(linear, names_of[key]) for key, linear in targets.items()], skipped_mha
 
@@ -217,23 +403,28 @@ def _check_svd_rank(targets: list[tuple[nn.Linear, list[str]]], rank: int) -> No
 
 
 def _build_layers(
-    model: nn.Module, targets: list[tuple[nn.Linear, list[str]]], settings: dict
-) -> list[tuple[LoRALinear, list[str]]]:
-    """One LoRALinear per target, all or none: building one freezes its layer (and
-    init="svd" rewrites the weight), so a failure undoes the ones already built and
-    restores every requires_grad flag before it propagates."""
+    model: nn.Module,
+    targets: list[tuple[nn.Linear, list[str]]],
+    to_copy: list[tuple[str, nn.Module]],
+    settings: dict,
+) -> tuple[list[tuple[LoRALinear, list[str]]], list[tuple[str, ModuleToSave]]]:
+    """One LoRALinear per target and one ModuleToSave per module to copy, all or
+    none: building one freezes its layer (and init="svd" rewrites the weight), so a
+    failure undoes the ones already built and restores every requires_grad flag
+    before it propagates."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     built: list[tuple[LoRALinear, list[str]]] = []
     try:
         for linear, names in targets:
             built.append((LoRALinear(linear, **settings), names))
+        copies = [(name, ModuleToSave(module)) for name, module in to_copy]
     except Exception:
         for lora, _ in built:
             lora.unwrap()
         for p, flag in flags:
             p.requires_grad_(flag)
         raise
-    return built
+    return built, copies
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -246,11 +437,14 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 def set_lora_enabled(model: nn.Module, flag: bool) -> None:
     """Turn every adapter of `model` on or off; off gives the base model's output.
 
-    Disabling a merged layer unmerges it first (see `LoRALinear.enabled`).
+    Disabling a merged layer unmerges it first (see `LoRALinear.enabled`); a disabled
+    `ModuleToSave` runs its original module.
     """
     check_flag("flag", flag)
     for _, layer in lora_layers(model):
         layer.enabled = flag
+    for _, wrapper in saved_copies(model):
+        wrapper.enabled = flag
 
 
 @contextlib.contextmanager
@@ -258,8 +452,10 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Context manager: the base model's output inside, each layer's state restored after.
 
     Layers merged on entry are unmerged (disabling needs it) and stay unmerged.
+    `ModuleToSave` copies are switched off too (their original modules run).
     """
     layers = [layer for _, layer in lora_layers(model)]
+    layers += [wrapper for _, wrapper in saved_copies(model)]
     before = [layer.enabled for layer in layers]
     try:
         for layer in layers:
@@ -272,7 +468,8 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold each adapter into its weight and put the plain `nn.Linear` back (peft's
-    merge_and_unload). Disabled adapters are merged too.
+    merge_and_unload). Disabled adapters are merged too. A `ModuleToSave` is replaced
+    by its trained copy (which stays trainable), as peft does.
 
     All or nothing: if one merge is refused (a non-finite result), the layers merged
     so far are unmerged and the error is raised with the model unchanged.
@@ -298,42 +495,53 @@ def merge_lora(model: nn.Module) -> nn.Module:
         raise
     for name, layer in places:
         replace_module(model, name, layer.original_linear)
+    for name, wrapper in saved_copies(model):
+        replace_module(model, name, wrapper.trainable_copy)
     return model
 
 
 def remove_lora(model: nn.Module) -> nn.Module:
     """Put the original `nn.Linear` layers back, adapters dropped (unmerged first, and
-    an SVD residual restored). The restored layers stay frozen.
+    an SVD residual restored), and each `ModuleToSave`'s original module, its trained
+    copy dropped (peft's `unload` keeps the copy; `merge_lora` does that here). The
+    restored modules stay frozen.
 
     Returns:
-        `model`, without any `LoRALinear`.
+        `model`, without any `LoRALinear` or `ModuleToSave`.
     """
     places = lora_places(model)
     originals = {id(layer): layer.unwrap() for _, layer in places}
     for name, layer in places:
         replace_module(model, name, originals[id(layer)])
+    for name, wrapper in saved_copies(model):
+        replace_module(model, name, wrapper.original_module)
     return model
 
 
-def _lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Adapter parameters by state_dict key: lora_A, lora_B and a learnable scaling."""
-    params = {}
+def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors by state_dict key: lora_A, lora_B and a learnable scaling, and
+    the parameters and persistent buffers of every ModuleToSave's trainable copy."""
+    state: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model):
         prefix = f"{name}." if name else ""
-        params[prefix + "lora_A"] = layer.lora_A
-        params[prefix + "lora_B"] = layer.lora_B
+        state[prefix + "lora_A"] = layer.lora_A
+        state[prefix + "lora_B"] = layer.lora_B
         if layer.learnable_scaling:
-            params[prefix + "scaling"] = layer.scaling
-    return params
+            state[prefix + "scaling"] = layer.scaling
+    for name, wrapper in saved_copies(model):
+        copied = wrapper.trainable_copy.state_dict(prefix=f"{name}.trainable_copy.", keep_vars=True)
+        state.update(copied)
+    return state
 
 
 def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
-    """Set requires_grad=True on the adapter parameters and False on all others.
+    """Set requires_grad=True on the adapter parameters and the parameters of each
+    `ModuleToSave`'s trainable copy, and False on all others.
 
     Returns:
         `model`.
     """
-    trainable = {id(p) for p in _lora_parameters(model).values()}
+    trainable = {id(t) for t in _adapter_state(model).values() if isinstance(t, nn.Parameter)}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
     return model
@@ -343,10 +551,12 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors only, keyed as in `model.state_dict()`.
 
     "<module>.lora_A" [R, K], "<module>.lora_B" [N, R] and, for a learnable scaling,
-    "<module>.scaling" []. Like `state_dict()`, the tensors are detached views of the
-    parameters (clone them to keep a snapshot while training goes on).
+    "<module>.scaling" []; for each `ModuleToSave`, its trainable copy's state_dict
+    ("<module>.trainable_copy.weight", ...). Like `state_dict()`, the tensors are
+    detached views of the parameters (clone them to keep a snapshot while training
+    goes on).
     """
-    return {key: p.detach() for key, p in _lora_parameters(model).items()}
+    return {key: t.detach() for key, t in _adapter_state(model).items()}
 
 
 def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
@@ -364,7 +574,7 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
     """
     if not isinstance(state_dict, dict):
         raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-    params = _lora_parameters(model)
+    params = _adapter_state(model)
     missing = sorted(set(params) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(params))
     if missing or unexpected:
