@@ -251,6 +251,13 @@ def _check_expressible(places: list[tuple[str, LoRALinear]]) -> None:
             "save_adapter: the model has no LoRALinear layer (use apply_lora or load_adapter)"
         )
     for name, layer in places:
+        if layer.use_dora:
+            raise ValueError(
+                f"save_adapter: {name!r} is a DoRA layer (use_dora=True), and writing DoRA "
+                "adapters (use_dora and peft's lora_magnitude_vector keys) is not "
+                "supported yet; lora_state_dict(model) holds its tensors, lora_magnitude "
+                "included"
+            )
         if layer.learnable_scaling:
             raise ValueError(
                 f"save_adapter: {name!r} has a learnable scaling, which peft's format "

@@ -205,13 +205,14 @@ def apply_lora(
     learnable_scaling: bool = False,
     backend: str | None = None,
     modules_to_save: list[str] | None = None,
+    use_dora: bool = False,
 ) -> nn.Module:
     """Replace the matching `nn.Linear` modules of `model` in place by `LoRALinear`.
 
     Args:
         model: any module; its `nn.Linear` submodules are the candidates.
-        rank, alpha, dropout, init, use_rslora, learnable_scaling, backend: passed to
-            every `LoRALinear` (see there).
+        rank, alpha, dropout, init, use_rslora, learnable_scaling, backend, use_dora:
+            passed to every `LoRALinear` (see there).
         target_modules: None or "all-linear": every `nn.Linear` (unlike peft, the
             output layer too: exclude it with `exclude_modules`); a list of names: a
             module matches when its full name equals an entry or ends with
@@ -261,6 +262,7 @@ def apply_lora(
         "use_rslora": check_flag("use_rslora", use_rslora),
         "learnable_scaling": check_flag("learnable_scaling", learnable_scaling),
         "backend": check_backend(backend),
+        "use_dora": check_flag("use_dora", use_dora),
     }
     to_copy = _select_modules_to_save(model, modules_to_save)
     targets, skipped_mha = _select_targets(
@@ -519,8 +521,9 @@ def remove_lora(model: nn.Module) -> nn.Module:
 
 
 def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter tensors by state_dict key: lora_A, lora_B and a learnable scaling, and
-    the parameters and persistent buffers of every ModuleToSave's trainable copy."""
+    """Adapter tensors by state_dict key: lora_A, lora_B, a learnable scaling and DoRA's
+    lora_magnitude, and the parameters and persistent buffers of every ModuleToSave's
+    trainable copy."""
     state: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model):
         prefix = f"{name}." if name else ""
@@ -528,6 +531,8 @@ def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
         state[prefix + "lora_B"] = layer.lora_B
         if layer.learnable_scaling:
             state[prefix + "scaling"] = layer.scaling
+        if layer.use_dora:
+            state[prefix + "lora_magnitude"] = layer.lora_magnitude
     for name, wrapper in saved_copies(model):
         copied = wrapper.trainable_copy.state_dict(prefix=f"{name}.trainable_copy.", keep_vars=True)
         state.update(copied)
@@ -550,9 +555,10 @@ def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors only, keyed as in `model.state_dict()`.
 
-    "<module>.lora_A" [R, K], "<module>.lora_B" [N, R] and, for a learnable scaling,
-    "<module>.scaling" []; for each `ModuleToSave`, its trainable copy's state_dict
-    ("<module>.trainable_copy.weight", ...). Like `state_dict()`, the tensors are
+    "<module>.lora_A" [R, K], "<module>.lora_B" [N, R], for a learnable scaling
+    "<module>.scaling" [] and for a DoRA layer "<module>.lora_magnitude" [N]; for each
+    `ModuleToSave`, its trainable copy's state_dict ("<module>.trainable_copy.weight",
+    ...). Like `state_dict()`, the tensors are
     detached views of the parameters (clone them to keep a snapshot while training
     goes on).
     """

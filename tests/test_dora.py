@@ -532,3 +532,24 @@ def test_activation_checkpointing_recomputes_the_same_mask():
         strict=True,
     ):
         assert torch.equal(t.grad, grad), f"grad of {name} differs under checkpointing"
+
+
+def test_apply_lora_use_dora_and_the_model_helpers_keep_the_magnitude(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 9), torch.nn.ReLU(), torch.nn.Linear(9, 5))
+    lora_kernels.apply_lora(model, rank=3, alpha=6, use_dora=True)
+    layers = dict(lora_kernels.lora_layers(model))
+    assert len(layers) == 2 and all(layer.use_dora for layer in layers.values())
+    for name, layer in layers.items():
+        expected = layer.original_linear.weight.double().norm(dim=1)  # B = 0: the norms of W
+        assert torch.allclose(layer.lora_magnitude.double(), expected, rtol=1e-6), name
+    lora_kernels.mark_only_lora_as_trainable(model)
+    assert all(layer.lora_magnitude.requires_grad for layer in layers.values())
+    state = lora_kernels.lora_state_dict(model)
+    assert {"0.lora_magnitude", "2.lora_magnitude"} <= set(state)
+    trained = {k: v + 0.25 for k, v in state.items()}
+    lora_kernels.load_lora_state_dict(model, trained)
+    assert torch.equal(layers["0"].lora_magnitude.detach(), trained["0.lora_magnitude"])
+    with pytest.raises(ValueError, match="'0' is a DoRA layer.*not supported yet"):
+        lora_kernels.save_adapter(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists()
