@@ -23,6 +23,8 @@ import os
 import shutil
 import sys
 import threading
+import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -229,12 +231,34 @@ def _build_digest(with_cuda: bool) -> str:
 _cuda_build_error: str | None = None
 
 
+# A JIT build holds torch's lock file in its folder; a process killed mid-build leaves
+# it behind, and every later load waits on it forever. No build takes this long (the
+# CUDA one takes minutes on 2 cores), so an older lock is a dead builder's.
+STALE_LOCK_SECONDS = 30 * 60
+
+
+def _remove_stale_lock(build_dir: Path) -> None:
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        warnings.warn(
+            f"lora_kernels: removing the stale JIT build lock {lock} ({age / 60:.0f} min "
+            "old, left by a build that was killed)",
+            stacklevel=3,
+        )
+        lock.unlink(missing_ok=True)
+
+
 def _jit_build_once(with_cuda: bool) -> str:
     from torch.utils import cpp_extension
 
     name = f"lora_kernels_C_{_build_digest(with_cuda)}"
     build_dir = _cache_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_lock(build_dir)
     cpp_extension.load(
         name=name,
         sources=sources(with_cuda),

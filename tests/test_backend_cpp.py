@@ -430,3 +430,29 @@ def test_failed_cuda_build_falls_back_to_the_cpu_build(monkeypatch):
     usable, why = backend_cpp.availability("cuda")
     assert not usable and "nvcc fatal: broken toolkit" in why
     assert backend_cpp.availability("cpu")[0]
+
+
+@pytest.mark.parametrize("age_minutes, removed", [(45, True), (2, False)])
+def test_jit_build_removes_only_a_stale_lock(age_minutes, removed, tmp_path, monkeypatch):
+    import os
+    import time
+
+    from torch.utils import cpp_extension
+
+    from lora_kernels import backend_cpp
+
+    monkeypatch.setenv("LORA_KERNELS_CACHE_DIR", str(tmp_path))
+    name = f"lora_kernels_C_{backend_cpp._build_digest(False)}"
+    lock = tmp_path / name / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    old = time.time() - 60 * age_minutes
+    os.utime(lock, (old, old))
+    seen = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: seen.append(lock.exists()))
+    if removed:
+        with pytest.warns(UserWarning, match="stale JIT build lock"):
+            backend_cpp._jit_build_once(False)
+    else:
+        backend_cpp._jit_build_once(False)  # a live build's lock: torch waits on it
+    assert seen == [not removed]
