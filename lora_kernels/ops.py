@@ -32,6 +32,15 @@ def draw_seed(device: torch.device) -> torch.Tensor:
     return torch.randint(SEED_BOUND, (), dtype=torch.int64).to(device)
 
 
+def call_seed(p: float, device: torch.device) -> torch.Tensor:
+    """The seed of one op call: `draw_seed` with dropout; else a zero, with no draw from
+    the generator (eval runs leave RNG alone), as on meta tensors, where no mask is
+    ever drawn."""
+    if p > 0 and device.type != "meta":
+        return draw_seed(device)
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
 def _shape(t: torch.Tensor) -> str:
     return f"[{', '.join(str(d) for d in t.shape)}]"
 
@@ -209,12 +218,7 @@ def lora_linear(
     x2d = x.reshape(math.prod(x.shape[:-1]), K)
     acc = contract.accumulation_dtype(x.dtype)
     on_meta = x.device.type == "meta"
-    # No draw from the generator when there is no dropout (eval runs leave RNG alone),
-    # nor on meta tensors, where no mask is ever drawn.
-    if p > 0 and not on_meta:
-        seed = draw_seed(x.device)
-    else:
-        seed = torch.zeros((), dtype=torch.int64, device=x.device)
+    seed = call_seed(p, x.device)
 
     if weight.requires_grad or composition_needed():
         # dW is outside the fused kernels (W is frozen by design), and the fused ops have
@@ -306,10 +310,7 @@ def dora_linear(
     K = x.shape[-1]
     x2d = x.reshape(math.prod(x.shape[:-1]), K)
     # The plain op's seed: the same draw, so the same mask for the same seed and shape.
-    if p > 0 and x.device.type != "meta":
-        seed = draw_seed(x.device)
-    else:
-        seed = torch.zeros((), dtype=torch.int64, device=x.device)
+    seed = call_seed(p, x.device)
     # The operands are cast already; autocast inside would round the float32 products.
     with _autocast_disabled(x.device.type):
         weight_norm = dora.weight_row_norm(weight, lora_A, lora_B, scaling, norm_cache)
