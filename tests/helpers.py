@@ -124,3 +124,19 @@ def usable_backends(device_type: str) -> list:
         marks = () if usable else (pytest.mark.skip(reason=f"backend {name!r}: {reason}"),)
         params.append(pytest.param(name, id=name, marks=marks))
     return params
+
+
+class LoraLinearCalls:
+    """Counts the calls of lora_linear made by patched peft modules."""
+
+    def __init__(self, monkeypatch):
+        from lora_kernels import peft_patch
+
+        self.calls = 0
+        original = peft_patch.lora_linear
+
+        def counting(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(peft_patch, "lora_linear", counting)

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import FP32_TOL, rel_error
+from helpers import FP32_TOL, LoraLinearCalls, rel_error
 from torch import nn
 
 import lora_kernels
@@ -84,20 +84,6 @@ def peft_tiny(config, seed=0):
 
 def lora_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-class CallCounter:
-    """Counts the calls of lora_linear made by patched peft modules."""
-
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        original = peft_patch.lora_linear
-
-        def counting(*args, **kwargs):
-            self.calls += 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(peft_patch, "lora_linear", counting)
 
 
 # ----------------------------------------------------------------------------------------
@@ -445,7 +431,7 @@ def test_patched_peft_matches_peft_in_eval_and_at_p0(monkeypatch, dropout):
     if dropout > 0:
         reference.eval()
         patched.eval()
-    counter = CallCounter(monkeypatch)
+    counter = LoraLinearCalls(monkeypatch)
     report = patch_peft(patched)
     assert sorted(report.patched) == sorted(
         f"base_model.model.blocks.{i}.{m}" for i in range(2) for m in ("q", "v", "up")
@@ -509,7 +495,7 @@ def test_patched_peft_disabled_merged_and_mixed_batches_are_peft(monkeypatch):
     reference = peft_tiny(config).eval()
     patched = copy.deepcopy(reference)
     patch_peft(patched)
-    counter = CallCounter(monkeypatch)
+    counter = LoraLinearCalls(monkeypatch)
     x = ids()
     with torch.no_grad():
         with reference.disable_adapter(), patched.disable_adapter():
@@ -542,7 +528,7 @@ def test_patched_peft_follows_the_active_adapter(monkeypatch):
     patched = copy.deepcopy(reference)
     report = patch_peft(patched)
     assert len(report.patched) == 4
-    counter = CallCounter(monkeypatch)
+    counter = LoraLinearCalls(monkeypatch)
     x = ids()
     with torch.no_grad():
         for adapter, fused_calls in (("other", 2), ("default", 4)):
@@ -578,7 +564,7 @@ def test_patch_report_names_what_it_leaves_to_peft(monkeypatch):
 
     reference = copy.deepcopy(model)
     unpatch_peft(reference)
-    counter = CallCounter(monkeypatch)
+    counter = LoraLinearCalls(monkeypatch)
     x = ids()
     with torch.no_grad():
         # "dora" lives on q only, "biased" on v only: peft serves them, the other
@@ -639,7 +625,7 @@ def test_patched_peft_under_autocast_runs_the_fused_op(monkeypatch):
     reference = peft_tiny(config)
     patched = copy.deepcopy(reference)
     patch_peft(patched)
-    counter = CallCounter(monkeypatch)
+    counter = LoraLinearCalls(monkeypatch)
     x = ids()
     results = []
     for model in (reference, patched):
@@ -694,7 +680,7 @@ def test_patched_forward_casts_and_takes_dtypes_as_lora_linear(
     """The patched forward serves every call lora_linear takes after its own autocast
     cast, float32 adapters with float64 x included, with lora_linear's exact output."""
     layer = one_patched_linear(base_dtype, adapter_dtype)
-    counter = CallCounter(monkeypatch)
+    counter = LoraLinearCalls(monkeypatch)
     x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3)).to(x_dtype)
     enabled = autocast_dtype is not None
     with torch.no_grad(), torch.autocast("cpu", dtype=autocast_dtype, enabled=enabled):
@@ -715,7 +701,7 @@ def test_patched_forward_casts_and_takes_dtypes_as_lora_linear(
 def test_patched_forward_leaves_non_float_input_under_autocast_to_peft(monkeypatch):
     """Autocast casts floating-point tensors only; an int64 x is peft's to refuse."""
     layer = one_patched_linear(torch.float32, torch.float32)
-    counter = CallCounter(monkeypatch)
+    counter = LoraLinearCalls(monkeypatch)
     x = torch.randint(0, 3, (5, 8))
     errors = []
     peft_forward = type(layer)._lora_kernels_peft_class.forward
@@ -763,7 +749,7 @@ def test_unpatch_restores_peft_forward(monkeypatch):
     model = peft_tiny(LoraConfig(r=4, target_modules=["q"]))
     patch_peft(model)
     unpatch_peft(model)
-    counter = CallCounter(monkeypatch)
+    counter = LoraLinearCalls(monkeypatch)
     model(ids())
     assert counter.calls == 0
 

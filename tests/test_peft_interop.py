@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import FP32_TOL, rel_error
+from helpers import FP32_TOL, LoraLinearCalls, rel_error
 from torch import nn
 
 import lora_kernels.peft_patch as peft_patch
@@ -89,20 +89,6 @@ def assert_same_results(got, expected, tol=FP32_TOL):
         assert rel_error(grads[name], grads_ref[name]) <= tol, name
 
 
-class FusedCalls:
-    """Counts the calls of lora_linear made by patched peft modules."""
-
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        original = peft_patch.lora_linear
-
-        def counting(*args, **kwargs):
-            self.calls += 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(peft_patch, "lora_linear", counting)
-
-
 def instance_state(model):
     """Each module's class and instance attributes (values by identity)."""
     return {
@@ -130,7 +116,7 @@ def test_patched_module_is_a_peft_linear_subclass_and_unpatch_restores_every_att
         assert isinstance(layer, PeftLinear)
         # The forward is the class's: nothing callable in the instance dict.
         assert "forward" not in layer.__dict__
-    counter = FusedCalls(monkeypatch)
+    counter = LoraLinearCalls(monkeypatch)
     x = inputs()
     assert_same_results(forward_backward(model, x), forward_backward(reference, x))
     assert counter.calls == 2
@@ -178,7 +164,7 @@ def test_bound_forward_taken_while_patched_runs_peft_after_unpatch(monkeypatch):
     patch_peft(model)
     captured = lora_layer(model).forward  # as accelerate's add_hook_to_module keeps it
     unpatch_peft(model)
-    counter = FusedCalls(monkeypatch)
+    counter = LoraLinearCalls(monkeypatch)
     x = inputs(shape=(5, 13))
     with torch.no_grad():
         assert torch.equal(captured(x), lora_layer(reference)(x))
@@ -213,7 +199,7 @@ def test_pickled_patched_model_loads_patched_with_the_same_results(monkeypatch, 
         layer = lora_layer(loaded, name)
         assert type(layer) is peft_patch.PatchedLoraLinear
         assert layer.base_layer is not lora_layer(model, name).base_layer
-    counter = FusedCalls(monkeypatch)
+    counter = LoraLinearCalls(monkeypatch)
     x = inputs()
     assert_same_results(forward_backward(loaded, x), forward_backward(reference, x))
     assert counter.calls == 2
@@ -308,7 +294,7 @@ def test_forward_set_on_the_instance_is_left_to_its_owner(monkeypatch):
     why = report.not_patched["base_model.model.q"]
     assert "replaced on the instance by" in why and "logging_forward" in why, why
     assert lora_layer(model, "q").forward is wrapper
-    counter = FusedCalls(monkeypatch)
+    counter = LoraLinearCalls(monkeypatch)
     x = inputs()
     assert_same_results(forward_backward(model, x), forward_backward(reference, x))
     assert counter.calls == 1  # v only
@@ -395,7 +381,7 @@ def test_accelerate_hook_on_the_layer_keeps_running(monkeypatch):
     hooks.remove_hook_from_module(lora_layer(model, "v"))
     hooks.remove_hook_from_module(lora_layer(reference, "v"))
     assert patch_peft(model).patched == ["base_model.model.q", "base_model.model.v"]
-    counter = FusedCalls(monkeypatch)
+    counter = LoraLinearCalls(monkeypatch)
     assert_same_results(forward_backward(model, x), forward_backward(reference, x))
     assert counter.calls == 2
 
@@ -412,7 +398,7 @@ def test_the_modules_own_bound_peft_forward_on_the_instance_is_served(monkeypatc
     before = instance_state(model)
     report = patch_peft(model)
     assert report.patched == ["base_model.model.q", "base_model.model.v"]
-    counter = FusedCalls(monkeypatch)
+    counter = LoraLinearCalls(monkeypatch)
     x = inputs()
     assert_same_results(forward_backward(model, x), forward_backward(reference, x))
     assert counter.calls == 2
@@ -448,7 +434,7 @@ def test_hooks_on_the_patched_module_itself_keep_running(monkeypatch):
     add_hooks(lora_layer(reference), "peft")
     report = patch_peft(model)
     assert report.not_patched == {}
-    counter = FusedCalls(monkeypatch)
+    counter = LoraLinearCalls(monkeypatch)
     x = inputs()
     assert_same_results(forward_backward(model, x), forward_backward(reference, x))
     assert counter.calls == 2
@@ -545,7 +531,7 @@ def test_data_parallel_replica_runs_its_own_weights(monkeypatch):
     def transform(p):
         return p * 1.5 + 0.01
 
-    counter = FusedCalls(monkeypatch)
+    counter = LoraLinearCalls(monkeypatch)
     replica = replicate_on_cpu(model, transform)
     replica_ref = replicate_on_cpu(reference, transform)
     x = inputs()
@@ -572,7 +558,7 @@ def test_copy_copy_runs_on_its_own_instance_state(monkeypatch):
     clone, clone_ref = copy.copy(layer), copy.copy(layer_ref)
     assert clone.forward.__self__ is clone
     x = inputs(shape=(6, 13))
-    counter = FusedCalls(monkeypatch)
+    counter = LoraLinearCalls(monkeypatch)
     with torch.no_grad():
         # Adapters disabled on the shallow copy only.
         clone._disable_adapters = clone_ref._disable_adapters = True
@@ -592,7 +578,7 @@ def test_deepcopy_runs_its_own_weights(monkeypatch):
     with torch.no_grad():
         for m in (clone, reference):
             lora_layer(m).lora_B["default"].weight.mul_(-2.0)
-    counter = FusedCalls(monkeypatch)
+    counter = LoraLinearCalls(monkeypatch)
     x = inputs()
     assert_same_results(forward_backward(clone, x), forward_backward(reference, x))
     assert counter.calls == 2
@@ -662,7 +648,7 @@ def test_patched_peft_on_meta_runs_the_fused_op_for_shapes(monkeypatch):
         deferred = get_peft_model(Net(), LoraConfig(r=3, lora_alpha=6, target_modules=["q", "v"]))
     assert lora_layer(deferred).base_layer.weight.device.type == "meta"
     patch_peft(deferred)
-    counter = FusedCalls(monkeypatch)
+    counter = LoraLinearCalls(monkeypatch)
     y = deferred(torch.empty(4, 3, 13, device="meta"))
     assert (y.device.type, y.shape) == ("meta", (4, 3, 5))
     assert counter.calls == 2
