@@ -237,6 +237,56 @@ def torch_backend_passes(mode, M, K, N, R, p, dtype, adapter_dtype, bias):
     return _by_mode(mode, fwd, bwd)
 
 
+# ---------------------------------------------------------------------------------------
+# 4-bit base weights (QLoRA): bitsandbytes' NF4/FP4 layout, blocksize 64, double quantized
+# (8-bit absmax codes, one float32 absmax2 per 256 blocks), as BitsAndBytesConfig sets it.
+
+QUANT_BLOCKSIZE = 64
+NESTED_BLOCKSIZE = 256
+
+
+def packed_4bit_bytes(N, K, blocksize=QUANT_BLOCKSIZE, nested=True):
+    """Bytes of one 4-bit weight as bitsandbytes stores it: two codes per byte plus the
+    absmax (uint8 codes and float32 absmax2 when nested, float32 otherwise)."""
+    blocks = -(-N * K // blocksize)
+    absmax = blocks + 4 * -(-blocks // NESTED_BLOCKSIZE) if nested else 4 * blocks
+    return (N * K + 1) // 2 + absmax
+
+
+def _dequantize_pass(N, K, dtype, name="dequantize W (4-bit -> dense)"):
+    """One launch that reads the packed weight and writes it dense in `dtype`."""
+    return _ew(name, packed_4bit_bytes(N, K) + _nbytes(dtype) * N * K)
+
+
+def linear4bit_passes(mode, M, K, N, R, p, dtype, adapter_dtype, bias):
+    """Frozen bitsandbytes Linear4bit at training-sized M: dequantize, then the GEMM
+    (bitsandbytes' own dispatch above ~64 tokens); its backward dequantizes again."""
+    fwd = [_dequantize_pass(N, K, dtype)] + linear_passes(
+        "fwd", M, K, N, R, p, dtype, adapter_dtype, bias
+    )
+    bwd = [_dequantize_pass(N, K, dtype)] + linear_passes(
+        "bwd", M, K, N, R, p, dtype, adapter_dtype, bias
+    )
+    return _by_mode(mode, fwd, bwd)
+
+
+def _with_4bit_base(passes_fn):
+    """A design on a 4-bit base: its dense passes, plus one dequantize into a workspace
+    per direction (backward dequantizes again; no dense weight is kept)."""
+
+    def passes(mode, M, K, N, R, p, dtype, adapter_dtype, bias):
+        fwd = [_dequantize_pass(N, K, dtype)] + passes_fn(
+            "fwd", M, K, N, R, p, dtype, adapter_dtype, bias
+        )
+        bwd = [_dequantize_pass(N, K, dtype)] + passes_fn(
+            "bwd", M, K, N, R, p, dtype, adapter_dtype, bias
+        )
+        return _by_mode(mode, fwd, bwd)
+
+    passes.__doc__ = f"{passes_fn.__name__} on a 4-bit base (dequantize, then the dense design)."
+    return passes
+
+
 def _by_mode(mode, fwd, bwd):
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
@@ -250,6 +300,11 @@ MODELS = {
     "lk-cuda": cpp_passes,
     "lk-cpu": cpp_passes,
     "lk-torch": torch_backend_passes,
+    # 4-bit bases: peft's lora.bnb.Linear4bit is Linear4bit's forward plus peft's branch.
+    "linear4bit": linear4bit_passes,
+    "peft-4bit": _with_4bit_base(peft_passes),
+    "lk-triton-4bit": _with_4bit_base(fused_passes),
+    "lk-cuda-4bit": _with_4bit_base(cpp_passes),
 }
 
 

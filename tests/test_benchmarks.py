@@ -170,6 +170,26 @@ def test_traffic_model_counts_the_design():
     assert floor["h100_s"] < fused["h100_s"] < peft["h100_s"]
 
 
+def test_traffic_model_4bit_designs_move_the_packed_weight_as_bitsandbytes_stores_it():
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is a dev requirement")
+    tm = _load(BENCH / "traffic_model.py", "traffic_model")
+    N, K = 48, 100  # blocks span rows; the last nested block is short
+    weight = torch.randn(N, K)
+    packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, compress_statistics=True)
+    stored = packed.numel() * packed.element_size() + state.absmax.numel()
+    stored += state.state2.absmax.numel() * 4
+    assert tm.packed_4bit_bytes(N, K) == stored
+    M, K, N, R = 8192, 4096, 4096, 16
+    args = (M, K, N, R, 0.1, torch.bfloat16, torch.float32)
+    dense = {name: tm.model(name, "fwd+bwd", *args) for name in ("linear", "lk-triton")}
+    four = {name: tm.model(name, "fwd+bwd", *args) for name in ("linear4bit", "lk-triton-4bit")}
+    # Each direction dequantizes once: the packed weight read and the dense one written.
+    dequantize = 2 * (tm.packed_4bit_bytes(N, K) + 2 * N * K)
+    assert four["linear4bit"]["bytes"] == dense["linear"]["bytes"] + dequantize
+    assert four["lk-triton-4bit"]["bytes"] == dense["lk-triton"]["bytes"] + dequantize
+    assert four["linear4bit"]["h100_s"] < four["lk-triton-4bit"]["h100_s"]
+
+
 def test_digits_example_learns_8_and_9():
     example = _load(REPO / "examples" / "digits_lora.py", "digits_lora")
     results = example.run()
