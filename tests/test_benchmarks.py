@@ -218,7 +218,13 @@ def test_training_benchmark_runs_each_provider_to_the_same_loss(size, tmp_path):
         assert row["loss_agrees"] == "reference" or row["loss_agrees"].startswith("yes")
         assert int(row["peak_rss_bytes"]) > 50 << 20  # a process holding the model
         assert int(row["memory_bytes"]) > 0
-    # dropout 0: patch_peft and apply_lora run the same fused op as peft's math
-    assert float(rows["peft+patch"]["loss_last"]) == pytest.approx(
-        float(rows["peft"]["loss_last"]), rel=1e-5
-    )
+    # dropout 0: patch_peft and apply_lora run the same function as peft. Their float32
+    # roundings differ (the cpu backend folds s B A into W; which BLAS kernel runs depends
+    # on the processor), and AdamW's normalised first steps magnify that: 1.5e-5 relative
+    # after 3 steps on an AMD EPYC, where the 3 steps move the loss by 23%.
+    first = {name: float(row["loss_first"]) for name, row in rows.items()}
+    last = {name: float(row["loss_last"]) for name, row in rows.items()}
+    assert last["peft"] != pytest.approx(first["peft"], rel=1e-3)  # training moved it
+    for name in ("peft+patch", "apply_lora"):
+        assert first[name] == pytest.approx(first["peft"], rel=1e-5)
+        assert last[name] == pytest.approx(last["peft"], rel=1e-4)
