@@ -268,7 +268,7 @@ def _write(tmp_path, config_changes=None, tensors=None):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"use_dora": True}, r"entry 'use_dora' = True is not supported: DoRA"),
+        ({"use_dora": True}, r"use_dora true, but .* holds no DoRA magnitude"),
         ({"lora_bias": True}, r"entry 'lora_bias' = True is not supported"),
         ({"bias": "all"}, r"entry 'bias' = 'all' is not supported"),
         (
@@ -309,10 +309,12 @@ def test_load_adapter_rejects_unsupported_config_entries(tmp_path, changes, mess
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_load_adapter_rejects_peft_dora_directory(tmp_path):
+def test_load_adapter_reads_peft_dora_directory(tmp_path):
+    # Outputs and gradients against peft: tests/test_dora_interop.py.
     peft_tiny(LoraConfig(r=4, target_modules=["q"], use_dora=True)).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"'use_dora' = True"):
-        load_adapter(tiny(), tmp_path)
+    layers = dict(lora_layers(load_adapter(tiny(), tmp_path)))
+    assert sorted(layers) == ["blocks.0.q", "blocks.1.q"]
+    assert all(layer.use_dora for layer in layers.values())
 
 
 def test_load_adapter_rejects_peft_lora_bias_directory(tmp_path):
