@@ -103,7 +103,8 @@ def forward_backward(model, x):
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
-        name = name.removeprefix("base_model.model.").replace(".default", "")
+        name = name.removeprefix("_orig_mod.").removeprefix("base_model.model.")
+        name = name.replace(".default", "")
         name = name.replace(".weight", "").replace("lora_magnitude_vector", "m")
         grads[name.replace("lora_magnitude", "m")] = p.grad
     return out.detach(), grads
@@ -485,3 +486,40 @@ def test_the_norm_cache_never_serves_a_stale_weight(monkeypatch, change, invalid
         )  # fmt: skip
         same = torch.equal(layer(x), uncached)
     assert same == (invalidation == "on")
+
+
+def test_patched_peft_dora_under_autocast_and_compile(monkeypatch):
+    reference = peft_dora_net().eval()
+    model = copy.deepcopy(reference)
+    patch_peft(model)
+    x = inputs()
+    calls = DoraCalls(monkeypatch)
+    with torch.autocast("cpu", dtype=BF16):
+        out, out_ref = model(x), reference(x)
+    assert out.dtype == out_ref.dtype == BF16
+    assert_close(out, out_ref, BF16, "output under bf16 autocast")
+    assert (calls.ours, calls.peft) == (2, 2)
+    # Not fullgraph: dora.weight_row_norm branches on the data (its cancellation guard).
+    compiled = torch.compile(model, backend="eager")
+    for seed in range(3):
+        assert_same_results(
+            forward_backward(compiled, inputs(seed)), forward_backward(reference, inputs(seed))
+        )
+
+
+def test_tiny_llama_dora_adapter_round_trips_between_peft_and_apply_lora(tmp_path):
+    from tiny_models import LLAMA_TARGETS, llama_batch, tiny_llama
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, use_dora=True)
+    reference = get_peft_model(tiny_llama(), config).eval()
+    randomize_dora(reference.named_parameters())
+    reference.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(tiny_llama(), tmp_path / "peft").eval()
+    assert len(list(lora_layers(ours))) == 8
+    batch = llama_batch()
+    with torch.no_grad():
+        logits_ref = reference(**batch).logits
+        assert_close(ours(**batch).logits, logits_ref, F32, "peft -> load_adapter")
+        save_adapter(ours, tmp_path / "ours")
+        back = PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours").eval()
+        assert_close(back(**batch).logits, logits_ref, F32, "save_adapter -> peft")
