@@ -3,11 +3,11 @@
 `patch_peft` makes an existing peft model run every LoRA linear layer it can serve
 through `lora_linear` (peft's DoRA adapters through `dora_linear`), in place: each such
 peft `lora.Linear` gets the class `PatchedLoraLinear`, a subclass of peft's whose only
-changes are `forward` and, around peft's own `merge` and `unmerge`, dropping the DoRA
-weight-norm caches. Its module
-tree, parameters, state dict, hooks and `save_pretrained` are untouched; since the
-forward lives on the class, not on the instance, pickles, copies and data-parallel
-replicas of a patched module run their own weights. `unpatch_peft` gives the modules
+changes are `forward`, and `merge`/`unmerge` that run peft's and then drop the DoRA
+weight-norm caches. Its module tree, parameters, state dict, hooks and
+`save_pretrained` are untouched; since the forward lives on the class, not on the
+instance, pickles, copies and data-parallel replicas of a patched module run their own
+weights. `unpatch_peft` gives the modules
 peft's class back. peft is optional: it is imported by the functions that need it, and
 by the first lookup of `PatchedLoraLinear` (which is where pickle finds it).
 """
