@@ -5,7 +5,10 @@ a model adapted with `apply_lora` and a `peft.PeftModel` exchange adapters both 
 Keys are peft's: `base_model.model.<module path>.lora_A.weight` [R, K] and
 `base_model.model.<module path>.lora_B.weight` [N, R], where <module path> is the
 module's name in the base model (`model.named_modules()` of the model without
-adapters, e.g. "model.layers.0.self_attn.q_proj"). A module trained whole
+adapters, e.g. "model.layers.0.self_attn.q_proj"); a DoRA adapter (`use_dora: true` in
+the config) adds `base_model.model.<module path>.lora_magnitude_vector` [N], peft's
+name for the magnitude (its in-memory `lora_magnitude_vector.<adapter>.weight`, saved
+without the `.weight`; `lora_magnitude` of a `LoRALinear`). A module trained whole
 (`modules_to_save`, a `ModuleToSave` here) is stored as its trained copy's state_dict
 under the module's own name, `base_model.model.<module path>.<tensor>` (peft drops the
 `modules_to_save.<adapter name>.` of its in-memory keys when it saves).
@@ -43,6 +46,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 # Older peft versions (and safe_serialization=False) write a torch pickle instead.
 WEIGHTS_NAME_BIN = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
+# DoRA's magnitude as peft saves it; peft also loads it with a ".weight" suffix.
+MAGNITUDE_KEY = "lora_magnitude_vector"
 TASK_TYPES = (
     "SEQ_CLS",
     "SEQ_2_SEQ_LM",
@@ -101,7 +106,6 @@ _KNOWN_ENTRIES = {
 }
 # Why an entry that is set (truthy) cannot be served, for the entries peft 0.21 knows.
 _UNSUPPORTED_ENTRIES = {
-    "use_dora": "DoRA (a magnitude vector and a normalised weight) is not plain LoRA",
     "lora_bias": "lora_bias adds a trainable bias to lora_B; LoRALinear has none",
     "fan_in_fan_out": "fan_in_fan_out targets transposed (Conv1D, GPT-2 style) weights",
     "layer_replication": "layer_replication changes the model's layer structure",
@@ -183,7 +187,8 @@ def save_adapter(
     task_type and base_model_name_or_path if given, modules_to_save: the full names of
     the `ModuleToSave` modules) and `adapter_model.safetensors` with
     `base_model.model.<name>.lora_A.weight` [R, K] and `...lora_B.weight` [N, R] for
-    every `LoRALinear` named <name> in `model` (in the adapter's dtype), and
+    every `LoRALinear` named <name> in `model` (in the adapter's dtype), for DoRA
+    layers `use_dora: true` and `...lora_magnitude_vector` [N] (peft's key), and
     `base_model.model.<name>.<key>` for every entry <key> of the trained copy's
     state_dict of every `ModuleToSave` named <name> (in its own dtype). The result
     loads with `peft.PeftModel.from_pretrained(base_model, path)` and with
@@ -205,7 +210,8 @@ def save_adapter(
     Raises:
         ValueError: no `LoRALinear` in `model`; layers that peft's format cannot express
             (a learnable scaling, an init="svd" layer whose base weight holds the PiSSA
-            residual, different dropouts or use_rslora across layers), each named;
+            residual, different dropouts, use_rslora or use_dora across layers; a merged
+            DoRA layer, whose weight holds m/n), each named;
             modules that peft would train whole on loading but that are not a
             `ModuleToSave` here: those of the task type (SEQ_CLS and TOKEN_CLS add
             "classifier" and "score", QUESTION_ANS "qa_outputs", matched as names
@@ -251,12 +257,11 @@ def _check_expressible(places: list[tuple[str, LoRALinear]]) -> None:
             "save_adapter: the model has no LoRALinear layer (use apply_lora or load_adapter)"
         )
     for name, layer in places:
-        if layer.use_dora:
+        if layer.use_dora and layer.merged:
             raise ValueError(
-                f"save_adapter: {name!r} is a DoRA layer (use_dora=True), and writing DoRA "
-                "adapters (use_dora and peft's lora_magnitude_vector keys) is not "
-                "supported yet; lora_state_dict(model) holds its tensors, lora_magnitude "
-                "included"
+                f"save_adapter: {name!r} is a merged DoRA layer: its base weight holds "
+                "(m/n) (W + s B A), so the adapter would not apply to the original weight; "
+                "unmerge() it first"
             )
         if layer.learnable_scaling:
             raise ValueError(
@@ -276,7 +281,7 @@ def _check_expressible(places: list[tuple[str, LoRALinear]]) -> None:
                 f"{layer.alpha:g} and rank {layer.rank} give {expected!r}; peft's format "
                 "stores alpha and rank only"
             )
-    for attribute in ("dropout", "use_rslora"):
+    for attribute in ("dropout", "use_rslora", "use_dora"):
         values = {getattr(layer, attribute) for _, layer in places}
         if len(values) > 1:
             listing = ", ".join(f"{n!r}: {getattr(layer, attribute)!r}" for n, layer in places)
@@ -405,7 +410,7 @@ def _adapter_config(
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": places[0][1].use_dora,
         "lora_bias": False,
         "modules_to_save": sorted(name for name, _ in copies) or None,
         "layers_to_transform": None,
@@ -416,12 +421,15 @@ def _adapter_config(
 def _adapter_weights(
     places: list[tuple[str, LoRALinear]], copies: list[tuple[str, ModuleToSave]]
 ) -> dict[str, torch.Tensor]:
-    """peft's keys -> CPU copies of lora_A [R, K] and lora_B [N, R], in the adapter
-    dtype, and of each trained copy's state_dict, in its own dtype."""
+    """peft's keys -> CPU copies of lora_A [R, K], lora_B [N, R] and DoRA's magnitude
+    [N], in the adapter dtype, and of each trained copy's state_dict, in its own dtype."""
     tensors = {}
     for name, layer in places:
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = _to_plain_tensor(layer.lora_A)
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = _to_plain_tensor(layer.lora_B)
+        if layer.use_dora:
+            magnitude = _to_plain_tensor(layer.lora_magnitude)
+            tensors[f"{KEY_PREFIX}{name}.{MAGNITUDE_KEY}"] = magnitude
     for name, wrapper in copies:
         for key, t in wrapper.trainable_copy.state_dict().items():
             tensors[f"{KEY_PREFIX}{name}.{key}"] = _to_plain_tensor(t)
@@ -450,7 +458,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     Every module named by a `base_model.model.<name>.lora_A.weight` key gets a
     `LoRALinear` with peft's per-module rank (rank_pattern, else r) and alpha
     (alpha_pattern, else lora_alpha), use_rslora and lora_dropout, holding the stored
-    lora_A [R, K] and lora_B [N, R] (cast to the adapter dtype, see `LoRALinear`).
+    lora_A [R, K] and lora_B [N, R] (cast to the adapter dtype, see `LoRALinear`);
+    with `use_dora: true` the layers are DoRA layers (`use_dora=True`) whose
+    lora_magnitude [N] is the stored `...lora_magnitude_vector` (peft's key, with or
+    without a trailing `.weight`).
     Every module that peft trains whole (its name ends with an entry of the config's
     modules_to_save or of its task type's: "classifier" and "score" for SEQ_CLS and
     TOKEN_CLS, "qa_outputs" for QUESTION_ANS; entries that match nothing are passed
@@ -465,11 +476,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
     Raises:
         FileNotFoundError: no adapter_config.json or weights file in `path`.
-        ValueError: an unsupported entry (DoRA, lora_bias, bias other than "none",
+        ValueError: an unsupported entry (lora_bias, bias other than "none",
             embeddings or other non-Linear targets, modules_to_save, an init that
             changes the base weights such as PiSSA/OLoRA, a LoRA variant), a key that
             is not a LoRA weight or a tensor of a module to save, a module that is
-            missing from `model` or is already a `LoRALinear` or `ModuleToSave`, a
+            missing from `model` or is already a `LoRALinear` or `ModuleToSave`, DoRA
+            magnitudes with `use_dora` false or a DoRA config without them, a
             LoRA weight inside a module to save, a module to save whose tensors are
             missing, or a tensor whose shape does not fit its module (the module, the
             expected and the stored shape are named). The model is left unchanged.
@@ -491,6 +503,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     tensors = _adapter_tensors(weights, weights_where)
     if not tensors:
         raise ValueError(f"load_adapter: {weights_where} holds no LoRA weights")
+    _check_magnitudes(tensors, settings.use_dora, weights_where)
     modules = dict(model.named_modules(remove_duplicate=False))
     copied = {name for name, _, _ in copy_plan}
     plan = [_plan_layer(name, pair, modules, settings, copied) for name, pair in tensors.items()]
@@ -577,10 +590,15 @@ def _read_weights(path: pathlib.Path) -> dict[str, torch.Tensor]:
     )
 
 
+# What each part of `_adapter_tensors`' entries is stored as.
+_STORED_NAMES = {"A": "lora_A", "B": "lora_B", "m": MAGNITUDE_KEY}
+
+
 def _adapter_tensors(
     weights: dict[str, torch.Tensor], where: str
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """{module path: {"A": [R, K], "B": [N, R]}} from peft's keys; other keys raise."""
+    """{module path: {"A": [R, K], "B": [N, R], "m": [N] for DoRA}} from peft's keys;
+    other keys raise."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in weights.items():
         if not key.startswith(KEY_PREFIX):
@@ -592,8 +610,14 @@ def _adapter_tensors(
             modules.setdefault(rest[: -len(".lora_B.weight")], {})["B"] = value
         elif ".lora_B.bias" in rest or rest.endswith("lora_B.bias"):
             raise ValueError(f"{where}: key {key!r} is a lora_bias, which is not supported")
-        elif "lora_magnitude_vector" in rest:
-            raise ValueError(f"{where}: key {key!r} is a DoRA magnitude, which is not supported")
+        elif rest.endswith(f".{MAGNITUDE_KEY}") or rest.endswith(f".{MAGNITUDE_KEY}.weight"):
+            module = rest.removesuffix(".weight")[: -len(MAGNITUDE_KEY) - 1]
+            modules.setdefault(module, {})["m"] = value
+        elif MAGNITUDE_KEY in rest:
+            raise ValueError(
+                f"{where}: key {key!r} is not a DoRA magnitude of a linear layer "
+                f"(<module>.{MAGNITUDE_KEY}) and is not supported"
+            )
         elif "lora_embedding_" in rest:
             raise ValueError(
                 f"{where}: key {key!r} belongs to a LoRA on an embedding, which is not "
@@ -612,16 +636,34 @@ def _adapter_tensors(
     for name, pair in modules.items():
         for part in ("A", "B"):
             if part not in pair:
+                present = ", ".join(_STORED_NAMES[p] for p in sorted(pair))
                 raise ValueError(
                     f"{where}: {name!r} has no {KEY_PREFIX}{name}.lora_{part}.weight "
-                    f"(it has lora_{'B' if part == 'A' else 'A'})"
+                    f"(it has {present})"
                 )
     return modules
 
 
+def _check_magnitudes(tensors: dict[str, dict[str, torch.Tensor]], use_dora: bool, where):
+    """Raise a ValueError unless every module has a DoRA magnitude exactly when the
+    config says use_dora."""
+    with_m = sorted(name for name, pair in tensors.items() if "m" in pair)
+    without_m = sorted(name for name, pair in tensors.items() if "m" not in pair)
+    if use_dora and without_m:
+        raise ValueError(
+            f"load_adapter: the config has use_dora true, but {where} holds no DoRA "
+            f"magnitude ({KEY_PREFIX}<module>.{MAGNITUDE_KEY}) for {without_m}"
+        )
+    if not use_dora and with_m:
+        raise ValueError(
+            f"load_adapter: {where} holds DoRA magnitudes ({MAGNITUDE_KEY}) for {with_m}, "
+            "but the config has use_dora false: a plain LoRA adapter would drop them"
+        )
+
+
 class _LayerSettings:
     """The config's per-layer settings: rank and alpha (with their patterns), and the
-    dropout and use_rslora that every layer shares."""
+    dropout, use_rslora and use_dora that every layer shares."""
 
     def __init__(self, config: dict):
         self.r_default = config.get("r", 8)
@@ -629,6 +671,7 @@ class _LayerSettings:
         self.rank_pattern = config.get("rank_pattern") or {}
         self.alpha_pattern = config.get("alpha_pattern") or {}
         self.use_rslora = bool(config.get("use_rslora", False))
+        self.use_dora = bool(config.get("use_dora", False))
         self.dropout = check_dropout_p(config.get("lora_dropout", 0.0) or 0.0, "lora_dropout")
 
     def rank_and_alpha(self, name: str) -> tuple[int, float]:
@@ -737,8 +780,9 @@ def _plan_layer(
     modules: dict[str, nn.Module],
     settings: _LayerSettings,
     copied: set[str],
-) -> tuple[str, nn.Linear, int, float, torch.Tensor, torch.Tensor]:
-    """(name, module, rank, alpha, A, B) for one adapted module, every part checked."""
+) -> tuple[str, nn.Linear, int, float, dict[str, torch.Tensor]]:
+    """(name, module, rank, alpha, {"A", "B"[, "m"]: tensor}) for one adapted module,
+    every part checked."""
     module = _check_target(name, modules, copied)
     rank, alpha = settings.rank_and_alpha(name)
     where = f"load_adapter: {name!r}"
@@ -754,15 +798,24 @@ def _plan_layer(
             f"{where}: lora_B.weight has shape {list(B.shape)}, expected [{N}, {rank}] "
             f"(out_features {N} of the module, rank {rank} from the config)"
         )
-    for part, t in (("lora_A", A), ("lora_B", B)):
+    named = {"lora_A.weight": A, "lora_B.weight": B}
+    if "m" in pair:
+        magnitude = pair["m"]
+        if tuple(magnitude.shape) != (N,):
+            raise ValueError(
+                f"{where}: {MAGNITUDE_KEY} has shape {list(magnitude.shape)}, expected [{N}] "
+                f"(out_features {N} of the module)"
+            )
+        named[MAGNITUDE_KEY] = magnitude
+    for part, t in named.items():
         if not t.is_floating_point():
-            raise ValueError(f"{where}: {part}.weight has dtype {t.dtype}, not a float")
-    return name, module, rank, alpha, A, B
+            raise ValueError(f"{where}: {part} has dtype {t.dtype}, not a float")
+    return name, module, rank, alpha, pair
 
 
 def _install_layers(model: nn.Module, plan: list, settings: _LayerSettings) -> None:
-    """Build a LoRALinear per planned module, fill in the stored A and B, and put it
-    in the module's place."""
+    """Build a LoRALinear per planned module, fill in the stored A, B (and DoRA's
+    magnitude), and put it in the module's place."""
     # Building a LoRALinear draws its init from the default RNG; loading must not.
     with torch.random.fork_rng(devices=[]):
         built = [
@@ -774,16 +827,18 @@ def _install_layers(model: nn.Module, plan: list, settings: _LayerSettings) -> N
                     alpha=alpha,
                     dropout=settings.dropout,
                     use_rslora=settings.use_rslora,
+                    use_dora=settings.use_dora,
                 ),
-                A,
-                B,
+                pair,
             )
-            for name, module, rank, alpha, A, B in plan
+            for name, module, rank, alpha, pair in plan
         ]
     with torch.no_grad():
-        for name, layer, A, B in built:
-            layer.lora_A.copy_(A)
-            layer.lora_B.copy_(B)
+        for name, layer, pair in built:
+            layer.lora_A.copy_(pair["A"])
+            layer.lora_B.copy_(pair["B"])
+            if layer.use_dora:
+                layer.lora_magnitude.copy_(pair["m"])
             replace_module(model, name, layer)
 
 

@@ -64,7 +64,8 @@ class LoRALinear(nn.Module):
         use_dora: DoRA (Liu et al. 2024, peft's `use_dora=True`): adds the parameter
             `lora_magnitude` [N] (adapter dtype), initialised to the row norms of
             W + s B A, and runs `dora_linear`. Its backend is None or "torch" for now
-            (the reference's composition of ATen ops); merging is not supported yet.
+            (the reference's composition of ATen ops). `merge` folds the row scale in:
+            W' = (m/n) (W + s B A).
 
     Input x [*, K] in the wrapped layer's dtype; output [*, N] in x's dtype. Gradients
     of A, B (and a learnable scaling) come in their own dtype. Under `torch.autocast`
@@ -128,6 +129,9 @@ class LoRALinear(nn.Module):
         # two thin factors (float32 or wider), so that reset and unwrap can put it back.
         self.register_buffer("_svd_US", None, persistent=False)  # [N, R]
         self.register_buffer("_svd_Vh", None, persistent=False)  # [R, K]
+        # DoRA's m/n [N] (accumulation dtype) that `merge` folded into the weight, which
+        # `unmerge` divides out again (as peft keeps the norm it merged with).
+        self.register_buffer("_dora_merge_scale", None, persistent=False)
         if self.use_dora:
             self.lora_magnitude = nn.Parameter(torch.zeros(self.out_features, **factory))
         else:
@@ -174,6 +178,7 @@ class LoRALinear(nn.Module):
         acc = accumulation_dtype(weight.dtype)
         restored = weight.to(acc) + self._svd_US.to(acc) @ self._svd_Vh.to(acc)
         weight.copy_(restored)
+        self._weight_changed()
         self._svd_US = None
         self._svd_Vh = None
 
@@ -235,6 +240,17 @@ class LoRALinear(nn.Module):
         self._svd_US = s * self.lora_B.to(acc)
         self._svd_Vh = self.lora_A.to(acc).clone()
         weight.copy_(weight.to(acc) - self._svd_US @ self._svd_Vh)
+        self._weight_changed()
+
+    def _weight_changed(self) -> None:
+        """Drop the cached ||W_n||^2 after this layer wrote `original_linear.weight` (the
+        cache's version-counter key would notice too; this does not rely on it)."""
+        self._weight_norm_cache.clear()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # A loaded state dict may carry a new base weight.
+        self._weight_changed()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [*, K] -> [*, N] in x's dtype; the base layer alone when disabled or merged."""
@@ -272,21 +288,22 @@ class LoRALinear(nn.Module):
         s = self.scaling.detach().to(dtype) if self.learnable_scaling else self.scaling
         return s * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))
 
-    def _refuse_dora_merge(self, what: str) -> None:
-        if self.use_dora:
-            raise NotImplementedError(
-                f"LoRALinear.{what}(): merging a DoRA layer (use_dora=True) is not "
-                "supported yet; its merged weight is (m / ||W + s B A||) * (W + s B A)"
-            )
-
     @torch.no_grad()
-    def _merged_weight(self) -> torch.Tensor:
-        """W + s B A in W's dtype, rounded once; refuses (like peft's safe_merge) when
-        the result is not finite."""
-        self._refuse_dora_merge("merge")
+    def _merged_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The merged weight in W's dtype, rounded once, and DoRA's row scale.
+
+        W + s B A, or with DoRA (m/n) (W + s B A) with n = ||W + s B A|| per row, as
+        peft's merge; the scale m/n [N] (accumulation dtype) comes second, None without
+        DoRA. Refuses (like peft's safe_merge) when the result is not finite.
+        """
         weight = self.original_linear.weight
         acc = accumulation_dtype(weight.dtype)
-        merged = (weight.to(acc) + self._delta(acc)).to(weight.dtype)
+        merged = weight.to(acc) + self._delta(acc)
+        scale = None
+        if self.use_dora:
+            scale = self.lora_magnitude.detach().to(acc) / self._weight_row_norm()
+            merged = scale[:, None] * merged
+        merged = merged.to(weight.dtype)
         if not torch.isfinite(merged).all():
             bad = int((~torch.isfinite(merged)).sum())
             raise ValueError(
@@ -294,17 +311,16 @@ class LoRALinear(nn.Module):
                 f"[{self.out_features}, {self.in_features}] gives {bad} non-finite "
                 "value(s) (a NaN/inf adapter or an overflow); the weight was left unchanged"
             )
-        return merged
+        return merged, scale
 
     @torch.no_grad()
     def merge_weights(self) -> nn.Linear:
-        """A new `nn.Linear` with weight W + s B A [N, K] and a copy of the bias.
+        """A new `nn.Linear` with weight W + s B A [N, K] (DoRA: (m/n) (W + s B A)) and
+        a copy of the bias.
 
         Its output matches this layer's eval-mode output. The layer itself is not
         changed. The new parameters have the wrapped layer's requires_grad (frozen).
-        Not for DoRA layers yet (NotImplementedError).
         """
-        self._refuse_dora_merge("merge_weights")
         weight = self.original_linear.weight
         bias = self.original_linear.bias
         merged = nn.Linear(
@@ -314,7 +330,7 @@ class LoRALinear(nn.Module):
             device=weight.device,
             dtype=weight.dtype,
         )
-        merged.weight.copy_(weight if self._merged else self._merged_weight())
+        merged.weight.copy_(weight if self._merged else self._merged_weight()[0])
         merged.weight.requires_grad_(weight.requires_grad)
         if bias is not None:
             merged.bias.copy_(bias)
@@ -325,12 +341,12 @@ class LoRALinear(nn.Module):
     def merge(self) -> None:
         """Fold s B A into `original_linear.weight` in place; forward then skips the branch.
 
-        Merging a merged layer warns and does nothing. A merge whose result is not
-        finite raises ValueError and leaves the weight untouched. While merged, A and
-        B get no gradient; call `unmerge()` before training further. Not for DoRA
-        layers yet (NotImplementedError).
+        With DoRA the weight becomes W' = (m/n) (W + s B A), n = ||W + s B A|| per row
+        (peft's DoRA merge); the scale m/n is kept for `unmerge`. Merging a merged layer
+        warns and does nothing. A merge whose result is not finite raises ValueError
+        and leaves the weight untouched. While merged, A, B (and m) get no gradient;
+        call `unmerge()` before training further.
         """
-        self._refuse_dora_merge("merge")
         if self._merged:
             warnings.warn("LoRALinear.merge(): already merged, nothing done", stacklevel=2)
             return
@@ -339,22 +355,41 @@ class LoRALinear(nn.Module):
                 "LoRALinear.merge(): the adapter is disabled (enabled=False); enable it "
                 "before merging"
             )
-        self.original_linear.weight.copy_(self._merged_weight())
+        merged, scale = self._merged_weight()
+        if scale is not None and not scale.ne(0).all():
+            rows = scale.eq(0).nonzero().flatten().tolist()
+            raise ValueError(
+                f"LoRALinear.merge(): DoRA's scale m/n is 0 on row(s) {rows[:8]} (a zero "
+                "magnitude), which unmerge could not divide out; the weight was left "
+                "unchanged (merge_weights() builds the merged layer without that need)"
+            )
+        self.original_linear.weight.copy_(merged)
+        self._weight_changed()
+        self._dora_merge_scale = scale
         self._merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take s B A back out of `original_linear.weight`.
+        """Take s B A back out of `original_linear.weight` (DoRA: W = W' / (m/n) - s B A,
+        with the m/n that `merge` used, as peft's unmerge).
 
-        Restores the weight within one rounding step of its dtype (the merge and the
-        unmerge each round once). Unmerging an unmerged layer warns and does nothing.
+        Restores the weight within rounding, not bit for bit: the merge and the unmerge
+        each round to W's dtype, so an element is off by about one rounding step of W's
+        dtype (DoRA: a few units in the last place of max(|W|, |W + s B A|), since the
+        merged row is scaled and divided back). Unmerging an unmerged layer warns and
+        does nothing.
         """
         if not self._merged:
             warnings.warn("LoRALinear.unmerge(): not merged, nothing done", stacklevel=2)
             return
         weight = self.original_linear.weight
         acc = accumulation_dtype(weight.dtype)
-        weight.copy_(weight.to(acc) - self._delta(acc))
+        restored = weight.to(acc)
+        if self._dora_merge_scale is not None:
+            restored = restored / self._dora_merge_scale.to(acc)[:, None]
+        weight.copy_(restored - self._delta(acc))
+        self._weight_changed()
+        self._dora_merge_scale = None
         self._merged = False
 
     @torch.no_grad()

@@ -470,8 +470,10 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold each adapter into its weight and put the plain `nn.Linear` back (peft's
-    merge_and_unload). Disabled adapters are merged too. A `ModuleToSave` is replaced
-    by its trained copy (which stays trainable), as peft does.
+    merge_and_unload): W + s B A, for a DoRA layer (m/n) (W + s B A) with
+    n = ||W + s B A|| per row (`LoRALinear.merge`). Disabled adapters are merged too.
+    A `ModuleToSave` is replaced by its trained copy (which stays trainable), as peft
+    does.
 
     All or nothing: if one merge is refused (a non-finite result), the layers merged
     so far are unmerged and the error is raised with the model unchanged.
@@ -589,6 +591,11 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
             parts.append(f"missing keys {_listing(missing)}")
         if unexpected:
             parts.append(f"unexpected keys {_listing(unexpected)}")
+        if any(key.endswith("lora_magnitude") for key in missing + unexpected):
+            parts.append(
+                "lora_magnitude is DoRA's magnitude: the model's layers and the state dict "
+                "disagree on use_dora"
+            )
         raise ValueError("load_lora_state_dict: " + "; ".join(parts))
     for key, param in params.items():
         value = state_dict[key]

@@ -1,11 +1,13 @@
 """peft models run by the fused op: `patch_peft`, `unpatch_peft` and `PatchReport`.
 
 `patch_peft` makes an existing peft model run every LoRA linear layer it can serve
-through `lora_linear`, in place: each such peft `lora.Linear` gets the class
-`PatchedLoraLinear`, a subclass of peft's whose only change is `forward`. Its module
-tree, parameters, state dict, hooks and `save_pretrained` are untouched; since the
-forward lives on the class, not on the instance, pickles, copies and data-parallel
-replicas of a patched module run their own weights. `unpatch_peft` gives the modules
+through `lora_linear` (peft's DoRA adapters through `dora_linear`), in place: each such
+peft `lora.Linear` gets the class `PatchedLoraLinear`, a subclass of peft's whose only
+changes are `forward`, and `merge`/`unmerge` that run peft's and then drop the DoRA
+weight-norm caches. Its module tree, parameters, state dict, hooks and
+`save_pretrained` are untouched; since the forward lives on the class, not on the
+instance, pickles, copies and data-parallel replicas of a patched module run their own
+weights. `unpatch_peft` gives the modules
 peft's class back. peft is optional: it is imported by the functions that need it, and
 by the first lookup of `PatchedLoraLinear` (which is where pickle finds it).
 """
@@ -21,7 +23,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-from .ops import autocast_operands, lora_linear
+from . import dora
+from .ops import autocast_operands, dora_linear, lora_linear
 from .validation import check_backend, check_module
 
 PATCHED_CLASS_NAME = "PatchedLoraLinear"
@@ -31,6 +34,10 @@ _CALLS_ATTR = "_lora_kernels_calls"
 # A forward found on the instance that is the module's own bound peft forward (left by
 # accelerate's remove_hook_from_module, for one): kept here while patched.
 _STASHED_FORWARD_ATTR = "_lora_kernels_instance_forward"
+# adapter -> dora.WeightNormCache, for the DoRA adapters served. Pickles and deep copies
+# carry empty caches (WeightNormCache pickles empty); data-parallel replicas, which
+# share the original's instance attributes and have weights of their own, use none.
+_NORM_CACHES_ATTR = "_lora_kernels_norm_caches"
 _EXAMPLES = 3
 
 _patched_class_lock = threading.Lock()
@@ -50,24 +57,27 @@ def _require_peft():
 
 @dataclasses.dataclass
 class CallCounts:
-    """Calls of the modules one `patch_peft` patched: how many ran the fused op, and why
-    the others went to peft's forward. Counted in eager mode only (code traced by
+    """Calls of the modules one `patch_peft` patched: how many ran the fused op (`dora`
+    of them DoRA adapters run by `dora_linear`), and why the others went to peft's
+    forward. Counted in eager mode only (code traced by
     torch.compile is not counted: a Python counter there would cost recompiles).
     A deep copy or an unpickled copy of the model counts apart, in its own copy;
     `nn.DataParallel` replicas count here (without a lock: a diagnostic, not exact
     under threads)."""
 
     fused: int = 0
+    dora: int = 0
     by_peft: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
-    def add(self, reason: str | None) -> None:
+    def add(self, reason: str | None, is_dora: bool = False) -> None:
         if reason is None:
             self.fused += 1
+            self.dora += is_dora
         else:
             self.by_peft[reason] += 1
 
     def reset(self) -> None:
-        self.fused = 0
+        self.fused = self.dora = 0
         self.by_peft.clear()
 
 
@@ -99,7 +109,10 @@ class PatchReport:
             forward, or the forward someone else installed). `str(report)` groups them
             by reason.
         adapters_not_served: "name [adapter]" -> why, for adapters of patched modules
-            that peft's own forward serves when they are active (DoRA, lora_bias, ...).
+            that peft's own forward serves when they are active (lora_bias, other LoRA
+            variants, ...).
+        dora_served: "name [adapter]" of the DoRA adapters of patched modules, which
+            run `dora_linear` when they are active.
         calls: calls of the patched modules since patching (eager mode): how many ran
             the fused op, and why the others went to peft's forward. `calls.reset()`
             starts a new count.
@@ -108,10 +121,13 @@ class PatchReport:
     patched: list[str] = dataclasses.field(default_factory=list)
     not_patched: dict[str, str] = dataclasses.field(default_factory=dict)
     adapters_not_served: dict[str, str] = dataclasses.field(default_factory=dict)
+    dora_served: list[str] = dataclasses.field(default_factory=list)
     calls: CallCounts = dataclasses.field(default_factory=CallCounts)
 
     def __str__(self) -> str:
         lines = [f"patch_peft: {len(self.patched)} lora.Linear module(s) run the fused op"]
+        if self.dora_served:
+            lines.append(f"  DoRA: {len(self.dora_served)} adapter(s) run dora_linear")
         if self.not_patched:
             lines.append(f"  not patched, {len(self.not_patched)} module(s):")
             lines += _group_lines(self.not_patched)
@@ -122,17 +138,42 @@ class PatchReport:
             lines += _group_lines(self.adapters_not_served)
         by_peft = sum(self.calls.by_peft.values())
         if self.calls.fused or by_peft:
-            lines.append(f"  calls since patching: {self.calls.fused} fused, {by_peft} by peft")
+            dora_calls = f" ({self.calls.dora} DoRA)" if self.calls.dora else ""
+            lines.append(
+                f"  calls since patching: {self.calls.fused} fused{dora_calls}, {by_peft} by peft"
+            )
             for why, count in self.calls.by_peft.most_common():
                 lines.append(f"    {count} x {why}")
         return "\n".join(lines)
 
 
+def _peft_dora_classes() -> tuple[type, type] | None:
+    """peft's (DoraLinearVariant, DoraLinearLayer), or None for a peft without them."""
+    try:
+        from peft.tuners.lora import dora as peft_dora
+        from peft.tuners.lora import variants
+    except ImportError:
+        return None
+    return variants.DoraLinearVariant, peft_dora.DoraLinearLayer
+
+
+def _dora_magnitude_layer(module, adapter: str):
+    """peft's DoraLinearLayer of `adapter` when the adapter is peft's own DoRA (its
+    classes, not subclasses), which `dora_linear` computes; else None."""
+    classes = _peft_dora_classes()
+    variant = getattr(module, "lora_variant", {}).get(adapter)
+    if classes is None or type(variant) is not classes[0]:
+        return None
+    layers = getattr(module, "lora_magnitude_vector", None)
+    layer = layers[adapter] if layers is not None and adapter in layers else None
+    return layer if type(layer) is classes[1] else None
+
+
 def _adapter_problem(module, adapter: str) -> str | None:
     """Why `adapter` of a peft lora.Linear cannot run the fused op, or None."""
     variant = getattr(module, "lora_variant", {}).get(adapter)
-    if variant is not None:
-        return f"LoRA variant {type(variant).__name__} (DoRA or similar)"
+    if variant is not None and _dora_magnitude_layer(module, adapter) is None:
+        return f"LoRA variant {type(variant).__name__} (not peft's own DoRA)"
     if getattr(module, "lora_bias", {}).get(adapter, False):
         return "lora_bias=True"
     dropout = module.lora_dropout[adapter]
@@ -252,9 +293,23 @@ def _dtypes_fit_op(x, weight, bias, A, B) -> bool:
     )
 
 
+def _norm_cache(module, adapter: str) -> dora.WeightNormCache | None:
+    """The module's cache of ||W_n||^2 for a DoRA adapter; None in a data-parallel
+    replica (rebuilt every step, and sharing the original's instance attributes)."""
+    if getattr(module, "_is_replica", False):
+        return None
+    return module.__dict__.get(_NORM_CACHES_ATTR, {}).get(adapter)
+
+
+def _clear_norm_caches(module) -> None:
+    for cache in module.__dict__.get(_NORM_CACHES_ATTR, {}).values():
+        cache.clear()
+
+
 def _fused_call(module, x, args, kwargs) -> dict | str:
-    """lora_linear's arguments for this call of a patched module, or why peft's forward
-    serves it (a reason, as counted in `CallCounts.by_peft`)."""
+    """lora_linear's (for DoRA, dora_linear's: with "magnitude") arguments for this call
+    of a patched module, or why peft's forward serves it (a reason, as counted in
+    `CallCounts.by_peft`)."""
     if args or any(k != "adapter_names" or v is not None for k, v in kwargs.items()):
         return "extra forward arguments (adapter_names, ...)"
     if module.disable_adapters:
@@ -274,34 +329,59 @@ def _fused_call(module, x, args, kwargs) -> dict | str:
     lora_A = module.lora_A[adapter]
     lora_B = module.lora_B[adapter]
     dropout = module.lora_dropout[adapter]
+    magnitude_layer = _dora_magnitude_layer(module, adapter)
     weight, bias = base.weight, base.bias
     A, B = lora_A.weight, lora_B.weight
+    magnitude = None if magnitude_layer is None else magnitude_layer.weight
     if not isinstance(x, torch.Tensor):
         return f"input is a {type(x).__name__}, not a tensor"
-    if not all(_is_plain(t) for t in (x, weight, bias, A, B)):
+    if not all(_is_plain(t) for t in (x, weight, bias, A, B, magnitude)):
         return "a tensor subclass (DTensor, quantized, ...) among x and the weights"
     # The op's own cast: under autocast, what autocast does to peft's three nn.Linear
     # calls for floating-point operands. Any other tensor keeps its dtype, as autocast
     # leaves it, and is then served or refused as it would be without autocast.
-    x, weight, bias, A, B = autocast_operands(x, weight, bias, A, B)
+    x, weight, bias, A, B, magnitude = autocast_operands(x, weight, bias, A, B, magnitude)
     if not _dtypes_fit_op(x, weight, bias, A, B):
         return (
             f"dtypes the op does not take (x {x.dtype}, weight {weight.dtype}, "
             f"lora_A {A.dtype}, lora_B {B.dtype})"
         )
+    if magnitude is not None and (magnitude.dtype != A.dtype or magnitude.device != x.device):
+        return (
+            f"DoRA magnitude of dtype {magnitude.dtype} on {magnitude.device}, not lora_A's "
+            f"dtype {A.dtype} on x's device {x.device}"
+        )
     if any(_has_hooks(m) for m in (base, lora_A, lora_B, dropout)):
         return "hooks on base_layer, lora_A, lora_B or lora_dropout"
+    if magnitude_layer is not None and _has_hooks(magnitude_layer):
+        return "hooks on lora_magnitude_vector"
     if _has_global_hooks():
         return "global module hooks (torch.nn.modules.module.register_module_*_hook)"
     if isinstance(dropout, nn.Dropout):
         p, training = dropout.p, dropout.training
         if not 0.0 <= p < 1.0:
             return f"lora_dropout p={p}, outside [0, 1)"
+        # peft's DoRA drops the input only while the layer itself is training too.
+        training = training and (magnitude is None or module.training)
     else:
         p, training = 0.0, False
     scaling = module.scaling[adapter]
     if isinstance(scaling, bool) or not isinstance(scaling, (numbers.Real, torch.Tensor)):
         return f"scaling is a {type(scaling).__name__}"
+    if magnitude is not None:
+        return {
+            "x": x,
+            "weight": weight,
+            "bias": bias,
+            "lora_A": A,
+            "lora_B": B,
+            "magnitude": magnitude,
+            "scaling": scaling,
+            "dropout_p": p,
+            "training": training,
+            "backend": module.__dict__.get(_BACKEND_ATTR),
+            "norm_cache": _norm_cache(module, adapter),
+        }
     return {
         "x": x,
         "weight": weight,
@@ -315,22 +395,22 @@ def _fused_call(module, x, args, kwargs) -> dict | str:
     }
 
 
-def _count(module, reason: str | None) -> None:
+def _count(module, reason: str | None, is_dora: bool = False) -> None:
     if torch.compiler.is_compiling():
         return
     calls = module.__dict__.get(_CALLS_ATTR)
     if calls is not None:
-        calls.add(reason)
+        calls.add(reason, is_dora)
 
 
 def _fused_forward(self, x, *args, **kwargs):
     """PatchedLoraLinear.forward: peft's lora.Linear.forward, with the one-active-adapter
-    case run by lora_linear.
+    case run by lora_linear (dora_linear for peft's DoRA).
 
     Anything else (disabled or merged adapters, several or no active adapters,
-    adapter_names or other extra arguments, variants, lora_bias, dtypes the op does not
-    take, hooks on the submodules or global module hooks, sharded tensors) goes to
-    peft's own forward.
+    adapter_names or other extra arguments, variants other than DoRA, lora_bias, dtypes
+    the op does not take, hooks on the submodules or global module hooks, sharded
+    tensors) goes to peft's own forward.
     """
     peft_class = getattr(type(self), "_lora_kernels_peft_class", None)
     if peft_class is None:
@@ -341,8 +421,34 @@ def _fused_forward(self, x, *args, **kwargs):
     if isinstance(call, str):
         _count(self, call)
         return peft_class.forward(self, x, *args, **kwargs)
+    if "magnitude" in call:
+        _count(self, None, is_dora=True)
+        return dora_linear(**call)
     _count(self, None)
     return lora_linear(**call)
+
+
+def _merge(self, *args, **kwargs):
+    """PatchedLoraLinear.merge: peft's; the DoRA norm caches are dropped, since peft
+    swaps the weight's storage (`weight.data = ...`), which bumps no version counter
+    and may land at the old address."""
+    try:
+        return _peft_class_of(self).merge(self, *args, **kwargs)
+    finally:
+        _clear_norm_caches(self)
+
+
+def _unmerge(self, *args, **kwargs):
+    """PatchedLoraLinear.unmerge: peft's, the DoRA norm caches dropped as in merge."""
+    try:
+        return _peft_class_of(self).unmerge(self, *args, **kwargs)
+    finally:
+        _clear_norm_caches(self)
+
+
+def _peft_class_of(module) -> type:
+    """peft's class of a patched module (the module's own class after unpatch_peft)."""
+    return getattr(type(module), "_lora_kernels_peft_class", type(module))
 
 
 def _patched_class() -> type:
@@ -360,6 +466,8 @@ def _patched_class() -> type:
                 "__qualname__": PATCHED_CLASS_NAME,
                 "__doc__": "peft's lora.Linear, run by lora_kernels' fused op (patch_peft).",
                 "forward": _fused_forward,
+                "merge": _merge,
+                "unmerge": _unmerge,
                 "_lora_kernels_peft_class": peft_linear,
             }
             patched = type(peft_linear)(PATCHED_CLASS_NAME, (peft_linear,), namespace)
@@ -385,7 +493,8 @@ def patch_peft(peft_model: nn.Module, backend: str | None = None) -> PatchReport
 
     In place and reversible (`unpatch_peft`): each module served becomes a
     `PatchedLoraLinear` (`module.__class__` is swapped for a subclass of peft's
-    lora.Linear whose only change is `forward`); the module tree, the parameter names,
+    lora.Linear whose changes are `forward`, and `merge`/`unmerge` that drop the DoRA
+    norm caches after peft's own); the module tree, the parameter names,
     the state dict, the hooks and `save_pretrained` are untouched, and `isinstance`
     checks against peft's class still hold. A patched module computes, for x [*, K],
     base weight W [N, K], bias b [N] or None, active adapter lora_A.weight [R, K],
@@ -395,12 +504,20 @@ def patch_peft(peft_model: nn.Module, backend: str | None = None) -> PatchReport
         Y = X W^T + b + s * (dropout(X) A^T) B^T       [*, N] in x's dtype
 
     which is what peft computes (peft casts X to the adapter dtype for the branch; the
-    fused op takes float32 adapters with half-precision X directly). The dropout mask
+    fused op takes float32 adapters with half-precision X directly). A DoRA adapter
+    (peft's `use_dora=True`: DoraLinearVariant, magnitude m =
+    `lora_magnitude_vector[adapter].weight` [N]) runs `dora_linear`, peft's formula:
+    Y = (m/n) (X W^T + s X A^T B^T) + b with n = ||W + s B A|| per row, detached, and
+    while the layer and its nn.Dropout are training Y = X W^T + b + (m/n - 1) D(X) W^T
+    + (m/n) s D(X) A^T B^T (the base on the undropped X, as peft); each patched module
+    keeps a `dora.WeightNormCache` per DoRA adapter (||W_n||^2 of the frozen W). The
+    dropout mask
     differs from peft's (it is the op's Philox mask, seeded from torch's default
     generator), with the same distribution. A call goes to peft's own forward when
     adapters are disabled or merged, when not exactly one active adapter is present,
-    with `adapter_names` or other extra arguments, for a LoRA variant (DoRA, ...) or
-    lora_bias, when a submodule has hooks or global module hooks are registered, or
+    with `adapter_names` or other extra arguments, for a LoRA variant other than
+    peft's DoRA or lora_bias, when a submodule has hooks or global module hooks are
+    registered, or
     when the dtypes do not fit the op, so those behave exactly as in peft;
     `report.calls` counts the calls of each kind.
 
@@ -466,9 +583,13 @@ def patch_peft(peft_model: nn.Module, backend: str | None = None) -> PatchReport
                 _unpatch_module(module)
             report.not_patched[name] = problem
             continue
+        caches = {}
         for adapter, why in adapters.items():
             if why is not None:
                 report.adapters_not_served[f"{name} [{adapter}]"] = why
+            elif _dora_magnitude_layer(module, adapter) is not None:
+                report.dora_served.append(f"{name} [{adapter}]")
+                caches[adapter] = dora.WeightNormCache()
         if not already_patched:
             forward = module.__dict__.pop("forward", None)
             if forward is not None:  # the module's own bound peft forward
@@ -476,6 +597,10 @@ def patch_peft(peft_model: nn.Module, backend: str | None = None) -> PatchReport
             module.__class__ = patched_class
         module.__dict__[_BACKEND_ATTR] = backend
         module.__dict__[_CALLS_ATTR] = report.calls
+        if caches:
+            module.__dict__[_NORM_CACHES_ATTR] = caches
+        else:
+            module.__dict__.pop(_NORM_CACHES_ATTR, None)
         report.patched.append(name)
     return report
 
@@ -485,6 +610,7 @@ def _unpatch_module(module: nn.Module) -> None:
     module.__class__ = type(module)._lora_kernels_peft_class
     module.__dict__.pop(_BACKEND_ATTR, None)
     module.__dict__.pop(_CALLS_ATTR, None)
+    module.__dict__.pop(_NORM_CACHES_ATTR, None)
     forward = module.__dict__.pop(_STASHED_FORWARD_ATTR, None)
     if forward is not None:
         module.__dict__["forward"] = forward

@@ -666,10 +666,10 @@ def test_patched_peft_on_meta_runs_the_fused_op_for_shapes(monkeypatch):
 
 def test_report_groups_224_not_patched_layers_by_reason():
     """One line per reason with a count and three example names, however many layers
-    (224: a 32-layer model with 7 targets each, all DoRA here but two)."""
+    (224: a 32-layer model with 7 targets each, all lora_bias here but two)."""
     torch.manual_seed(0)
     base = nn.Sequential(*(nn.Linear(4, 4) for _ in range(224)))
-    model = get_peft_model(base, LoraConfig(r=2, target_modules=r"\d+", use_dora=True))
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=r"\d+", lora_bias=True))
     for i in (7, 9):
         model.base_model.model[i].fan_in_fan_out = True
     report = patch_peft(model)
@@ -679,7 +679,7 @@ def test_report_groups_224_not_patched_layers_by_reason():
     lines = str(report).splitlines()
     assert lines[1:] == [
         "  not patched, 224 module(s):",
-        "    222 x adapter 'default': LoRA variant DoraLinearVariant (DoRA or similar): "
+        "    222 x adapter 'default': lora_bias=True: "
         "base_model.model.0, base_model.model.1, base_model.model.2 and 219 more",
         "    2 x fan_in_fan_out=True (transposed Conv1D weights): "
         "base_model.model.7, base_model.model.9",
