@@ -49,6 +49,9 @@ def _backend_param(name: str):
     return name, marks
 
 
+_CPU_BACKENDS = [pytest.param(n, id=n, marks=m) for n, m in map(_backend_param, ("torch", "cpu"))]
+
+
 def params4bit(
     N,
     K,
@@ -147,9 +150,7 @@ def _cases():
 pytestmark = pytest.mark.usefixtures("poisoned_empty")
 
 
-@pytest.mark.parametrize(
-    "backend", [pytest.param(n, id=n, marks=m) for n, m in map(_backend_param, ("torch", "cpu"))]
-)
+@pytest.mark.parametrize("backend", _CPU_BACKENDS)
 @pytest.mark.parametrize("qt, nested, storage, wdtype, dtype, p", list(_cases()))
 def test_output_and_gradients_match_bnb_reference(backend, qt, nested, storage, wdtype, dtype, p):
     M, K, N, R = 13, 71, 33, 5
@@ -157,7 +158,7 @@ def test_output_and_gradients_match_bnb_reference(backend, qt, nested, storage, 
     check_against_bnb_reference(backend, weight, *adapter_inputs(M, K, N, R, dtype), p)
 
 
-_TRITON_NAME, _TRITON_MARKS = _backend_param("triton")
+_TRITON_MARKS = _backend_param("triton")[1]
 
 
 @pytest.mark.parametrize(
@@ -284,9 +285,7 @@ def saved_tensors(fn):
     return saved, out
 
 
-@pytest.mark.parametrize(
-    "backend", [pytest.param(n, id=n, marks=m) for n, m in map(_backend_param, ("torch", "cpu"))]
-)
+@pytest.mark.parametrize("backend", _CPU_BACKENDS)
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
 def test_backward_keeps_no_dequantized_weight(backend, p):
     M, K, N, R = 16, 96, 80, 4
@@ -525,13 +524,19 @@ def test_tiny_llama_4bit_trains_with_apply_lora_and_adapter_round_trips_with_pef
 # ---------------------------------------------------------------------------------------
 
 
-def test_compile_fullgraph_matches_eager():
+def test_compile_fullgraph_inductor_matches_eager_with_dropout():
+    from torch._inductor import config as inductor_config
+
     layer = _layer_with_adapter()
+    layer.dropout = 0.1
     x = torch.randn(2, 5, 40, requires_grad=True)
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    torch.manual_seed(0)
-    y = compiled(x)
-    y.sum().backward()
+    compiled = torch.compile(layer, fullgraph=True)
+    # Inductor draws random numbers its own way unless fallback_random is set; with it,
+    # compiled and eager draw the same seed, hence the same mask.
+    with inductor_config.patch(fallback_random=True, compile_threads=1):
+        torch.manual_seed(0)
+        y = compiled(x)
+        y.sum().backward()
     grads = (x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
     x.grad = layer.lora_A.grad = layer.lora_B.grad = None
     torch.manual_seed(0)
@@ -540,6 +545,39 @@ def test_compile_fullgraph_matches_eager():
     assert torch.equal(y, y_eager)
     for got, want in zip(grads, (x.grad, layer.lora_A.grad, layer.lora_B.grad), strict=True):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", _CPU_BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+def test_opcheck_qlora_forward(backend, p):
+    from lora_kernels import quant4bit
+
+    w = quant4bit.read_4bit_weight(params4bit(24, 40))
+    x, b, lora_A, lora_B, s = adapter_inputs(6, 40, 24, 3, torch.float32)
+    seed = torch.tensor(5)
+    args = (
+        x,
+        w.packed,
+        w.absmax,
+        w.code,
+        w.absmax_code,
+        w.absmax2,
+        w.offset,
+        b,
+        lora_A,
+        lora_B,
+        s,
+        seed,
+        w.blocksize,
+        w.blocksize2,
+        24,
+        w.dtype,
+        w.quant_type,
+        p,
+        backend,
+        backend,
+    )
+    torch.library.opcheck(torch.ops.lora_kernels.qlora_forward.default, args)
 
 
 def test_errors_name_the_argument():
