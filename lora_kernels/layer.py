@@ -432,7 +432,9 @@ class LoRALinear(nn.Module):
         Merging a merged layer warns and does nothing. A merge whose result is not
         finite raises ValueError and leaves the weight untouched. While merged, A and
         B get no gradient; call `unmerge()` before training further. Not for DoRA
-        layers yet (NotImplementedError).
+        layers yet (NotImplementedError). A 4-bit layer gets, as with peft, a new
+        `Params4bit` of W + s B A quantized with the old one's settings (it warns: the
+        output changes by that rounding), and `unmerge()` quantizes W - s B A again.
         """
         self._refuse_dora_merge("merge")
         if self._merged:
