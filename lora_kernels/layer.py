@@ -293,42 +293,23 @@ class LoRALinear(nn.Module):
         )
 
     def _forward_4bit(self, x: torch.Tensor) -> torch.Tensor:
-        """As `Linear4bit.forward`: x and the bias cast to the compute dtype, the result
-        cast back to x's dtype."""
-        base = self.original_linear
-        weight = self._plain_4bit_weight()
-        dtype = base.compute_dtype if base.compute_dtype is not None else x.dtype
-        bias = base.bias.to(dtype) if base.bias is not None else None
-        y = lora_linear(
-            x.to(dtype),
-            weight,
-            bias,
+        from .qlora_op import linear4bit_forward
+
+        return linear4bit_forward(
+            self.original_linear,
+            x,
             self.lora_A,
             self.lora_B,
             self.scaling,
-            dropout_p=self.dropout,
-            training=self.training,
-            backend=self.backend,
+            self.dropout,
+            self.training,
+            self.backend,
         )
-        return y.to(x.dtype)
 
     def _plain_4bit_weight(self):
-        """The wrapped Params4bit in bitsandbytes' standard layout. An eval-mode forward
-        of the base layer without grad (merged or disabled) on an AVX512-BF16 CPU
-        repacks it for bitsandbytes' own kernel; that is undone here, as bitsandbytes
-        does before saving a state dict."""
-        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+        from .qlora_op import plain_4bit_weight
 
-        base = self.original_linear
-        fix_4bit_weight_quant_state_from_module(base)
-        weight = base.weight
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                weight.data, weight.quant_state
-            )
-        return weight
+        return plain_4bit_weight(self.original_linear)
 
     @torch.no_grad()
     def _merged_4bit(self, sign: int) -> torch.Tensor:

@@ -443,3 +443,36 @@ def qlora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, 
             dequant,
         )
     return y.reshape(*x.shape[:-1], N)
+
+
+def linear4bit_forward(base, x, lora_A, lora_B, scaling, dropout_p, training, backend):
+    """A LoRA adapter over a bitsandbytes `Linear4bit` `base`, as its forward computes:
+    x and the bias cast to the compute dtype (`base.compute_dtype`, else x's), the
+    result cast back to x's dtype. `LoRALinear` and patched peft 4-bit layers call it."""
+    from . import ops
+
+    weight = plain_4bit_weight(base)
+    dtype = base.compute_dtype if base.compute_dtype is not None else x.dtype
+    bias = base.bias.to(dtype) if base.bias is not None else None
+    y = ops.lora_linear(
+        x.to(dtype), weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend
+    )
+    return y.to(x.dtype)
+
+
+def plain_4bit_weight(base):
+    """The Params4bit of `Linear4bit` `base` in bitsandbytes' standard layout. An
+    eval-mode forward of the base layer without grad on an AVX512-BF16 CPU repacks it
+    for bitsandbytes' own kernel; that is undone here, as bitsandbytes does before
+    saving a state dict."""
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+    fix_4bit_weight_quant_state_from_module(base)
+    weight = base.weight
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+            weight.data, weight.quant_state
+        )
+    return weight
