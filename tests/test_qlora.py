@@ -519,6 +519,42 @@ def test_tiny_llama_4bit_trains_with_apply_lora_and_adapter_round_trips_with_pef
         assert rel_error(from_peft.train()(input_ids=ids).logits, expected) <= 1e-5
 
 
+def test_patch_peft_serves_peft_4bit_layers(llama_4bit_dir):
+    from peft import LoraConfig, get_peft_model
+    from tiny_models import LLAMA_TARGETS, llama_batch, randomize_peft_lora
+
+    from lora_kernels import peft_patch
+
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LLAMA_TARGETS)
+    peft_model = get_peft_model(load_llama_4bit(llama_4bit_dir), config)
+    randomize_peft_lora(peft_model)
+    batch = llama_batch()
+
+    def loss_and_grads():
+        loss = peft_model(**batch).loss
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        return loss.detach(), torch.autograd.grad(loss, params)
+
+    expected, expected_grads = loss_and_grads()
+    report = lora_kernels.patch_peft(peft_model)
+    assert len(report.patched) == 8 and not report.not_patched, str(report)
+    assert all(
+        type(m).__name__ == peft_patch.PATCHED_4BIT_CLASS_NAME
+        for name, m in peft_model.named_modules()
+        if name in report.patched
+    )
+    loss, grads = loss_and_grads()
+    assert report.calls.fused == 8 and not report.calls.by_peft
+    assert rel_error(loss, expected) <= 1e-6
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert rel_error(got, want) <= 1e-5
+    with peft_model.disable_adapter():
+        peft_model(**batch)
+    assert report.calls.by_peft["adapters disabled"] == 8
+    assert len(lora_kernels.unpatch_peft(peft_model)) == 8
+    assert torch.equal(peft_model(**batch).loss.detach(), expected)
+
+
 # ---------------------------------------------------------------------------------------
 # torch.compile, errors
 # ---------------------------------------------------------------------------------------
