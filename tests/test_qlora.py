@@ -348,15 +348,62 @@ def test_workspace_reuse_across_layers_gives_both_layers_gradients():
         assert_close(grad, ref, torch.float32, f"grad of {name}")
 
 
+def test_activation_checkpointing_recomputes_the_same_layers():
+    """Recomputation dequantizes again and redraws the same masks (the RNG state is
+    restored): the gradients equal those of the plain run bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = [_layer_with_adapter(K=40, N=40), _layer_with_adapter(K=40, N=24)]
+    for layer in layers:
+        layer.dropout = 0.1
+    x = torch.randn(7, 40, requires_grad=True)
+
+    def run(use_checkpoint):
+        torch.manual_seed(0)
+        h = x
+        for layer in layers:
+            h = checkpoint(layer, h, use_reentrant=False) if use_checkpoint else layer(h)
+        params = [x] + [p for layer in layers for p in (layer.lora_A, layer.lora_B)]
+        return h, torch.autograd.grad(h.square().sum(), params)
+
+    y, grads = run(False)
+    y_ckpt, grads_ckpt = run(True)
+    assert torch.equal(y, y_ckpt)
+    for got, want in zip(grads_ckpt, grads, strict=True):
+        assert torch.equal(got, want)
+
+
 def test_workspace_is_per_thread():
+    """Two threads running different 4-bit layers of one shape at once (each would
+    overwrite the other's W in a shared buffer) get the single-thread results."""
     import threading
 
-    qlora_op.workspace((4, 4), torch.float32, DEVICE)
-    other = []
-    thread = threading.Thread(target=lambda: other.append(qlora_op.workspace_bytes()))
-    thread.start()
-    thread.join()
-    assert other == [0] and qlora_op.workspace_bytes() >= 64
+    layers = [_layer_with_adapter(K=48, N=32, seed=i) for i in range(2)]
+    x = torch.randn(64, 48)
+    with torch.no_grad():
+        expected = [layer(x) for layer in layers]
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            results[(i, "fresh")] = qlora_op.workspace_bytes()
+            with torch.no_grad():
+                results[i] = [layers[i](x) for _ in range(30)]
+            results[(i, "bytes")] = qlora_op.workspace_bytes()
+        except Exception as error:  # reported below, with the thread's index
+            errors.append((i, error))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for i in range(2):
+        assert all(torch.equal(y, expected[i]) for y in results[i])
+        # Each thread starts without a buffer (the main thread's is its own) and grows one.
+        assert results[(i, "fresh")] == 0
+        assert results[(i, "bytes")] == 48 * 32 * 4
 
 
 # ---------------------------------------------------------------------------------------
@@ -380,9 +427,9 @@ def test_lora_linear_module_keeps_the_4bit_weight_and_no_dense_copy():
         lora_kernels.LoRALinear(linear4bit(40, 24), rank=4, use_dora=True)
 
 
-def _layer_with_adapter(K=40, N=24, R=4, **quant):
-    layer = lora_kernels.LoRALinear(linear4bit(K, N, **quant), rank=R, alpha=8)
-    g = torch.Generator().manual_seed(9)
+def _layer_with_adapter(K=40, N=24, R=4, seed=0, **quant):
+    layer = lora_kernels.LoRALinear(linear4bit(K, N, seed=seed, **quant), rank=R, alpha=8)
+    g = torch.Generator().manual_seed(9 + seed)
     with torch.no_grad():
         layer.lora_A.copy_(torch.randn(R, K, generator=g) * 0.3)
         layer.lora_B.copy_(torch.randn(N, R, generator=g) * 0.3)
