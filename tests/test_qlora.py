@@ -688,3 +688,23 @@ def test_errors_name_the_argument():
         lora_kernels.lora_linear(x, trained, b, lora_A, lora_B, s)
     with pytest.raises(ValueError, match="not quantized yet"):
         lora_kernels.LoRALinear(bnb.nn.Linear4bit(40, 24), rank=3)
+
+
+def test_qlora_benchmark_rows_run(tmp_path):
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo)
+    bench = os.path.join(repo, "benchmarks", "bench_lora_linear.py")
+    args = ["--qlora", "--layers", "tiny", "--M", "16", "--p", "0.1", "--iters", "1"]
+    proc = subprocess.run(
+        [sys.executable, bench, *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| lk-")]
+    assert rows and all("nan" not in row for row in rows), proc.stdout
