@@ -26,6 +26,7 @@ $(STAMP): $(PY) setup.py pyproject.toml requirements-dev.txt $(shell find csrc -
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_lora_linear.py
+	$(PY) benchmarks/bench_lora_linear.py --qlora
 
 bench-full: $(STAMP)
 	$(PY) benchmarks/bench_lora_linear.py --full

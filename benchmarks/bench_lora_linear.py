@@ -34,6 +34,9 @@ PNG plots drawn from that CSV (benchmarks/plot.py), a progress bar on stderr.
     python benchmarks/bench_lora_linear.py --quick [--cpu-time --threads 1 --iters 31]
 
 `--quick` is the short CPU comparison of the `cpu` backend (benchmarks/cpu_quick.py).
+`--qlora` times the 4-bit rows instead (`run_qlora`): a frozen bitsandbytes Linear4bit,
+peft's lora.bnb.Linear4bit and LoRALinear on the same nf4 base, with saved and
+workspace bytes (Markdown only).
 """
 
 from __future__ import annotations
@@ -486,6 +489,11 @@ def parse_args(argv=None):
     ap.add_argument("--no-plot", action="store_true", help="do not draw the PNG plots")
     ap.add_argument("--plot-dir", type=Path, help="where the PNGs go (default: beside the CSV)")
     ap.add_argument(
+        "--qlora",
+        action="store_true",
+        help="the QLoRA rows only: a 4-bit (nf4, double quant) base, --M/--R/--p/--layers",
+    )
+    ap.add_argument(
         "--model-only",
         action="store_true",
         help="print the traffic model's table for the selected shapes; time nothing",
@@ -592,6 +600,57 @@ def select_providers(device, wanted) -> tuple[list[str], dict[str, str]]:
     return providers, skipped
 
 
+def run_qlora(args) -> int:
+    """The QLoRA rows: the frozen Linear4bit, peft's lora.bnb.Linear4bit and LoRALinear
+    on the same 4-bit base, fwd+bwd timed interleaved; saved and workspace bytes.
+    Float32 compute, nf4 with double quantization; a Markdown table on stdout."""
+    from providers import QLORA_FLOOR, QLORA_PEFT, make_qlora_set, qlora_saved_bytes
+
+    from lora_kernels import qlora_op
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backends, skipped = usable_backends(device)
+    layer = (args.layers or ["1k"])[0]
+    K, N = LAYERS[layer]
+    env = harness.describe(device)
+    print(f"# QLoRA (4-bit base) benchmark on {env['device']}\n")
+    print(harness.describe_line(env, ("torch", "triton", "peft")))
+    for name, why in skipped.items():
+        print(f"Skipped lora_kernels backend {name!r}: {why}")
+    print(
+        "fwd+bwd, x requires grad, nf4 double-quant base, float32 compute and adapters; "
+        "interleaved, median (p20-p80) ms. saved: activation bytes kept for backward "
+        "(the packed weight and quant state excluded); workspace: the dequantize buffer.\n"
+    )
+    for M in args.M or [4096]:
+        for R in args.R or [16]:
+            for p in args.p if args.p is not None else [0.1, 0.0]:
+                s = make_qlora_set(M, K, N, R, p, device, backends)
+                names = list(s.fns)
+                saved = {name: qlora_saved_bytes(s, name) for name in names}
+                qlora_op.release_workspaces()
+                s.fns[names[-1]](s.x)
+                workspace = qlora_op.workspace_bytes()
+                tasks = [Task(name, "fwd+bwd", [s]) for name in names]
+                stats, _ = time_tasks(tasks, 1, device, args)
+                floor, peft = stats[(QLORA_FLOOR, "fwd+bwd")][0], stats[(QLORA_PEFT, "fwd+bwd")][0]
+                print(f"### {layer} (K={K}, N={N}), M={M}, R={R}, p={p:g}\n")
+                print(
+                    "| provider | fwd+bwd ms | vs Linear4bit | vs peft | saved MiB | workspace MiB"
+                    " |"
+                )
+                print("|---|---|---|---|---|---|")
+                for name in names:
+                    median, p20, p80 = stats[(name, "fwd+bwd")]
+                    ws = workspace / 2**20 if name.startswith("lk-") else 0.0
+                    print(
+                        f"| {name} | {median:.2f} ({p20:.2f}-{p80:.2f}) | {median / floor:.3f} "
+                        f"| {median / peft:.3f} | {saved[name] / 2**20:.2f} | {ws:.2f} |"
+                    )
+                print()
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.model_only:
@@ -601,6 +660,8 @@ def main(argv=None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.qlora:
+        return run_qlora(args)
     if args.quick:
         import cpu_quick
 

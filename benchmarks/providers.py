@@ -225,3 +225,65 @@ def check_output(s: InputSet, provider: str, cfg) -> str:
             )
     err = float((y - ref).norm() / ref.norm())
     return f"ok {err:.1e}" if err <= CHECK_TOL[cfg.dtype] else f"FAIL {err:.1e}"
+
+
+# ---------------------------------------------------------------------------------------
+# QLoRA: a bitsandbytes 4-bit base (bench_lora_linear.py --qlora)
+# ---------------------------------------------------------------------------------------
+
+# The frozen Linear4bit alone is the floor; peft's lora.bnb.Linear4bit the baseline.
+QLORA_FLOOR, QLORA_PEFT = "linear4bit", "peft-bnb"
+
+
+def make_qlora_set(M, K, N, R, p, device, backends, seed=0) -> InputSet:
+    """x, dY, a frozen nf4 Linear4bit (double quant, float32 compute) of a random [N, K]
+    weight, shared A and B, and the providers on them: the Linear4bit alone, peft's
+    4-bit LoRA layer and LoRALinear on each of `backends`."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    base = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=torch.float32, device="meta")
+    base.weight = bnb.nn.Params4bit(
+        rand(N, K, scale=K**-0.5), requires_grad=False, compress_statistics=True, quant_type="nf4"
+    ).to(device)
+    base.train()
+    x = rand(M, K).requires_grad_()
+    lora_A = nn.Parameter(rand(R, K, scale=K**-0.5))
+    lora_B = nn.Parameter(rand(N, R, scale=R**-0.5))
+    s = InputSet(x, rand(M, N), base.weight, None, lora_A, lora_B)
+    config = LoraConfig(r=R, lora_alpha=LORA_ALPHA, lora_dropout=p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_layer = PeftLinear4bit(base, "default", config, r=R, lora_alpha=LORA_ALPHA)
+    peft_layer.lora_A["default"].weight = lora_A
+    peft_layer.lora_B["default"].weight = lora_B
+    peft_layer.train()
+    s.fns = {QLORA_FLOOR: base, QLORA_PEFT: peft_layer}
+    for backend in backends:
+        layer = lora_kernels.LoRALinear(base, R, LORA_ALPHA, p, backend=backend)
+        layer.lora_A, layer.lora_B = lora_A, lora_B
+        s.fns[f"lk-{backend}"] = layer.train()
+    return s
+
+
+def qlora_frozen_tensors(s: InputSet) -> list[torch.Tensor]:
+    """The packed weight and its quant state: parameters and buffers, not activations."""
+    qs = s.weight.quant_state
+    state = [qs.absmax, qs.offset, qs.state2.absmax, qs.state2.code, qs.code]
+    return [*s.params(), *(t for t in state if isinstance(t, torch.Tensor))]
+
+
+def qlora_saved_bytes(s: InputSet, provider: str) -> int:
+    from lora_kernels import quant4bit
+
+    code = quant4bit.code_table("nf4", s.x.device)  # the cached table the op saves
+    _, saved = saved_activations(
+        lambda: s.fns[provider](s.x), exclude=[*qlora_frozen_tensors(s), code]
+    )
+    return saved.bytes

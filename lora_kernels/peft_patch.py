@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import numbers
+import sys
 import threading
 
 import torch
@@ -28,6 +29,7 @@ from .ops import autocast_operands, dora_linear, lora_linear
 from .validation import check_backend, check_module
 
 PATCHED_CLASS_NAME = "PatchedLoraLinear"
+PATCHED_4BIT_CLASS_NAME = "PatchedLoraLinear4bit"
 # Instance attributes patch_peft adds, all removed by unpatch_peft.
 _BACKEND_ATTR = "_lora_kernels_backend"
 _CALLS_ATTR = "_lora_kernels_calls"
@@ -475,17 +477,166 @@ def _patched_class() -> type:
     return patched
 
 
+# ---------------------------------------------------------------------------------------
+# peft's 4-bit layer (lora.bnb.Linear4bit over a bitsandbytes Linear4bit)
+# ---------------------------------------------------------------------------------------
+
+
+def _peft_linear4bit():
+    """peft's lora.bnb.Linear4bit, or None (bitsandbytes never imported: no 4-bit layer
+    can exist, and bitsandbytes stays unimported)."""
+    if "bitsandbytes" not in sys.modules:
+        return None
+    try:
+        from peft.tuners.lora import bnb as peft_bnb
+    except ImportError:
+        return None
+    return getattr(peft_bnb, "Linear4bit", None)
+
+
+def _module_problem_4bit(module, peft_4bit) -> str | None:
+    """Why a peft lora.bnb.Linear4bit cannot run the fused op at all, or None."""
+    from .quant4bit import is_4bit_weight
+
+    base = module.base_layer
+    if not is_4bit_weight(getattr(base, "weight", None)):
+        return f"its base layer is a {type(base).__name__} without a bitsandbytes 4-bit weight"
+    quant_state = getattr(base.weight, "quant_state", None) or getattr(base, "quant_state", None)
+    if quant_state is None:
+        return "its 4-bit weight has no quant_state"
+    if len(quant_state.shape) != 2:
+        return "its 4-bit weight's quant_state.shape is not 2-D"
+    return _foreign_forward_problem(module, peft_4bit)
+
+
+def _fused_call_4bit(module, x, args, kwargs) -> dict | str:
+    """linear4bit_forward's arguments for this call of a patched 4-bit module, or why
+    peft's forward serves it (the same rules as `_fused_call`, but for the weight)."""
+    if args or any(k != "adapter_names" or v is not None for k, v in kwargs.items()):
+        return "extra forward arguments (adapter_names, ...)"
+    if module.disable_adapters:
+        return "adapters disabled"
+    if module.merged:
+        return "adapters merged"
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    if len(active) != 1:
+        return "several active adapters" if active else "no active adapter on the module"
+    adapter = active[0]
+    problem = _adapter_problem(module, adapter)
+    if problem is not None:
+        return problem
+    base = module.base_layer
+    lora_A, lora_B = module.lora_A[adapter], module.lora_B[adapter]
+    dropout = module.lora_dropout[adapter]
+    A, B = lora_A.weight, lora_B.weight
+    if not isinstance(x, torch.Tensor):
+        return f"input is a {type(x).__name__}, not a tensor"
+    if not all(_is_plain(t) for t in (x, base.bias, A, B)):
+        return "a tensor subclass (DTensor, ...) among x, the bias and the adapters"
+    if torch.is_autocast_enabled(x.device.type):
+        return "torch.autocast (peft's 4-bit layer skips its casts under autocast)"
+    compute = base.compute_dtype if base.compute_dtype is not None else x.dtype
+    if not (A.dtype == B.dtype and A.dtype in (compute, torch.float32)):
+        return (
+            f"dtypes the op does not take (compute {compute}, lora_A {A.dtype}, lora_B {B.dtype})"
+        )
+    if compute == torch.float64 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"x of {x.dtype} or compute dtype {compute} (the 4-bit op takes 16/32-bit floats)"
+    if any(_has_hooks(m) for m in (base, lora_A, lora_B, dropout)):
+        return "hooks on base_layer, lora_A, lora_B or lora_dropout"
+    if _has_global_hooks():
+        return "global module hooks (torch.nn.modules.module.register_module_*_hook)"
+    if isinstance(dropout, nn.Dropout):
+        p, training = dropout.p, dropout.training
+        if not 0.0 <= p < 1.0:
+            return f"lora_dropout p={p}, outside [0, 1)"
+    else:
+        p, training = 0.0, False
+    scaling = module.scaling[adapter]
+    if isinstance(scaling, bool) or not isinstance(scaling, (numbers.Real, torch.Tensor)):
+        return f"scaling is a {type(scaling).__name__}"
+    return {
+        "base": base,
+        "x": x,
+        "lora_A": A,
+        "lora_B": B,
+        "scaling": scaling,
+        "dropout_p": p,
+        "training": training,
+        "backend": module.__dict__.get(_BACKEND_ATTR),
+    }
+
+
+def _fused_forward_4bit(self, x, *args, **kwargs):
+    """PatchedLoraLinear4bit.forward: peft's lora.bnb.Linear4bit.forward, with the
+    one-active-adapter case run by `qlora_op.linear4bit_forward` (what LoRALinear runs
+    for a Linear4bit base); anything else goes to peft's forward, as `_fused_forward`."""
+    from .qlora_op import linear4bit_forward
+
+    peft_class = getattr(type(self), "_lora_kernels_peft_class", None)
+    if peft_class is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    call = _fused_call_4bit(self, x, args, kwargs)
+    if isinstance(call, str):
+        _count(self, call)
+        return peft_class.forward(self, x, *args, **kwargs)
+    _count(self, None)
+    return linear4bit_forward(**call)
+
+
+def _patched_4bit_class(peft_4bit) -> type:
+    """`PatchedLoraLinear4bit`, peft's lora.bnb.Linear4bit with the fused forward;
+    created once and kept as this module's attribute, for pickle."""
+    patched = globals().get(PATCHED_4BIT_CLASS_NAME)
+    if patched is not None:
+        return patched
+    with _patched_class_lock:
+        patched = globals().get(PATCHED_4BIT_CLASS_NAME)
+        if patched is None:
+            namespace = {
+                "__module__": __name__,
+                "__qualname__": PATCHED_4BIT_CLASS_NAME,
+                "__doc__": "peft's lora.bnb.Linear4bit, run by lora_kernels' fused op.",
+                "forward": _fused_forward_4bit,
+                "_lora_kernels_peft_class": peft_4bit,
+            }
+            patched = type(peft_4bit)(PATCHED_4BIT_CLASS_NAME, (peft_4bit,), namespace)
+            globals()[PATCHED_4BIT_CLASS_NAME] = patched
+    return patched
+
+
+def _patch_plan_4bit(module, peft_4bit) -> tuple[type, str | None] | None:
+    """(patched class, problem) for a peft 4-bit layer or one patched before; None for
+    any other module."""
+    if peft_4bit is None:
+        return None
+    patched = _patched_4bit_class(peft_4bit)
+    if type(module) is patched:
+        return patched, _foreign_forward_problem(module, peft_4bit)
+    if type(module) is not peft_4bit:
+        return None
+    problem = _class_forward_problem(peft_4bit) or _module_problem_4bit(module, peft_4bit)
+    return patched, problem
+
+
 def __getattr__(name: str):
     # PatchedLoraLinear is made on first use: it subclasses peft's class, and peft is
     # optional. Unpickling a patched model looks it up here.
     if name == PATCHED_CLASS_NAME:
         return _patched_class()
+    if name == PATCHED_4BIT_CLASS_NAME:
+        import bitsandbytes  # noqa: F401 (a pickled 4-bit layer needs it anyway)
+
+        return _patched_4bit_class(_peft_linear4bit())
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _is_patched(module: nn.Module) -> bool:
-    """Whether `patch_peft` made `module` a PatchedLoraLinear."""
-    return type(module) is globals().get(PATCHED_CLASS_NAME)
+    """Whether `patch_peft` made `module` a PatchedLoraLinear (or its 4-bit twin)."""
+    return type(module) in (
+        globals().get(PATCHED_CLASS_NAME),
+        globals().get(PATCHED_4BIT_CLASS_NAME),
+    )
 
 
 def patch_peft(peft_model: nn.Module, backend: str | None = None) -> PatchReport:
@@ -534,6 +685,12 @@ def patch_peft(peft_model: nn.Module, backend: str | None = None) -> PatchReport
     Calling it again on a patched model re-patches the same modules with the new
     backend and a new report.
 
+    peft's 4-bit layers (`lora.bnb.Linear4bit` over a bitsandbytes `Linear4bit`)
+    become `PatchedLoraLinear4bit` under the same rules, and run what `LoRALinear` runs
+    for a 4-bit base (`qlora_op.linear4bit_forward`: the base's compute dtype, W
+    dequantized into the shared workspace, never saved); under torch.autocast they go
+    to peft's forward.
+
     Args:
         peft_model: a `peft.PeftModel`, a `LoraModel`, or any module holding peft LoRA
             layers.
@@ -563,9 +720,15 @@ def patch_peft(peft_model: nn.Module, backend: str | None = None) -> PatchReport
             "peft.get_peft_model or PeftModel.from_pretrained)"
         )
     class_problem = _class_forward_problem(peft_linear)
+    peft_4bit = _peft_linear4bit()
     for name, module in lora_modules:
+        target_class = patched_class
         already_patched = type(module) is patched_class
-        if already_patched:
+        plan_4bit = _patch_plan_4bit(module, peft_4bit)
+        if plan_4bit is not None:
+            target_class, problem = plan_4bit
+            already_patched = type(module) is target_class
+        elif already_patched:
             # A forward set on the instance since the first patch_peft runs instead.
             problem = _foreign_forward_problem(module, peft_linear)
         elif type(module) is peft_linear and class_problem is not None:
@@ -594,7 +757,7 @@ def patch_peft(peft_model: nn.Module, backend: str | None = None) -> PatchReport
             forward = module.__dict__.pop("forward", None)
             if forward is not None:  # the module's own bound peft forward
                 module.__dict__[_STASHED_FORWARD_ATTR] = forward
-            module.__class__ = patched_class
+            module.__class__ = target_class
         module.__dict__[_BACKEND_ATTR] = backend
         module.__dict__[_CALLS_ATTR] = report.calls
         if caches:
