@@ -14,6 +14,7 @@ bytes as numbers. On the CPU FSDP2's copies move bits, so the CUDA-only corrupti
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import socket
 import time
@@ -56,7 +57,8 @@ class MiniLoRA(nn.Module):
 
 
 def linear4bit(K: int, N: int, bias: bool) -> nn.Module:
-    return bnb.nn.Linear4bit(
+    """A Linear4bit quantized on the CPU (bitsandbytes quantizes it as it moves)."""
+    layer = bnb.nn.Linear4bit(
         K,
         N,
         bias=bias,
@@ -65,23 +67,35 @@ def linear4bit(K: int, N: int, bias: bool) -> nn.Module:
         quant_type="nf4",
         quant_storage=STORAGE,
     )
+    return layer.to("cpu")
+
+
+def lora_around(base: nn.Module, kind: str) -> nn.Module:
+    """The LoRA layer of `kind` around a quantized Linear4bit, B random (so that A gets
+    a gradient): "mini", the test's own."""
+    return MiniLoRA(base)
+
+
+# The attribute of each kind's LoRA layer that holds the 4-bit base.
+BASE_ATTRIBUTE = {"mini": "base"}
+LORA_KINDS = tuple(BASE_ATTRIBUTE)
 
 
 class Block(nn.Module):
-    def __init__(self):
+    def __init__(self, kind: str):
         super().__init__()
         self.norm = nn.LayerNorm(WIDTH)
-        self.up = MiniLoRA(linear4bit(WIDTH, HIDDEN, bias=True))
-        self.down = MiniLoRA(linear4bit(HIDDEN, WIDTH, bias=False))
+        self.up = lora_around(linear4bit(WIDTH, HIDDEN, bias=True), kind)
+        self.down = lora_around(linear4bit(HIDDEN, WIDTH, bias=False), kind)
 
     def forward(self, h):
         return h + self.down(torch.relu(self.up(self.norm(h))))
 
 
 class Net(nn.Module):
-    def __init__(self):
+    def __init__(self, kind: str):
         super().__init__()
-        self.blocks = nn.ModuleList([Block(), Block()])
+        self.blocks = nn.ModuleList([Block(kind), Block(kind)])
         self.head = nn.Linear(WIDTH, 4)
 
     def forward(self, h):
@@ -90,11 +104,10 @@ class Net(nn.Module):
         return self.head(h)
 
 
-def build_model() -> nn.Module:
-    """The same model in every process: seeded, quantized on the CPU by bitsandbytes,
-    only the adapters trainable."""
+def build_model(kind: str) -> nn.Module:
+    """The same model in every process: seeded, 4-bit bases, only the adapters trainable."""
     torch.manual_seed(0)
-    model = Net().to("cpu")  # the move quantizes the Linear4bit weights
+    model = Net(kind)
     for name, p in model.named_parameters():
         p.requires_grad_(name.endswith(("lora_A", "lora_B")))
     return model
@@ -129,17 +142,20 @@ def packed_bytes(weight, numel: int) -> torch.Tensor:
 def quant_state_tensors(qs) -> dict[str, torch.Tensor]:
     tensors = {"absmax": qs.absmax, "code": qs.code, "offset": qs.offset}
     tensors |= {"absmax2": qs.state2.absmax, "code2": qs.state2.code}
-    return {k: v.detach().clone() for k, v in tensors.items()}
+    return {k: v.detach().reshape(-1).clone() for k, v in tensors.items()}
 
 
-def record_what_layers_see(model) -> dict[str, dict]:
-    """After each 4-bit layer's forward: the packed bytes and quant state it ran with,
-    and the bits of the dense weight they dequantize to (overwritten at each call)."""
+def record_what_layers_see(model, kind: str) -> dict[str, dict]:
+    """After each LoRA layer's forward: the packed bytes and quant state its 4-bit base
+    ran with, and the bits of the dense weight they dequantize to (overwritten at each
+    call). Read from the LoRA layer, as a LoRA layer may read its base's weight without
+    calling the base."""
     seen: dict[str, dict] = {}
+    attribute = BASE_ATTRIBUTE[kind]
 
     def hook(name):
         def record(module, args, output):
-            weight = module.weight  # bitsandbytes re-attached the quant state
+            weight = getattr(module, attribute).weight  # the quant state re-attached
             qs = weight.quant_state
             numel = qs.shape.numel()
             seen[name] = {
@@ -150,8 +166,9 @@ def record_what_layers_see(model) -> dict[str, dict]:
 
         return record
 
-    for name, layer in layers_4bit(model).items():
-        layer.register_forward_hook(hook(name))
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, attribute, None), bnb.nn.Linear4bit):
+            module.register_forward_hook(hook(f"{name.removeprefix('module.')}.{attribute}"))
     return seen
 
 
@@ -187,14 +204,14 @@ def shard(model: nn.Module, engine: str) -> nn.Module:
     return model
 
 
-def train_step(model, x, y) -> dict:
-    seen = record_what_layers_see(model)
+def train_step(model, kind: str, x, y) -> dict:
+    seen = record_what_layers_see(model, kind)
     loss = loss_fn(model(x), y)
     loss.backward()
     return {"loss": loss.detach(), "seen": seen, "grads": lora_grads(model)}
 
 
-def _worker(rank: int, port: int, out_dir: str, engines: tuple[str, ...]) -> None:
+def _worker(rank: int, port: int, out_dir: str, runs: tuple[tuple[str, str], ...]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -207,10 +224,9 @@ def _worker(rank: int, port: int, out_dir: str, engines: tuple[str, ...]) -> Non
         x, y = full_batch()
         rows = slice(rank * ROWS, (rank + 1) * ROWS)
         results = {}
-        for engine in engines:
-            model = build_model()
-            wrapped = shard(model, engine)
-            result = train_step(wrapped, x[rows], y[rows])
+        for kind, engine in runs:
+            wrapped = shard(build_model(kind), engine)
+            result = train_step(wrapped, kind, x[rows], y[rows])
             # The loss of the whole batch: the mean of the ranks' (equal-sized) halves.
             loss = result["loss"].clone()
             dist.all_reduce(loss)
@@ -225,7 +241,7 @@ def _worker(rank: int, port: int, out_dir: str, engines: tuple[str, ...]) -> Non
                     prepare_4bit_for_fsdp(wrapped)
                 except ValueError as error:
                     result["prepare_after_shard"] = str(error)
-            results[engine] = result
+            results[kind, engine] = result
         torch.save(results, f"{out_dir}/rank{rank}.pt")
         dist.barrier()
     except BaseException:
@@ -242,23 +258,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(engines: tuple[str, ...], out_dir) -> list[dict]:
+def run_two_processes(runs: tuple[tuple[str, str], ...], out_dir) -> list[dict]:
+    """Each (LoRA kind, engine) of `runs` in turn on two processes: each rank's results."""
     context = mp.spawn(
-        _worker, args=(_free_port(), str(out_dir), engines), nprocs=WORLD_SIZE, join=False
+        _worker, args=(_free_port(), str(out_dir), runs), nprocs=WORLD_SIZE, join=False
     )
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=0.5):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
-            pytest.fail(f"the {engines} workers did not finish within {TIMEOUT_S} s")
+            pytest.fail(f"the workers of {runs} did not finish within {TIMEOUT_S} s")
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
 
 
-@pytest.fixture(scope="module")
-def reference() -> dict:
-    """One process on the concatenated batch, with what each layer was built with."""
-    model = build_model()
+@functools.cache
+def reference(kind: str) -> dict:
+    """One process on the concatenated batch, with what each 4-bit layer was built with."""
+    model = build_model(kind)
     built = {
         name: {
             "packed": packed_bytes(layer.weight, layer.quant_state.shape.numel()),
@@ -267,55 +284,58 @@ def reference() -> dict:
         for name, layer in layers_4bit(model).items()
     }
     x, y = full_batch()
-    return {"built": built, **train_step(model, x, y)}
+    return {"built": built, **train_step(model, kind, x, y)}
 
 
-def check_against_reference(results: list[dict], engine: str, reference: dict) -> None:
-    built = reference["built"]
+def check_against_reference(results: list[dict], kind: str, engine: str) -> None:
+    expected = reference(kind)
+    built = expected["built"]
     assert len(built) == 4
     # The packed weights hold the NaN bit patterns a float copy could canonicalize.
     nans = sum(int(torch.isnan(b["packed"].view(STORAGE)).sum()) for b in built.values())
     assert nans > 0
-    for rank, result in enumerate(r[engine] for r in results):
-        where = f"{engine} rank {rank}"
+    for rank, result in enumerate(r[kind, engine] for r in results):
+        where = f"{kind} LoRA, {engine}, rank {rank}"
         assert sorted(result["seen"]) == sorted(built), where
-        for name, expected in built.items():
+        for name, layer in built.items():
             seen = result["seen"][name]
-            assert torch.equal(seen["packed"], expected["packed"]), f"{where} {name}: packed"
-            assert torch.equal(result["stored"][name], expected["packed"]), f"{where} {name}"
-            for key, tensor in expected["quant_state"].items():
+            assert torch.equal(seen["packed"], layer["packed"]), f"{where} {name}: packed"
+            assert torch.equal(result["stored"][name], layer["packed"]), f"{where} {name}"
+            for key, tensor in layer["quant_state"].items():
                 got = seen["quant_state"][key]
                 assert got.dtype == tensor.dtype, (where, name, key)
-                assert torch.equal(
-                    got.reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)
-                ), f"{where} {name}: quant_state {key}"
-            dense = reference["seen"][name]["dense_bits"]
+                same_bits = torch.equal(got.view(torch.uint8), tensor.view(torch.uint8))
+                assert same_bits, f"{where} {name}: quant_state {key}"
+            dense = expected["seen"][name]["dense_bits"]
             assert torch.equal(seen["dense_bits"], dense), f"{where} {name}: dequantized"
         if engine != "ddp":
             assert "call it before fully_shard" in result.get("prepare_after_shard", ""), where
-        err = rel_error(result["mean_loss"], reference["loss"])
+        err = rel_error(result["mean_loss"], expected["loss"])
         assert err <= FP32_TOL, f"{where}: loss rel err {err:.2e}"
-        assert sorted(result["grads"]) == sorted(reference["grads"]), where
+        assert sorted(result["grads"]) == sorted(expected["grads"]), where
         assert len(result["grads"]) == 8
         for name, grad in result["grads"].items():
             assert grad.dtype == torch.float32, (where, name)
-            err = rel_error(grad, reference["grads"][name])
+            err = rel_error(grad, expected["grads"][name])
             assert err <= FP32_TOL, f"{where} {name}: grad rel err {err:.2e}"
 
 
-def test_ddp_with_4bit_bases_matches_one_process(tmp_path, reference):
-    results = run_two_processes(("ddp",), tmp_path)
-    check_against_reference(results, "ddp", reference)
+def test_ddp_with_4bit_bases_matches_one_process(tmp_path):
+    runs = tuple((kind, "ddp") for kind in LORA_KINDS)
+    results = run_two_processes(runs, tmp_path)
+    for kind, engine in runs:
+        check_against_reference(results, kind, engine)
 
 
-def test_fsdp2_with_4bit_bases_matches_one_process(tmp_path, reference):
+def test_fsdp2_with_4bit_bases_matches_one_process(tmp_path):
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
     except ImportError as error:
         pytest.skip(f"this torch has no FSDP2 (torch.distributed.fsdp.fully_shard): {error}")
-    results = run_two_processes(("fsdp2", "fsdp2-mp"), tmp_path)
-    for engine in ("fsdp2", "fsdp2-mp"):
-        check_against_reference(results, engine, reference)
+    runs = tuple((kind, engine) for kind in LORA_KINDS for engine in ("fsdp2", "fsdp2-mp"))
+    results = run_two_processes(runs, tmp_path)
+    for kind, engine in runs:
+        check_against_reference(results, kind, engine)
 
 
 # ---------------------------------------------------------------------------------------
