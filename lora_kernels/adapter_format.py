@@ -36,6 +36,7 @@ from .model import (
     replace_module,
     saved_copies,
 )
+from .quant4bit import is_4bit_weight
 from .validation import check_alpha, check_dropout_p, check_module, check_rank
 
 CONFIG_NAME = "adapter_config.json"
@@ -723,7 +724,9 @@ def _check_target(name: str, modules: dict[str, nn.Module], copied: set[str]) ->
             f"load_adapter: {name!r} is an nn.Embedding; LoRA on embeddings is not "
             "supported (only nn.Linear layers)"
         )
-    if not isinstance(module, nn.Linear) or type(module).forward is not nn.Linear.forward:
+    # A bitsandbytes Linear4bit has a forward of its own, which LoRALinear replaces.
+    plain = type(module).forward is nn.Linear.forward or is_4bit_weight(module.weight)
+    if not isinstance(module, nn.Linear) or not plain:
         raise TypeError(
             f"load_adapter: {name!r} is a {type(module).__name__}; only torch.nn.Linear "
             "layers can take a LoRA adapter"

@@ -14,6 +14,14 @@ Adapter dtype: float32 when the wrapped layer is float16 or bfloat16 (as peft do
 default, `autocast_adapter_dtype=True`: half-precision adapters lose small updates),
 otherwise the layer's dtype. `layer.to(torch.bfloat16)` casts the adapter too, for
 those who want half-precision adapters. The adapter lives on the wrapped layer's device.
+
+A bitsandbytes `Linear4bit` (QLoRA: nf4 or fp4, any blocksize, double quantization on
+or off, any quant_storage) is wrapped as it is stored, no dense copy kept: forward
+runs `lora_linear` on its `Params4bit` weight in the layer's compute dtype
+(`compute_dtype`, else x's dtype, as `Linear4bit.forward`), adapters in float32 (peft's
+default). Merging follows peft's `lora.bnb.Linear4bit`: dequantize, add s B A,
+quantize again with the same settings (lossy: one more 4-bit rounding of W);
+`merge_weights()` gives a dense `nn.Linear` instead.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import dora
+from . import dora, quant4bit
 from .contract import accumulation_dtype
 from .ops import dora_linear, lora_linear
 from .validation import (
@@ -49,7 +57,8 @@ class LoRALinear(nn.Module):
 
     Args:
         original_linear_layer: the `nn.Linear` (weight [N, K], bias [N] or None) to
-            wrap; it is kept as `original_linear` with requires_grad=False.
+            wrap, or a bitsandbytes `Linear4bit`; it is kept as `original_linear` with
+            requires_grad=False.
         rank: R >= 1.
         alpha: finite > 0; scaling = alpha / R (alpha / sqrt(R) with `use_rslora`).
         dropout: probability p in [0, 1) of dropping an element of the LoRA branch's
@@ -103,6 +112,19 @@ class LoRALinear(nn.Module):
                 f"are not written yet): pass backend=None or 'torch', got {backend!r}"
             )
 
+        self.quantized = quant4bit.is_4bit_weight(original_linear_layer.weight)
+        if self.quantized and (self.use_dora or self.init == "svd"):
+            what = "use_dora=True" if self.use_dora else "init='svd'"
+            raise NotImplementedError(
+                f"LoRALinear: {what} on a 4-bit Linear4bit base is not supported (it needs "
+                "the dense weight); use init='kaiming' or 'gaussian' without DoRA"
+            )
+        if self.quantized and getattr(original_linear_layer.weight, "quant_state", None) is None:
+            raise ValueError(
+                "original_linear_layer is a Linear4bit whose weight is not quantized yet "
+                "(weight.quant_state is None): move it to its device first (.to('cpu') or "
+                ".cuda() quantizes it)"
+            )
         self.in_features = original_linear_layer.in_features
         self.out_features = original_linear_layer.out_features
         if init == "svd" and self.rank > min(self.in_features, self.out_features):
@@ -116,7 +138,9 @@ class LoRALinear(nn.Module):
             p.requires_grad_(False)
         weight = self.original_linear.weight
 
-        factory = {"device": weight.device, "dtype": adapter_dtype_for(weight.dtype)}
+        # A 4-bit layer's adapter is float32, as peft makes it.
+        adapter_dtype = torch.float32 if self.quantized else adapter_dtype_for(weight.dtype)
+        factory = {"device": weight.device, "dtype": adapter_dtype}
         self.lora_A = nn.Parameter(torch.zeros(self.rank, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.rank, **factory))
         s = self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
@@ -240,6 +264,8 @@ class LoRALinear(nn.Module):
         """x [*, K] -> [*, N] in x's dtype; the base layer alone when disabled or merged."""
         if not self._enabled or self._merged:
             return self.original_linear(x)
+        if self.quantized:
+            return self._forward_4bit(x)
         if self.use_dora:
             return dora_linear(
                 x,
@@ -265,6 +291,74 @@ class LoRALinear(nn.Module):
             training=self.training,
             backend=self.backend,
         )
+
+    def _forward_4bit(self, x: torch.Tensor) -> torch.Tensor:
+        """As `Linear4bit.forward`: x and the bias cast to the compute dtype, the result
+        cast back to x's dtype."""
+        base = self.original_linear
+        weight = self._plain_4bit_weight()
+        dtype = base.compute_dtype if base.compute_dtype is not None else x.dtype
+        bias = base.bias.to(dtype) if base.bias is not None else None
+        y = lora_linear(
+            x.to(dtype),
+            weight,
+            bias,
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            dropout_p=self.dropout,
+            training=self.training,
+            backend=self.backend,
+        )
+        return y.to(x.dtype)
+
+    def _plain_4bit_weight(self):
+        """The wrapped Params4bit in bitsandbytes' standard layout. An eval-mode forward
+        of the base layer without grad (merged or disabled) on an AVX512-BF16 CPU
+        repacks it for bitsandbytes' own kernel; that is undone here, as bitsandbytes
+        does before saving a state dict."""
+        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+        base = self.original_linear
+        fix_4bit_weight_quant_state_from_module(base)
+        weight = base.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                weight.data, weight.quant_state
+            )
+        return weight
+
+    @torch.no_grad()
+    def _merged_4bit(self, sign: int) -> torch.Tensor:
+        """Dequantized W + sign * s B A, as peft's 4-bit merge forms it (in the promoted
+        dtype of W and the adapter); refuses a non-finite result."""
+        dense = quant4bit.dequantize_4bit(self._plain_4bit_weight())
+        acc = torch.promote_types(dense.dtype, self.lora_A.dtype)
+        merged = dense.to(acc) + sign * self._delta(acc)
+        if not torch.isfinite(merged).all():
+            bad = int((~torch.isfinite(merged)).sum())
+            raise ValueError(
+                f"merging the LoRA update into the 4-bit weight of shape [{self.out_features}, "
+                f"{self.in_features}] gives {bad} non-finite value(s) (a NaN/inf adapter); "
+                "the weight was left unchanged"
+            )
+        return merged
+
+    @torch.no_grad()
+    def _requantize(self, dense: torch.Tensor) -> None:
+        """Replace the 4-bit weight by `dense` quantized with its settings (peft's way:
+        a new Params4bit from the old one's attributes, quantized on its device)."""
+        import bitsandbytes as bnb
+
+        weight = self.original_linear.weight
+        kwargs = {k: v for k, v in weight.__dict__.items() if not k.startswith("_")}
+        kwargs.pop("data", None)
+        kwargs["bnb_quantized"] = False
+        kwargs["requires_grad"] = False
+        new = bnb.nn.Params4bit(dense.to("cpu"), **kwargs).to(weight.device)
+        self.original_linear.weight = new
 
     @torch.no_grad()
     def _delta(self, dtype: torch.dtype) -> torch.Tensor:
@@ -301,21 +395,31 @@ class LoRALinear(nn.Module):
         """A new `nn.Linear` with weight W + s B A [N, K] and a copy of the bias.
 
         Its output matches this layer's eval-mode output. The layer itself is not
-        changed. The new parameters have the wrapped layer's requires_grad (frozen).
-        Not for DoRA layers yet (NotImplementedError).
+        changed. The new parameters are frozen. For a 4-bit layer: the dequantized W
+        plus s B A in `quant_state.dtype`. Not for DoRA layers yet (NotImplementedError).
         """
         self._refuse_dora_merge("merge_weights")
         weight = self.original_linear.weight
         bias = self.original_linear.bias
+        if self.quantized:
+            # The dense layer of a 4-bit one: W in quant_state.dtype, the original dtype.
+            dtype = weight.quant_state.dtype
+            if self._merged:
+                merged_weight = quant4bit.dequantize_4bit(self._plain_4bit_weight())
+            else:
+                merged_weight = self._merged_4bit(+1)
+        else:
+            dtype = weight.dtype
+            merged_weight = weight if self._merged else self._merged_weight()
         merged = nn.Linear(
             self.in_features,
             self.out_features,
             bias=bias is not None,
             device=weight.device,
-            dtype=weight.dtype,
+            dtype=dtype,
         )
-        merged.weight.copy_(weight if self._merged else self._merged_weight())
-        merged.weight.requires_grad_(weight.requires_grad)
+        merged.weight.copy_(merged_weight)
+        merged.weight.requires_grad_(False)
         if bias is not None:
             merged.bias.copy_(bias)
             merged.bias.requires_grad_(bias.requires_grad)
@@ -339,7 +443,15 @@ class LoRALinear(nn.Module):
                 "LoRALinear.merge(): the adapter is disabled (enabled=False); enable it "
                 "before merging"
             )
-        self.original_linear.weight.copy_(self._merged_weight())
+        if self.quantized:
+            warnings.warn(
+                "LoRALinear.merge(): merging into a 4-bit weight quantizes W + s B A again "
+                "(as peft does); outputs change by that rounding",
+                stacklevel=2,
+            )
+            self._requantize(self._merged_4bit(+1))
+        else:
+            self.original_linear.weight.copy_(self._merged_weight())
         self._merged = True
 
     @torch.no_grad()
@@ -351,6 +463,11 @@ class LoRALinear(nn.Module):
         """
         if not self._merged:
             warnings.warn("LoRALinear.unmerge(): not merged, nothing done", stacklevel=2)
+            return
+        if self.quantized:
+            # As peft: dequantize, subtract, quantize again (not the original codes).
+            self._requantize(self._merged_4bit(-1))
+            self._merged = False
             return
         weight = self.original_linear.weight
         acc = accumulation_dtype(weight.dtype)
@@ -370,7 +487,8 @@ class LoRALinear(nn.Module):
         return self.original_linear
 
     def extra_repr(self) -> str:
-        text = (
+        text = "4-bit, " if self.quantized else ""
+        text += (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"rank={self.rank}, alpha={self.alpha:g}, dropout={self.dropout:g}, "
             f"backend={self.backend!r}"

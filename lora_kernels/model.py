@@ -468,10 +468,15 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer.enabled = flag
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
+def merge_lora(model: nn.Module, *, dequantize: bool = False) -> nn.Module:
     """Fold each adapter into its weight and put the plain `nn.Linear` back (peft's
     merge_and_unload). Disabled adapters are merged too. A `ModuleToSave` is replaced
     by its trained copy (which stays trainable), as peft does.
+
+    A 4-bit layer (bitsandbytes `Linear4bit`) becomes, as with peft, its `Linear4bit`
+    holding W + s B A quantized again with the same settings; with `dequantize=True`
+    a dense `nn.Linear` in the weight's original dtype (`quant_state.dtype`) instead,
+    which keeps the merge exact up to one rounding.
 
     All or nothing: if one merge is refused (a non-finite result), the layers merged
     so far are unmerged and the error is raised with the model unchanged.
@@ -479,12 +484,15 @@ def merge_lora(model: nn.Module) -> nn.Module:
     Returns:
         `model`, without any `LoRALinear`.
     """
+    check_flag("dequantize", dequantize)
     places = lora_places(model)
     layers = list({id(layer): layer for _, layer in places}.values())
+    # Dense replacements are built first; they leave their layers unchanged.
+    dense = {id(layer): layer.merge_weights() for layer in layers if dequantize and layer.quantized}
     merged_here: list[tuple[LoRALinear, bool]] = []
     try:
         for layer in layers:
-            if not layer.merged:
+            if id(layer) not in dense and not layer.merged:
                 was_enabled = layer.enabled
                 layer.enabled = True
                 merged_here.append((layer, was_enabled))
@@ -496,7 +504,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
             layer.enabled = was_enabled
         raise
     for name, layer in places:
-        replace_module(model, name, layer.original_linear)
+        replace_module(model, name, dense.get(id(layer), layer.original_linear))
     for name, wrapper in saved_copies(model):
         replace_module(model, name, wrapper.trainable_copy)
     return model

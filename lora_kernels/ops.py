@@ -15,7 +15,7 @@ import numbers
 
 import torch
 
-from . import backends, contract, dora, reference
+from . import backends, contract, dora, quant4bit, reference
 from .validation import check_backend, check_dropout_p, check_flag
 
 _FLOAT_DTYPES = contract.STORAGE_DTYPES
@@ -184,7 +184,10 @@ def lora_linear(
 
     Args:
         x: [*, K] input; leading dims are kept in the output.
-        weight: [N, K] frozen base weight, x's dtype.
+        weight: [N, K] frozen base weight, x's dtype; or a bitsandbytes 4-bit
+            `Params4bit` (nf4/fp4, with its quant_state) of shape [N, K], dequantized
+            into a reused workspace in x's dtype on every call and never saved for
+            backward (`lora_kernels.qlora_op`).
         bias: [N] base bias in x's dtype, or None.
         lora_A: [R, K] adapter, x's dtype or float32.
         lora_B: [N, R] adapter, lora_A's dtype.
@@ -203,6 +206,10 @@ def lora_linear(
         same dropout mask (`composition_needed`); under vmap, dropout needs
         `randomness="same"` or `"different"`, as any random op does.
     """
+    if quant4bit.is_4bit_weight(weight):
+        from .qlora_op import qlora_linear
+
+        return qlora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend)
     # Under autocast, operands of mixed dtypes are legal (nn.Linear accepts them):
     # cast first, then check what the kernels will see.
     if isinstance(x, torch.Tensor) and x.dtype in _FLOAT_DTYPES:

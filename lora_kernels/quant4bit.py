@@ -384,6 +384,15 @@ def dequantize_4bit(weight, quant_state=None, *, out=None, backend=None) -> torc
         return dequantize_4bit_reference(w, out)
     if out is None:
         out = torch.empty(w.shape, dtype=w.dtype, device=w.packed.device)
+    return dequantize_into(w, out, name)
+
+
+def dequantize_into(w: Packed4bit, out: torch.Tensor, name: str) -> torch.Tensor:
+    """The dense weight written into `out` (contiguous, `w.shape`, any float dtype: the
+    float32 products are rounded once to it) by backend `name`, one that
+    `_choose_backend` returned; `out` is returned."""
+    if name == "torch":
+        return dequantize_4bit_reference(w, out)
     if name in ("cpu", "cuda"):  # one op of the C++ extension, a kernel per device
         op = torch.ops.lora_kernels.cpp_dequantize_4bit
     else:
