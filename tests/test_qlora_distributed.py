@@ -1,6 +1,7 @@
 """QLoRA under DDP and FSDP2 on two CPU processes (gloo, loopback): bitsandbytes 4-bit
 bases (nf4, double quantization, packed bytes in a bf16 `quant_storage`, FSDP1's
-setting) with float32 adapters.
+setting) with float32 adapters: lora_kernels' `LoRALinear`, and a minimal LoRA of the
+test's own that calls `Linear4bit.forward` (bitsandbytes' own path).
 
 Each 4-bit layer, as it runs, sees the packed bytes and the quant state it was built
 with, bit for bit (so its dequantized weight is bit-identical too), and the mean loss
@@ -72,12 +73,17 @@ def linear4bit(K: int, N: int, bias: bool) -> nn.Module:
 
 def lora_around(base: nn.Module, kind: str) -> nn.Module:
     """The LoRA layer of `kind` around a quantized Linear4bit, B random (so that A gets
-    a gradient): "mini", the test's own."""
-    return MiniLoRA(base)
+    a gradient): "mini", the test's own, or "lora_kernels", `LoRALinear`."""
+    if kind == "mini":
+        return MiniLoRA(base)
+    layer = lora_kernels.LoRALinear(base, rank=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.3)
+    return layer
 
 
 # The attribute of each kind's LoRA layer that holds the 4-bit base.
-BASE_ATTRIBUTE = {"mini": "base"}
+BASE_ATTRIBUTE = {"mini": "base", "lora_kernels": "original_linear"}
 LORA_KINDS = tuple(BASE_ATTRIBUTE)
 
 
