@@ -377,6 +377,19 @@ def test_prepare_restores_the_packed_bytes_as_uint8_and_sets_the_layer_quant_sta
     assert torch.equal(packed_bytes(layer.weight, numel), before[0])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_foreach_copy_on_cuda_moves_uint8_packed_bytes_bit_for_bit():
+    """What prepare_4bit_for_fsdp relies on: FSDP2's all-gather copy-in, a
+    `_foreach_copy_`, copies uint8 bytes as they are, every byte value (bf16 NaN
+    patterns included, which a bf16 copy may rewrite)."""
+    packed = torch.arange(65536, dtype=torch.int32, device="cuda").to(torch.uint16)
+    packed = packed.view(torch.uint8)  # every byte pair, so every bf16 pattern
+    dst = torch.zeros_like(packed)
+    torch._foreach_copy_([dst], [packed])
+    assert torch.equal(dst, packed)
+
+
 def test_prepare_refuses_a_4bit_weight_that_is_not_quantized_yet():
     model = nn.Sequential(bnb.nn.Linear4bit(8, 4, quant_storage=torch.bfloat16))
     with pytest.raises(ValueError, match=r"weight of 0 is not quantized yet .*move the model"):
