@@ -1,7 +1,8 @@
 // The CUDA implementation of the lora_kernels::cpp_* ops: ATen GEMMs (cuBLAS) and the
-// CUDA kernels of cuda_kernels.cu. Compiled only where torch is a CUDA build and a CUDA
-// toolkit is present. Nothing here reads a device scalar on the host: the seed and the
-// scaling go to the kernels as pointers, and the ATen GEMMs get s through small
+// CUDA kernels of cuda_kernels.cu (the 4-bit dequantize's: cuda_dequant.cu). Compiled
+// only where torch is a CUDA build and a CUDA toolkit is present. Nothing here reads a
+// device scalar on the host: the seed, the scaling and the nested absmax's offset go to
+// the kernels as pointers, and the ATen GEMMs get s through small
 // [M, R] / [R, K] tensor ops. T is x's dtype; "T = acc" means the storage dtype equals
 // the accumulation dtype (float32, float64).
 //
