@@ -53,7 +53,7 @@ import lora_kernels
 import lora_kernels._C  # noqa: F401
 
 assert "site-packages" in lora_kernels.__file__, lora_kernels.__file__
-for op in ("cpp_forward", "cpp_backward", "cpp_keep_mask"):
+for op in ("cpp_forward", "cpp_backward", "cpp_keep_mask", "cpp_dequantize_4bit"):
     for key in ("CPU", "CUDA"):
         has = torch._C._dispatch_has_kernel_for_dispatch_key(f"lora_kernels::{op}", key)
         assert has, f"lora_kernels::{op} has no {key} kernel"

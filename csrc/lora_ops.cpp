@@ -36,7 +36,7 @@ TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
   // The keep mask [M, K] (bool) the kernels apply, for tests against the reference.
   m.def("cpp_keep_mask(Tensor seed, int M, int K, float dropout_p) -> Tensor");
   // The dense weight of a bitsandbytes 4-bit weight into out (lora_kernels/quant4bit.py);
-  // absmax_code, absmax2 and offset only with double quantization. CPU only.
+  // absmax_code, absmax2 and offset only with double quantization.
   m.def(
       "cpp_dequantize_4bit(Tensor packed, Tensor absmax, Tensor code, Tensor? absmax_code, "
       "Tensor? absmax2, Tensor? offset, int blocksize, int blocksize2, Tensor(a!) out) -> ()");

@@ -2,6 +2,7 @@
 
 from .adapter_format import load_adapter, save_adapter
 from .backends import BACKENDS, available_backends
+from .distributed import prepare_4bit_for_fsdp
 from .layer import LoRALinear
 from .model import (
     ModuleToSave,
@@ -46,6 +47,7 @@ __all__ = [
     "mark_only_lora_as_trainable",
     "merge_lora",
     "patch_peft",
+    "prepare_4bit_for_fsdp",
     "remove_lora",
     "save_adapter",
     "set_lora_enabled",

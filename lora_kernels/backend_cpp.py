@@ -44,8 +44,9 @@ CPU_SOURCES = (
     "cpu/cpu_kernels_avx2.cpp",
     "cpu/cpu_kernels_avx512.cpp",
 )
-CUDA_SOURCES = ("cuda/lora_cuda.cpp", "cuda/cuda_kernels.cu")
+CUDA_SOURCES = ("cuda/lora_cuda.cpp", "cuda/cuda_kernels.cu", "cuda/cuda_dequant.cu")
 HEADERS = (
+    "common/dequant4_decode.h",
     "common/dropout_mask.h",
     "common/element_math.h",
     "common/kernel_dtype.h",
@@ -60,6 +61,7 @@ HEADERS = (
     "cpu/cpu_passes.h",
     "cpu/cpu_steps.h",
     "cpu/cpu_tiles.h",
+    "cuda/cuda_dequant.h",
     "cuda/cuda_kernels.h",
 )
 

@@ -36,8 +36,10 @@ QUANT_TYPES = ("nf4", "fp4")
 # The blocksizes bitsandbytes' dequantize_4bit accepts.
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Backends with a dequantize kernel (the C++ extension's is CPU-only).
-DEQUANTIZE_BACKENDS = ("triton", "cpu", "torch")
+# Backends with a dequantize kernel.
+DEQUANTIZE_BACKENDS = ("cuda", "triton", "cpu", "torch")
+# The automatic choice per device type, best first; the reference where none is usable.
+_PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 
 # NF4: the 16 quantiles of N(0, 1) normalised to [-1, 1] (QLoRA, arXiv 2305.14314), as
 # float32 literals exactly as bitsandbytes' `get_4bit_type("nf4")` lists them.
@@ -318,21 +320,21 @@ def read_4bit_weight(weight, quant_state=None) -> Packed4bit:
 
 @torch.compiler.assume_constant_result
 def _choose_backend(device_type: str, requested: str | None) -> str:
-    """The dequantize kernel for tensors of `device_type`: Triton on CUDA, the C++ kernel
-    on the CPU, each where usable, else the reference; a requested one must be usable
-    and serve the device. torch.compile runs it eagerly (its result is a constant)."""
+    """The dequantize kernel for tensors of `device_type`: on CUDA the C++ extension's
+    CUDA kernel, else Triton; on the CPU the C++ kernel; each where usable, else the
+    reference. A requested one must be usable and serve the device. torch.compile runs
+    it eagerly (its result is a constant)."""
     from . import backends
 
     if requested is None:
-        preferred = {"cuda": "triton", "cpu": "cpu"}.get(device_type)
-        if preferred is not None and backends.availability(preferred)[0]:
-            requested = preferred
-        else:
+        preference = _PREFERENCE.get(device_type, ())
+        requested = next((n for n in preference if backends.availability(n)[0]), "torch")
+        if requested == "torch":
             return "torch"
     if requested not in DEQUANTIZE_BACKENDS:
         raise ValueError(
-            f"backend must be one of {DEQUANTIZE_BACKENDS} or None for dequantize_4bit "
-            f"(the 'cuda' backend has no dequantize kernel yet), got {requested!r}"
+            f"backend must be one of {DEQUANTIZE_BACKENDS} or None for dequantize_4bit, "
+            f"got {requested!r}"
         )
     if requested != "torch":
         usable, reason = backends.availability(requested)
@@ -357,8 +359,9 @@ def dequantize_4bit(weight, quant_state=None, *, out=None, backend=None) -> torc
     quant_state: a `bitsandbytes.functional.QuantState`; default `weight.quant_state`.
     out: optional contiguous tensor of `quant_state.shape` and `quant_state.dtype` on
         the weight's device, written and returned (a reusable workspace).
-    backend: None (Triton on CUDA, the C++ kernel on the CPU, each where usable, else
-        the PyTorch reference), "triton", "cpu" or "torch".
+    backend: None (on CUDA the C++ extension's CUDA kernel, else Triton; on the CPU the
+        C++ kernel; each where usable, else the PyTorch reference), "cuda", "triton",
+        "cpu" or "torch".
 
     Returns the dense weight, `quant_state.shape` ([N, K] for a `Linear4bit`) in
     `quant_state.dtype`. Unlike bitsandbytes, the transposed packed layout
@@ -390,7 +393,7 @@ def dequantize_into(w: Packed4bit, out: torch.Tensor, name: str) -> torch.Tensor
     `_choose_backend` returned; `out` is returned."""
     if name == "torch":
         return dequantize_4bit_reference(w, out)
-    if name == "cpu":
+    if name in ("cpu", "cuda"):  # one op of the C++ extension, a kernel per device
         op = torch.ops.lora_kernels.cpp_dequantize_4bit
     else:
         from .backend_triton import dequant  # noqa: F401 (defines the op)

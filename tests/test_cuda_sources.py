@@ -35,7 +35,7 @@ def _rel(path: Path) -> str:
 
 
 def test_there_are_cuda_sources():
-    assert [_rel(p) for p in CU_FILES] == ["cuda/cuda_kernels.cu"]
+    assert [_rel(p) for p in CU_FILES] == ["cuda/cuda_dequant.cu", "cuda/cuda_kernels.cu"]
     assert [_rel(p) for p in CUDA_HOST_FILES] == ["cuda/lora_cuda.cpp"]
 
 
@@ -89,6 +89,30 @@ def test_cuda_source_compiles_without_warnings(source, arch, std, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
     assert (tmp_path / f"{source.stem}.o").stat().st_size > 0
+
+
+def _ptx_function(ptx: str, name_part: str) -> str:
+    """The body of the one .entry whose mangled name contains name_part."""
+    entries = [e for e in ptx.split(".entry ")[1:] if name_part in e.split("(", 1)[0]]
+    assert len(entries) == 1, f"{len(entries)} PTX entries named like {name_part!r}"
+    return entries[0]
+
+
+@needs_nvcc
+def test_cuda_dequantize_kernel_never_fuses_a_multiply_add(tmp_path):
+    """bitsandbytes rounds the nested absmax's product before adding the offset and
+    rounds each element's product once: the float32 output's kernel holds rounded
+    multiplies and adds and no fma (the 16-bit ones also hold the float -> half
+    conversion's exact scaling, which nvcc may fuse harmlessly)."""
+    ptx = tmp_path / "cuda_dequant.ptx"
+    command = [NVCC, "-ptx", str(CSRC / "cuda" / "cuda_dequant.cu"), "-o", str(ptx)]
+    command += ["-arch=sm_90a", "-std=c++20", "-O3", f"-I{CSRC}"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
+    # The float32 instantiation, dequant_4bit_kernel<float> (mangled: ...IfE...).
+    body = _ptx_function(ptx.read_text(), "dequant_4bit_kernelIfE")
+    assert "mul.rn.f32" in body and "add.rn.f32" in body
+    assert "fma" not in body
 
 
 def _torch_include_paths():

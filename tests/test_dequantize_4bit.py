@@ -44,17 +44,20 @@ def _triton_device() -> tuple[torch.device | None, str]:
 
 TRITON_DEVICE, TRITON_WHY = _triton_device()
 CPU_USABLE, CPU_WHY = backends.availability("cpu")
+CUDA_USABLE, CUDA_WHY = backends.availability("cuda")
 # The reference runs where bitsandbytes' own kernels do: on CUDA when there is a GPU.
 TORCH_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 STORAGE_IDS = {torch.uint8: "u8", torch.bfloat16: "bf16-storage"}
 
 
-@pytest.fixture(params=["torch", "triton", "cpu-avx512", "cpu-avx2", "cpu-baseline"])
+@pytest.fixture(params=["torch", "triton", "cuda", "cpu-avx512", "cpu-avx2", "cpu-baseline"])
 def backend(request):
     """The backend name a test passes; the C++ kernel once per CPU build this CPU runs."""
     name = request.param
     if name == "triton" and TRITON_DEVICE is None:
         pytest.skip(f"triton: {TRITON_WHY}")
+    if name == "cuda" and not CUDA_USABLE:
+        pytest.skip(f"backend 'cuda' is not usable: {CUDA_WHY}")
     if not name.startswith("cpu-"):
         yield name
         return
@@ -72,7 +75,8 @@ def backend(request):
 
 
 def device_of(backend: str) -> torch.device:
-    return {"triton": TRITON_DEVICE, "cpu": torch.device("cpu")}.get(backend, TORCH_DEVICE)
+    devices = {"triton": TRITON_DEVICE, "cuda": torch.device("cuda"), "cpu": torch.device("cpu")}
+    return devices.get(backend, TORCH_DEVICE)
 
 
 def quantize(N, K, dtype, quant_type, blocksize, nested, storage, device, seed=0):
@@ -254,6 +258,48 @@ def _op_args(device, dtype=torch.bfloat16):
     return (*args, w.blocksize, w.blocksize2, out), bnbF.dequantize_4bit(packed, qs)
 
 
+def _cpp_op_device(device_type: str) -> torch.device:
+    """The device of the C++ extension's kernel for `device_type`, or a skip saying why."""
+    usable, why = (CPU_USABLE, CPU_WHY) if device_type == "cpu" else (CUDA_USABLE, CUDA_WHY)
+    if not usable:
+        pytest.skip(f"backend {device_type!r} is not usable: {why}")
+    return torch.device(device_type)
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_cpp_op_passes_opcheck_schema_autograd_and_fake_tensor_checks(device_type):
+    args, _ = _op_args(_cpp_op_device(device_type))
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.lora_kernels.cpp_dequantize_4bit, args, test_utils=utils)
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_cpp_op_refuses_operands_its_kernel_cannot_read(device_type):
+    args, _ = _op_args(_cpp_op_device(device_type))
+    op = torch.ops.lora_kernels.cpp_dequantize_4bit
+    packed, absmax, code, absmax_code, absmax2, offset, bs, bs2, out = args
+    rest = (code, absmax_code, absmax2, offset, bs, bs2)
+    with pytest.raises(RuntimeError, match=r"out must be contiguous float32, bfloat16 or float16"):
+        op(packed, absmax, *rest, out.double())
+    with pytest.raises(RuntimeError, match=r"packed must be 1-D contiguous uint8 with at least"):
+        op(packed[:-1], absmax, *rest, out)
+    with pytest.raises(RuntimeError, match=r"absmax must be one contiguous uint8 code per block"):
+        op(packed, absmax[:-1], *rest, out)
+    with pytest.raises(RuntimeError, match=r"absmax2 one float32 per 256 blocks"):
+        op(packed, absmax, code, absmax_code, absmax2[:0], offset, bs, bs2, out)
+    with pytest.raises(RuntimeError, match=r"code must be 16 contiguous float32"):
+        op(packed, absmax, code[:8], *rest[1:], out)
+
+
+@pytest.mark.skipif(not CUDA_USABLE, reason=f"backend 'cuda' is not usable: {CUDA_WHY}")
+@pytest.mark.gpu
+def test_cuda_op_refuses_an_operand_on_another_device():
+    args, _ = _op_args(torch.device("cuda"))
+    packed, absmax, code, *rest = args
+    with pytest.raises(RuntimeError, match=r"code must be on out's device cuda:0, got cpu"):
+        torch.ops.lora_kernels.cpp_dequantize_4bit(packed, absmax, code.cpu(), *rest)
+
+
 @pytest.mark.skipif(TRITON_DEVICE is None, reason=f"triton: {TRITON_WHY}")
 def test_triton_op_passes_opcheck_schema_autograd_and_fake_tensor_checks():
     from lora_kernels.backend_triton import dequant  # noqa: F401 (registers the op)
@@ -310,10 +356,11 @@ def test_dynamo_traces_dequantize_fullgraph(backend):
     assert_bits_equal(compiled(packed), bnbF.dequantize_4bit(packed, qs))
 
 
-def test_automatic_choice_is_triton_on_cuda_and_the_cpp_kernel_on_cpu():
+def test_automatic_choice_is_the_cpp_kernel_then_triton_on_cuda_and_the_cpp_kernel_on_cpu():
     assert quant4bit._choose_backend("cpu", None) == ("cpu" if CPU_USABLE else "torch")
-    if torch.cuda.is_available() and backends.availability("triton")[0]:
-        assert quant4bit._choose_backend("cuda", None) == "triton"
+    triton_usable = backends.availability("triton")[0]
+    on_cuda = "cuda" if CUDA_USABLE else "triton" if triton_usable else "torch"
+    assert quant4bit._choose_backend("cuda", None) == on_cuda
 
 
 def test_code_tables_hold_bitsandbytes_values():
@@ -426,7 +473,14 @@ def test_an_out_of_the_wrong_dtype_or_shape_is_refused(quantized):
         lora_kernels.dequantize_4bit(packed, qs, out=torch.empty(100, 48).t())
 
 
-def test_a_backend_without_a_dequantize_kernel_is_refused(quantized):
+def test_an_unknown_backend_is_refused(quantized):
     packed, qs = quantized
-    with pytest.raises(ValueError, match=r"one of \('triton', 'cpu', 'torch'\).*got 'cuda'"):
+    with pytest.raises(ValueError, match=r"one of \('cuda', 'triton', 'cpu', 'torch'\).*got 'cu'"):
+        lora_kernels.dequantize_4bit(packed, qs, backend="cu")
+
+
+def test_the_cuda_backend_is_refused_for_cpu_tensors_with_the_reason(quantized):
+    packed, qs = quantized
+    reason = "does not run on cpu tensors" if CUDA_USABLE else "is not usable: "
+    with pytest.raises(RuntimeError, match=rf"backend 'cuda' {reason}"):
         lora_kernels.dequantize_4bit(packed, qs, backend="cuda")

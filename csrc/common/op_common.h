@@ -47,6 +47,18 @@ SavedForBackward check_backward_args(const at::Tensor& grad_y, const at::Tensor&
 // Checks for the keep-mask op (seed 0-dim int64, M, K >= 0, 0 <= p < 1).
 void check_keep_mask_args(const at::Tensor& seed, int64_t M, int64_t K, double dropout_p);
 
+// Checks for the 4-bit dequantize op (common/dequant4_decode.h): packed 1-D contiguous
+// uint8 with the codes of out's elements; absmax one contiguous float32 per block of an
+// even blocksize, or with absmax2 (double quantization) one uint8 code, with absmax_code
+// 256 float32, absmax2 one float32 per blocksize2 blocks and offset one float32; code 16
+// float32; out contiguous float32, bfloat16 or float16; every tensor on out's device.
+void check_dequantize_4bit_args(const at::Tensor& packed, const at::Tensor& absmax,
+                                const at::Tensor& code,
+                                const c10::optional<at::Tensor>& absmax_code,
+                                const c10::optional<at::Tensor>& absmax2,
+                                const c10::optional<at::Tensor>& offset, int64_t blocksize,
+                                int64_t blocksize2, const at::Tensor& out);
+
 // The forward's third output: the mask packed one bit per element, uint8
 // [M, ceil(K / 8)], for the shrink kernel to fill; empty without dropout. For p below
 // 2^-32 no kernel generates a mask (every element is kept), so it is filled here.

@@ -1,16 +1,12 @@
 // The 4-bit dequantize (bitsandbytes NF4 / FP4; the format and the reference decode are
-// lora_kernels/quant4bit.py), compiled once per instruction set like the other kernels:
-//
-//   out[i] = code[c_i] * scale[i / blocksize]     c_{2j} the high nibble of packed[j],
-//                                                 c_{2j+1} its low nibble
-//   scale[b] = absmax[b], or with double quantization
-//   scale[b] = absmax_code[absmax_q[b]] * absmax2[b / blocksize2] + offset
-//
-// one float32 product per element rounded once to T, and the nested product rounded
-// before the offset is added: bit-identical to bitsandbytes. The 16-entry code table is
-// one AVX-512 register (a permute is the lookup), or two AVX2 registers and a blend.
+// lora_kernels/quant4bit.py), compiled once per instruction set like the other kernels.
+// The per-element decode, the nested absmax's included, is common/dequant4_decode.h,
+// shared with the CUDA kernel; this file adds the vector path, in which the 16-entry
+// code table is one AVX-512 register (a permute is the lookup), or two AVX2 registers
+// and a blend, and the product is the same single float32 multiply.
 #pragma once
 
+#include "common/dequant4_decode.h"
 #include "cpu/cpu_common.h"
 
 namespace lora {
@@ -18,12 +14,8 @@ namespace cpu {
 namespace LORA_CPU_NS {
 namespace {
 
-LORA_ALWAYS_INLINE float dequant_block_scale(const Dequant4bitArgs& p, int64_t b) {
-  if (p.absmax_q == nullptr) return p.absmax[b];
-  // volatile: the product is rounded to float32 before the sum, never contracted into a
-  // fused multiply-add (the FMA targets would otherwise be free to).
-  volatile float scaled = p.absmax_code[p.absmax_q[b]] * p.absmax2[b / p.blocksize2];
-  return scaled + p.offset;
+LORA_ALWAYS_INLINE Dequant4Scales dequant_scales(const Dequant4bitArgs& p) {
+  return Dequant4Scales{p.absmax, p.absmax_q, p.absmax_code, p.absmax2, p.blocksize2, p.offset};
 }
 
 #if defined(LORA_CPU_AVX2) || defined(LORA_CPU_AVX512)
@@ -74,8 +66,7 @@ LORA_ALWAYS_INLINE void dequant_run(const uint8_t* bytes, const float* code, flo
   }
 #endif
   for (; e < count; ++e) {
-    const uint8_t byte = bytes[e / 2];
-    out[e] = Store<T>::from(code[e % 2 == 0 ? byte >> 4 : byte & 0xF] * scale);
+    out[e] = Store<T>::from(dequant4_value(code, dequant4_code(bytes, e), scale));
   }
 }
 
@@ -83,13 +74,15 @@ template <class T>
 void dequant_4bit_impl(const Dequant4bitArgs& p) {
   T* out = static_cast<T*>(p.out);
   const int64_t blocks = ceil_div(p.n, p.blocksize);
+  const Dequant4Scales scales = dequant_scales(p);
   // Small weights in one thread: waking the team costs more than the work.
   const int threads = p.n >= (int64_t{1} << 16) ? num_threads_for(p.num_threads) : 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t start = b * p.blocksize;  // even: a block starts on a byte
     const int64_t count = min64(p.n - start, p.blocksize);
-    dequant_run<T>(p.packed + start / 2, p.code, dequant_block_scale(p, b), count, out + start);
+    dequant_run<T>(p.packed + start / 2, p.code, dequant4_block_scale(scales, b), count,
+                   out + start);
   }
 }
 

@@ -261,51 +261,23 @@ at::Tensor cpu_keep_mask(const at::Tensor& seed, int64_t M, int64_t K, double dr
 }
 
 // out = the dense weight of a bitsandbytes 4-bit weight (cpu_dequant.h; the Python side,
-// lora_kernels/quant4bit.py, reads and checks the quant state; these are the checks of
-// what the kernel itself reads).
+// lora_kernels/quant4bit.py, reads and checks the quant state; check_dequantize_4bit_args
+// checks what the kernel itself reads).
 void cpu_dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
                          const c10::optional<at::Tensor>& absmax_code,
                          const c10::optional<at::Tensor>& absmax2,
                          const c10::optional<at::Tensor>& offset, int64_t blocksize,
                          int64_t blocksize2, const at::Tensor& out) {
+  check_dequantize_4bit_args(packed, absmax, code, absmax_code, absmax2, offset, blocksize,
+                             blocksize2, out);
   const int64_t n = out.numel();
-  const bool nested = absmax2.has_value();
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 1 && packed.is_contiguous() &&
-                  2 * packed.numel() >= n,
-              "cpp_dequantize_4bit: packed must be 1-D contiguous uint8 with at least ",
-              (n + 1) / 2, " bytes, got ", packed.scalar_type(), " ", packed.sizes());
-  TORCH_CHECK(blocksize >= 2 && blocksize % 2 == 0 && absmax.is_contiguous() &&
-                  absmax.numel() == (n + blocksize - 1) / blocksize &&
-                  absmax.scalar_type() == (nested ? at::kByte : at::kFloat),
-              "cpp_dequantize_4bit: absmax must be one contiguous ",
-              nested ? "uint8 code" : "float32", " per block of an even blocksize, got ",
-              absmax.numel(), " ", absmax.scalar_type(), " for ", n, " elements, blocksize ",
-              blocksize);
-  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 16 && code.is_contiguous(),
-              "cpp_dequantize_4bit: code must be 16 contiguous float32, got ", code.sizes());
-  TORCH_CHECK(out.is_contiguous() && (out.scalar_type() == at::kFloat ||
-                                      out.scalar_type() == at::kBFloat16 ||
-                                      out.scalar_type() == at::kHalf),
-              "cpp_dequantize_4bit: out must be contiguous float32, bfloat16 or float16, got ",
-              out.scalar_type());
   cpu::Dequant4bitArgs args{};
   args.dtype = kernel_dtype(out.scalar_type());
   args.n = n;
   args.packed = packed.data_ptr<uint8_t>();
   args.code = code.data_ptr<float>();
   args.blocksize = blocksize;
-  if (nested) {
-    const int64_t blocks = absmax.numel();
-    TORCH_CHECK(absmax_code.has_value() && offset.has_value() && blocksize2 >= 1,
-                "cpp_dequantize_4bit: double quantization needs absmax_code, absmax2, offset "
-                "and blocksize2 >= 1");
-    TORCH_CHECK(absmax_code->scalar_type() == at::kFloat && absmax_code->numel() == 256 &&
-                    absmax_code->is_contiguous() && absmax2->scalar_type() == at::kFloat &&
-                    absmax2->is_contiguous() &&
-                    absmax2->numel() == (blocks + blocksize2 - 1) / blocksize2 &&
-                    offset->scalar_type() == at::kFloat && offset->numel() == 1,
-                "cpp_dequantize_4bit: absmax_code must be 256 float32, absmax2 one float32 per ",
-                blocksize2, " blocks and offset one float32");
+  if (absmax2.has_value()) {
     args.absmax_q = absmax.data_ptr<uint8_t>();
     args.absmax_code = absmax_code->data_ptr<float>();
     args.absmax2 = absmax2->data_ptr<float>();

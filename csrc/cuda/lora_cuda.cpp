@@ -1,7 +1,8 @@
 // The CUDA implementation of the lora_kernels::cpp_* ops: ATen GEMMs (cuBLAS) and the
-// CUDA kernels of cuda_kernels.cu. Compiled only where torch is a CUDA build and a CUDA
-// toolkit is present. Nothing here reads a device scalar on the host: the seed and the
-// scaling go to the kernels as pointers, and the ATen GEMMs get s through small
+// CUDA kernels of cuda_kernels.cu (the 4-bit dequantize's: cuda_dequant.cu). Compiled
+// only where torch is a CUDA build and a CUDA toolkit is present. Nothing here reads a
+// device scalar on the host: the seed, the scaling and the nested absmax's offset go to
+// the kernels as pointers, and the ATen GEMMs get s through small
 // [M, R] / [R, K] tensor ops. T is x's dtype; "T = acc" means the storage dtype equals
 // the accumulation dtype (float32, float64).
 //
@@ -36,6 +37,7 @@
 
 #include "common/element_math.h"
 #include "common/op_common.h"
+#include "cuda/cuda_dequant.h"
 #include "cuda/cuda_kernels.h"
 
 namespace lora {
@@ -232,6 +234,36 @@ at::Tensor cuda_keep_mask(const at::Tensor& seed, int64_t M, int64_t K, double d
   return keep;
 }
 
+// out = the dense weight of a bitsandbytes 4-bit weight (cuda_dequant.cu; the Python side,
+// lora_kernels/quant4bit.py, reads and checks the quant state). The offset goes to the
+// kernel as a pointer: no host sync.
+void cuda_dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax,
+                          const at::Tensor& code, const c10::optional<at::Tensor>& absmax_code,
+                          const c10::optional<at::Tensor>& absmax2,
+                          const c10::optional<at::Tensor>& offset, int64_t blocksize,
+                          int64_t blocksize2, const at::Tensor& out) {
+  check_dequantize_4bit_args(packed, absmax, code, absmax_code, absmax2, offset, blocksize,
+                             blocksize2, out);
+  const c10::cuda::CUDAGuard guard(out.device());
+  cuda::Dequant4bitLaunch args{};
+  args.dtype = kernel_dtype(out.scalar_type());
+  args.n = out.numel();
+  args.packed = packed.data_ptr<uint8_t>();
+  args.code = code.data_ptr<float>();
+  args.blocksize = blocksize;
+  if (absmax2.has_value()) {
+    args.absmax_q = absmax.data_ptr<uint8_t>();
+    args.absmax_code = absmax_code->data_ptr<float>();
+    args.absmax2 = absmax2->data_ptr<float>();
+    args.blocksize2 = blocksize2;
+    args.offset = offset->data_ptr<float>();
+  } else {
+    args.absmax = absmax.data_ptr<float>();
+  }
+  args.out = out.data_ptr();
+  C10_CUDA_CHECK(cuda::launch_dequant_4bit(args, current_stream()));
+}
+
 }  // namespace
 }  // namespace lora
 
@@ -239,4 +271,5 @@ TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
   m.impl("cpp_forward", &lora::cuda_forward);
   m.impl("cpp_backward", &lora::cuda_backward);
   m.impl("cpp_keep_mask", &lora::cuda_keep_mask);
+  m.impl("cpp_dequantize_4bit", &lora::cuda_dequantize_4bit);
 }
