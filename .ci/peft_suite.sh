@@ -22,8 +22,8 @@ if ! [ -d "$deps/parameterized" ]; then
     "$py" -m pip install -q --no-deps --target "$deps" diffusers attrs parameterized \
         requests urllib3 idna certifi charset-normalizer
 fi
-# The files with LoRA tests that run without the Hub (PEFT_SUITE_FILES: others); -k keeps
-# the LoRA cases.
+# The files with LoRA tests (PEFT_SUITE_FILES: others); -k keeps the LoRA cases, and
+# tests/peft_suite_offline.py skips those that reach for the Hub.
 files=${PEFT_SUITE_FILES:-"test_custom_models.py test_lora_variants.py test_initialization.py
 test_xlora.py test_other.py test_low_level_api.py test_target_parameters.py"}
 selection=()
@@ -35,7 +35,7 @@ run() {  # run NAME [pytest args]: junit XML into $work/NAME.xml
     echo "peft suite ($version): $name run"
     (cd "$src" && HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
         PYTHONPATH="$repo:$repo/tests:$deps" "$py" -m pytest -c /dev/null --rootdir . -q \
-        -p no:cacheprovider -k "lora or Lora or LoRA" \
+        -p no:cacheprovider -p peft_suite_offline -k "lora or Lora or LoRA" \
         --junitxml="$work/$name.xml" "$@" "${selection[@]}" > "$work/$name.log" 2>&1) || true
     tail -n 1 "$work/$name.log"
 }
