@@ -63,8 +63,8 @@ class LoRALinear(nn.Module):
         backend: backend name passed to `lora_linear`, or None for the automatic choice.
         use_dora: DoRA (Liu et al. 2024, peft's `use_dora=True`): adds the parameter
             `lora_magnitude` [N] (adapter dtype), initialised to the row norms of
-            W + s B A, and runs `dora_linear`. Its backend is None or "torch" for now
-            (the reference's composition of ATen ops); merging is not supported yet.
+            W + s B A, and runs `dora_linear` on the same backends as `lora_linear`;
+            merging is not supported yet.
 
     Input x [*, K] in the wrapped layer's dtype; output [*, N] in x's dtype. Gradients
     of A, B (and a learnable scaling) come in their own dtype. Under `torch.autocast`
@@ -97,11 +97,6 @@ class LoRALinear(nn.Module):
         learnable_scaling = check_flag("learnable_scaling", learnable_scaling)
         self.backend = check_backend(backend)
         self.use_dora = check_flag("use_dora", use_dora)
-        if self.use_dora and self.backend not in (None, "torch"):
-            raise ValueError(
-                "use_dora=True runs on the 'torch' backend only so far (fused DoRA kernels "
-                f"are not written yet): pass backend=None or 'torch', got {backend!r}"
-            )
 
         self.in_features = original_linear_layer.in_features
         self.out_features = original_linear_layer.out_features

@@ -12,7 +12,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DTYPE_IDS, assert_close, make_inputs
+from helpers import DTYPE_IDS, assert_close, make_inputs, usable_backends
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -71,11 +71,35 @@ SHAPES = [
 DTYPES = [pytest.param(dt, id=DTYPE_IDS[dt]) for dt in (F32, torch.bfloat16, torch.float16)]
 
 
+# Every backend that serves CPU tensors here; Triton (interpreted) has its own test below.
+CPU_BACKENDS = [param for param in usable_backends("cpu") if param.id != "triton"]
+TRITON = [param for param in usable_backends("cpu") if param.id == "triton"]
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lead, M, K, N, R", SHAPES)
-def test_dora_linear_matches_peft_formula_float64(lead, M, K, N, R, dtype, bias, p):
+def test_dora_linear_matches_peft_formula_float64(lead, M, K, N, R, dtype, bias, p, backend):
+    check_against_peft_formula(lead, M, K, N, R, dtype, bias, p, backend)
+
+
+# The Triton kernels round float32 adapter tiles to a 16-bit x's dtype, so that their
+# plain op meets the tolerances only from about M = 63 (tests/test_backend_triton.py's
+# shapes); the interpreter keeps the shapes small.
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dora_linear_on_triton_matches_peft_formula_float64(dtype, p, backend):
+    check_against_peft_formula((), 63, 70, 33, 7, dtype, True, p, backend)
+
+
+def check_against_peft_formula(lead, M, K, N, R, dtype, bias, p, backend, zero_rows=None):
+    """dora_linear on `backend`: output and every gradient against float64 peft;
+    `zero_rows` sets those entries of m to 0 (g = 0 there)."""
     # float32 adapters on a 16-bit layer, as LoRALinear (and peft) make them.
     lora_dtype = F32 if dtype != F32 else dtype
     x, weight, b, A, B, _ = make_inputs(
@@ -83,8 +107,11 @@ def test_dora_linear_matches_peft_formula_float64(lead, M, K, N, R, dtype, bias,
     )
     s = torch.tensor(0.75, dtype=F32, requires_grad=True)
     m = random_magnitude(weight, A, B, 0.75)
+    if zero_rows is not None:
+        with torch.no_grad():
+            m[zero_rows] = 0
     torch.manual_seed(11)
-    y = lora_kernels.dora_linear(x, weight, b, A, B, m, s, p)
+    y = lora_kernels.dora_linear(x, weight, b, A, B, m, s, p, backend=backend)
     assert y.dtype == dtype and y.shape == (*lead, M, N)
     Mt = M * (lead[0] if lead else 1)
     keep = plain_op_mask(Mt, K, p, 11) if p > 0 else None
@@ -115,6 +142,31 @@ def test_dora_linear_matches_peft_formula_float64(lead, M, K, N, R, dtype, bias,
         assert grad.dtype == named[name].dtype, f"grad of {name}: dtype {grad.dtype}"
         assert grad64.abs().max() > 0, f"grad of {name} is zero: the check could not fail"
         assert_close(grad, grad64, dtype, f"grad of {name}")
+    if zero_rows is not None:
+        # Where g = 0, Y holds nothing of Z: dm there must come from Z recomputed.
+        grad_m, grad64_m = grads[list(named).index("magnitude")], grads64[-2]
+        assert grad64_m[zero_rows].abs().min() > 0
+        assert_close(grad_m[zero_rows], grad64_m[zero_rows], dtype, "grad of m where m = 0")
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_magnitude_rows_get_their_gradient(dtype, p, backend):
+    check_against_peft_formula((), 13, 21, 11, 5, dtype, True, p, backend, zero_rows=[0, 4, 10])
+
+
+def test_zero_magnitude_test_can_fail(monkeypatch):
+    """Without Z's recomputed columns (here zeros), dm where m = 0 is wrong."""
+    from lora_kernels import dora_op
+
+    def zeros(x, weight, lora_A, lora_B, scaling, u, columns):
+        return x.new_zeros(x.shape[0], columns.numel(), dtype=F32)
+
+    monkeypatch.setattr(dora_op, "_columns_of_z", zeros)
+    with pytest.raises(AssertionError, match="grad of m"):
+        check_against_peft_formula((), 13, 21, 11, 5, F32, True, 0.0, "torch", zero_rows=[0])
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
@@ -473,16 +525,16 @@ def test_learnable_scaling_trains_and_plain_layers_keep_their_state_dict():
 def test_dora_refusals_name_what_is_wrong():
     with pytest.raises(TypeError, match="use_dora must be a bool"):
         LoRALinear(nn.Linear(4, 3), rank=2, use_dora=1)
-    with pytest.raises(ValueError, match="use_dora=True runs on the 'torch' backend only"):
-        LoRALinear(nn.Linear(4, 3), rank=2, use_dora=True, backend="cpu")
     layer = LoRALinear(nn.Linear(4, 3), rank=2, use_dora=True)
     for method in (layer.merge, layer.merge_weights):
         with pytest.raises(NotImplementedError, match="merging a DoRA layer"):
             method()
     x, weight, b, A, B, s = make_inputs(5, 6, 4, 2, F32)
     m = torch.ones(4)
-    with pytest.raises(NotImplementedError, match="'torch' backend only"):
-        lora_kernels.dora_linear(x, weight, b, A, B, m, s, backend="cpu")
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not usable"):
+        lora_kernels.dora_linear(x, weight, b, A, B, m, s, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        lora_kernels.dora_linear(x, weight, b, A, B, m, s, backend="gpu")
     with pytest.raises(ValueError, match=r"magnitude must have shape \[4\].*got \[5\]"):
         lora_kernels.dora_linear(x, weight, b, A, B, torch.ones(5), s)
     with pytest.raises(TypeError, match="magnitude must have lora_A's dtype torch.float32"):
