@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_kernels
-from lora_kernels import LoRALinear, dora, ops, reference
+from lora_kernels import LoRALinear, dora, memory, ops, reference
 
 F32, F64 = torch.float32, torch.float64
 
@@ -234,14 +234,19 @@ class FixedMaskDropout(nn.Module):
         return x * self.keep.reshape(x.shape) * reference.dropout_scale(self.p)
 
 
-def ours_and_peft(K, N, R, dtype, bias, dropout):
+def ours_and_peft(K, N, R, dtype, bias, dropout, backend=None):
     """Our DoRA layer and peft's on copies of one random nn.Linear, with equal A, B, m:
     B random and m off the norms (peft inits B = 0 and m = ||W||)."""
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     base = OneLinear(K, N, bias, dtype)
     ours = LoRALinear(
-        copy.deepcopy(base.lin), rank=R, alpha=2.0 * R, dropout=dropout, use_dora=True
+        copy.deepcopy(base.lin),
+        rank=R,
+        alpha=2.0 * R,
+        dropout=dropout,
+        use_dora=True,
+        backend=backend,
     )
     config = peft.LoraConfig(
         r=R, lora_alpha=2.0 * R, lora_dropout=dropout, target_modules=["lin"], use_dora=True
@@ -266,9 +271,10 @@ def ours_and_peft(K, N, R, dtype, bias, dropout):
 @pytest.mark.parametrize(
     "dtype", [pytest.param(dt, id=DTYPE_IDS[dt]) for dt in (F32, torch.bfloat16)]
 )
-def test_layer_matches_peft_dora(dtype, bias, dropout):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_layer_matches_peft_dora(dtype, bias, dropout, backend):
     K, N, R, lead = 37, 29, 5, (3, 11)
-    ours, theirs = ours_and_peft(K, N, R, dtype, bias, dropout)
+    ours, theirs = ours_and_peft(K, N, R, dtype, bias, dropout, backend)
     if dropout > 0:
         # peft's dropout module replaced by one with the mask our op draws after seed 4.
         theirs.lora_dropout["default"] = FixedMaskDropout(plain_op_mask(33, K, dropout, 4), dropout)
@@ -565,9 +571,11 @@ def test_autocast_casts_every_operand_and_keeps_float32_products():
     assert ops.autocast_operands(x, weight)[1] is weight  # no autocast: unchanged
 
 
-def test_activation_checkpointing_recomputes_the_same_mask():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_activation_checkpointing_recomputes_the_same_mask(backend):
     layer = dora_layer()
     layer.dropout = 0.3
+    layer.backend = backend
     x = torch.randn(6, 23, requires_grad=True)
     torch.manual_seed(8)
     layer(x).square().sum().backward()
@@ -605,3 +613,78 @@ def test_apply_lora_use_dora_and_the_model_helpers_keep_the_magnitude(tmp_path):
     with pytest.raises(ValueError, match="'0' is a DoRA layer.*not supported yet"):
         lora_kernels.save_adapter(model, tmp_path / "adapter")
     assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# What backward keeps, torch.compile, double backward
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(dt, id=DTYPE_IDS[dt]) for dt in (F32, torch.bfloat16)]
+)
+def test_backward_keeps_x_u_the_bits_and_one_M_by_N_tensor(dtype, p, backend):
+    """x, U (none from "cpu" without dropout), with dropout the 1-bit mask, n [N] and
+    one [M, N] tensor in x's dtype: Y itself without dropout, P = (X * keep) W^T with
+    it. No [N, K] tensor, no float [M, K] tensor but x."""
+    M, K, N, R = 61, 48, 40, 4
+    layer = LoRALinear(
+        nn.Linear(K, N, dtype=dtype), rank=R, dropout=p, use_dora=True, backend=backend
+    )
+    x = torch.randn(M, K, dtype=dtype, requires_grad=True)
+    y, saved = memory.saved_activations(lambda: layer(x), exclude=list(layer.parameters()))
+    shapes = {(tuple(t.shape), t.dtype) for t in saved.tensors}
+    assert all(t.shape != (N, K) for t in saved.tensors), saved.describe()
+    by_shape = {}
+    for t in saved.tensors:
+        key = (t.untyped_storage().data_ptr(), tuple(t.shape), t.dtype)
+        by_shape.setdefault((tuple(t.shape), t.dtype), set()).add(key)
+    assert len(by_shape.get(((M, N), dtype), ())) == 1, saved.describe()
+    float_MK = [t for t in saved.tensors if t.shape == (M, K) and t.is_floating_point()]
+    assert all(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in float_MK)
+    MN = next(t for t in saved.tensors if t.shape == (M, N))
+    if p == 0:
+        assert MN.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+    acc_bytes = 4
+    expected = x.nbytes + M * N * x.element_size() + N * acc_bytes  # and n [N]
+    if not (backend == "cpu" and p == 0):
+        expected += M * R * acc_bytes  # U
+    if p > 0:
+        expected += M * ((K + 7) // 8)  # the keep bits
+        assert ((M, (K + 7) // 8), torch.uint8) in shapes
+    # The seed and the scaling (0-dim) are all else.
+    assert expected <= saved.bytes <= expected + 64, saved.describe()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+def test_compile_fullgraph(p, backend):
+    layer = dora_layer()
+    layer.dropout, layer.backend = p, backend
+    layer.scaling = nn.Parameter(torch.tensor(layer.scaling))
+    x = torch.randn(9, 23, requires_grad=True)
+    params = [x, layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.scaling]
+
+    def step(x):
+        return layer(x).square().sum()
+
+    torch.manual_seed(0)
+    eager = torch.autograd.grad(step(x), params)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(0)
+    got = torch.autograd.grad(compiled(x), params)
+    for a, e in zip(got, eager, strict=True):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_double_backward_raises_and_first_order_grads_come_back(backend):
+    x, weight, b, A, B, s = make_inputs(9, 14, 6, 3, F32)
+    m = random_magnitude(weight, A, B, s)
+    y = lora_kernels.dora_linear(x, weight, b, A, B, m, s, backend=backend)
+    grads = torch.autograd.grad(y.square().sum(), (x, m), create_graph=True)
+    assert all(g is not None and g.shape == t.shape for g, t in zip(grads, (x, m), strict=True))
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(grads[1].sum(), m)
