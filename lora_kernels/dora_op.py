@@ -7,17 +7,19 @@ take the backend's name and call its `forward_op` / `backward_op`
 (`reference.dora_linear_reference`), with g = m/n [N] (n detached, `dora.weight_row_norm`)
 and s, U, D as in `reference.py`:
 
-Without dropout (p = 0 or eval), one fused plain call with no bias gives
-Z = X W^T + s U B^T, and
+Without dropout (p = 0 or eval), g scales the rows of the whole product, so the plain
+op on W_g = diag(g) W and B_g = diag(g) B is DoRA itself: one fused call, no epilogue.
+Scaling W [N, K] costs less than scaling Y or dY [M, N] whenever M > K, and dY reaches
+the backward op unrounded:
 
-    Y  = g * Z + b                         (in place over Z)
-    dY' = dY * g;  backward_op(dY') gives dX, dA, dB, ds
-    db = sum_rows dY;  dm = sum_rows dY * Z / n = sum_rows dY * (Y - b) / m
+    Y  = X W_g^T + b + s U B_g^T = g * (X W^T + s U B^T) + b
+    backward_op(dY, W_g, B_g) gives dY W_g + s (dY B_g) A = dX, dA, dB_g = s dY^T U, ds, db
+    dB = g * dB_g;  dm = sum_rows dY * Z / n = sum_rows dY * (Y - b) / m   (Y - b = g Z)
 
 Backward keeps x, U (as the backend returns it: nothing from "cpu"), and Y itself (the
-op's output, which the next op usually keeps anyway): Z = (Y - b) / g is read back from
-it. Where m = 0 (g = 0) Y holds nothing of Z; those columns of Z are recomputed by a
-skinny product over their rows of W and B only.
+op's output, which the next op usually keeps anyway), from which Z is read back; W_g and
+B_g are formed again. Where m = 0 (g = 0) Y holds nothing of Z; those columns of Z are
+recomputed by a skinny product over their rows of W and B only.
 
 With dropout in training, peft's form Y = X W^T + b + (g - 1) * D(X) W^T + g * s U B^T
 is one fused plain call with B_g = diag(g) B (it gives X W^T + b + g * s U B^T, U and
@@ -26,7 +28,7 @@ as the reference rounds it:
 
     Y  = y_plain + (g - 1) / (1 - p) * P
     backward_op(dY, B_g) gives dY W + D(s (dY B_g) A), dA, dB_g = s dY^T U, ds, db
-    dX = that + keep * (((g - 1) / (1 - p) * dY) W)
+    dX = that + keep * (dY (diag((g - 1) / (1 - p)) W))
     dB = g * dB_g;  dm = (sum_rows dY * P / (1 - p) + sum_R (B * dB_g)) / n
 
 Backward keeps x, U, the keep bits (1 bit per element of x) and P [M, N] in x's dtype.
@@ -58,9 +60,9 @@ def _keep_mask(keep_bits, seed, M: int, K: int, p: float, device) -> torch.Tenso
     return reference.dropout_keep_mask(seed, M, K, p, device)
 
 
-def _scaled_rows(lora_B: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """B_g = diag(g) B in lora_B's dtype."""
-    return (g[:, None] * lora_B.to(g.dtype)).to(lora_B.dtype)
+def _scaled_rows(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """diag(g) t in t's dtype (W_g, B_g), the product in g's dtype and rounded once."""
+    return torch.mul(t, g[:, None], out=torch.empty_like(t))
 
 
 @torch.library.custom_op("lora_kernels::dora_forward", mutates_args=())
@@ -83,12 +85,10 @@ def dora_forward(
     acc = accumulation_dtype(x.dtype)
     g = _row_scale(magnitude, weight_norm, acc)
     if dropout_p == 0.0:
-        z, u, keep_bits = forward_op(x, weight, None, lora_A, lora_B, scaling, 0.0, seed)
-        if bias is None:
-            z.mul_(g)
-        else:
-            torch.addcmul(bias, z, g, out=z)  # one rounding of g * Z + b
-        return z, u, keep_bits, x.new_empty(0)
+        y, u, keep_bits = forward_op(
+            x, _scaled_rows(weight, g), bias, lora_A, _scaled_rows(lora_B, g), scaling, 0.0, seed
+        )
+        return y, u, keep_bits, x.new_empty(0)
     y, u, keep_bits = forward_op(
         x, weight, bias, lora_A, _scaled_rows(lora_B, g), scaling, dropout_p, seed
     )
@@ -142,26 +142,14 @@ def dora_backward(
     empty = x.new_empty(0)
     grad_x = grad_A = grad_B = grad_scaling = grad_bias = grad_m = empty
     if dropout_p == 0.0:
-        # dY * g rounded to a 16-bit x's dtype would cost the adapters' gradients (ds
-        # above all) bits that the reference keeps: there dA, dB and ds come from dY
-        # itself and B_g (a second call, which repeats only the skinny dY B).
-        split = x.dtype != acc and (need_grad_lora or need_grad_scaling)
-        if need_grad_x or (need_plain and not split):
-            grad_scaled = torch.mul(grad_y, g, out=torch.empty_like(grad_y))  # dY * g
-            grad_x, grad_A, grad_B, grad_scaling, _ = backward_op(
-                grad_scaled, x, weight, lora_A, lora_B, scaling, 0.0, seed, u, keep_bits,
-                need_grad_x, need_grad_lora and not split, need_grad_scaling and not split,
-                False,
-            )  # fmt: skip
-        if split:
-            _, grad_A, grad_B_g, grad_scaling, _ = backward_op(
-                grad_y, x, weight, lora_A, _scaled_rows(lora_B, g), scaling, 0.0, seed, u,
-                keep_bits, False, need_grad_lora, need_grad_scaling, False,
+        if need_plain or need_grad_bias:
+            grad_x, grad_A, grad_B_g, grad_scaling, grad_bias = backward_op(
+                grad_y, x, _scaled_rows(weight, g), lora_A, _scaled_rows(lora_B, g), scaling,
+                0.0, seed, u, keep_bits, need_grad_x, need_grad_lora, need_grad_scaling,
+                need_grad_bias,
             )  # fmt: skip
             if need_grad_lora:
                 grad_B = (g[:, None] * grad_B_g.to(acc)).to(lora_B.dtype)
-        if need_grad_bias:
-            grad_bias = grad_y.sum(0, dtype=acc).to(x.dtype)
         if need_grad_magnitude:
             grad_m = _magnitude_grad_from_output(
                 grad_y, x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, u, kept
@@ -178,8 +166,7 @@ def dora_backward(
     drop_scale = reference.dropout_scale(dropout_p)
     if need_grad_x:
         # The (g - 1) D(X) W^T term's gradient: one more product with W, masked.
-        grad_base = torch.mul(grad_y, (g - 1) * drop_scale, out=torch.empty_like(grad_y))
-        grad_dropped = grad_base @ weight  # [M, K]
+        grad_dropped = grad_y @ _scaled_rows(weight, (g - 1) * drop_scale)  # [M, K]
         grad_dropped.mul_(_keep_mask(keep_bits, seed, M, K, dropout_p, x.device))
         grad_x.add_(grad_dropped)
     if need_grad_magnitude:
@@ -195,8 +182,9 @@ def dora_backward(
 
 
 def _column_dot(a: torch.Tensor, b: torch.Tensor, acc) -> torch.Tensor:
-    """sum over rows of a * b [N], for a, b [M, N], in the accumulation dtype."""
-    return torch.linalg.vecdot(a.to(acc), b.to(acc), dim=0)
+    """sum over rows of a * b [N], for a, b [M, N], in the accumulation dtype (a product
+    and a sum: faster on CPUs than linalg.vecdot's or einsum's kernels)."""
+    return (a.to(acc) * b.to(acc)).sum(0)
 
 
 def _magnitude_grad_from_output(
@@ -205,9 +193,11 @@ def _magnitude_grad_from_output(
     """dm = sum_rows dY * Z / n without dropout, Z read back from Y = g * Z + b."""
     acc = accumulation_dtype(x.dtype)
     m = magnitude.to(acc)
-    base = y if bias is None else y.to(acc) - bias.to(acc)
-    # Y - b = g Z, and g n = m.
-    grad_m = _column_dot(grad_y, base, acc) / m
+    # Y - b = g Z, and g n = m: dm = (sum_rows dY * Y - b * sum_rows dY) / m.
+    grad_m = _column_dot(grad_y, y, acc)
+    if bias is not None:
+        grad_m = grad_m - bias.to(acc) * grad_y.sum(0, dtype=acc)
+    grad_m = grad_m / m
     cancelled = (m == 0).nonzero().squeeze(1)
     if cancelled.numel() > 0:
         # g = 0: Y carries nothing of Z there.
