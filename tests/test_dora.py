@@ -688,3 +688,14 @@ def test_double_backward_raises_and_first_order_grads_come_back(backend):
     assert all(g is not None and g.shape == t.shape for g, t in zip(grads, (x, m), strict=True))
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(grads[1].sum(), m)
+
+
+@pytest.mark.parametrize("K", [1, 7, 8, 21, 70])
+def test_table_unpack_of_the_keep_bits_is_the_reference_unpack(K):
+    from lora_kernels import dora_op
+
+    keep = reference.dropout_keep_mask(2**40 + 7, 13, K, 0.5)
+    bits = reference.pack_keep_mask(keep)
+    unpacked = dora_op.unpack_keep_bits(bits, K)
+    assert unpacked.dtype == torch.bool and torch.equal(unpacked, keep)
+    assert torch.equal(unpacked, reference.unpack_keep_mask(bits, K))
