@@ -252,28 +252,28 @@ def dora_passes(plain_passes):
     plain passes plus the DoRA epilogues (lora_kernels/dora_op.py)."""
 
     def passes(mode, M, K, N, R, p, dtype, adapter_dtype, bias):
-        e, c = _nbytes(dtype), 4
+        e = _nbytes(dtype)
         mk, mn = M * K, M * N
         plain = {m: plain_passes(m, M, K, N, R, p, dtype, adapter_dtype, bias) for m in MODES_}
         fwd = plain["fwd"] + _norm_passes(N, K, R, dtype, adapter_dtype)
         bwd = list(plain["bwd"])
+        scale_w = _ew("W_g = diag(g) W", 2 * e * N * K)
         if p == 0:
-            fwd.append(_ew("Y = g Z + b (in place)", 2 * e * mn))
-            bwd.append(_ew("dY * g", 2 * e * mn))
-            bwd.append(_ew("dm = sum dY (Y - b) / m", 2 * e * mn))
-            if e != c:  # 16-bit x: dA, dB, ds from dY and diag(g) B, a second G = dY B
-                bwd.append(_gemm("G = dY B_g", M, R, N, dtype))
+            # The plain op on diag(g) W and diag(g) B is DoRA itself.
+            fwd.append(scale_w)
+            bwd.append(scale_w)
+            bwd.append(_ew("dm = (sum dY * Y - b sum dY) / m", 2 * e * mn))
         else:
             bits = _bits_bytes(M, K, p)
             fwd += [
-                _ew("X * keep", 2 * e * mk + bits),
+                _ew("where(keep, X, 0)", 2 * e * mk + bits),
                 _gemm("P = (X * keep) W^T", M, N, K, dtype),
                 _ew("Y += (g - 1) / (1 - p) P", 3 * e * mn),
             ]
             bwd += [
-                _ew("dY (g - 1) / (1 - p)", 2 * e * mn),
-                _gemm("(dY (g - 1) / (1 - p)) W", M, K, N, dtype),
-                _ew("* keep, dX +=", 4 * e * mk + bits),
+                _ew("W_c = diag((g - 1) / (1 - p)) W", 2 * e * N * K),
+                _gemm("dY W_c", M, K, N, dtype),
+                _ew("where(keep, ., 0), dX +=", 4 * e * mk + bits),
                 _ew("dm = sum dY P", 2 * e * mn),
             ]
         return _by_mode(mode, fwd, bwd)
