@@ -699,3 +699,45 @@ def test_table_unpack_of_the_keep_bits_is_the_reference_unpack(K):
     unpacked = dora_op.unpack_keep_bits(bits, K)
     assert unpacked.dtype == torch.bool and torch.equal(unpacked, keep)
     assert torch.equal(unpacked, reference.unpack_keep_mask(bits, K))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+def test_ops_pass_opcheck(p):
+    from lora_kernels import dora_op
+
+    x, weight, b, A, B, _ = make_inputs(9, 14, 6, 3, F32)
+    m = random_magnitude(weight, A, B, 0.75)
+    n = reference.dora_weight_norm_reference(weight, A, B, 0.75)
+    s = torch.tensor(0.75, requires_grad=True)
+    seed = torch.tensor(12345, dtype=torch.int64)
+    args = (x, weight, b, A, B, m, n, s, p, seed, "torch")
+    torch.library.opcheck(dora_op.dora_forward, args)
+    with torch.no_grad():
+        y, u, bits, dropped = dora_op.dora_forward(*args)
+    kept = y if p == 0 else dropped
+    plain = [t.detach() if isinstance(t, torch.Tensor) else t for t in args]
+    grad_args = (torch.randn_like(y), *plain[:10], u, bits, kept, "torch")
+    torch.library.opcheck(dora_op.dora_backward, (*grad_args, True, True, True, True, True))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_forward_mode_ad_and_a_trainable_weight_take_the_composition(backend):
+    x, weight, b, A, B, s = make_inputs(9, 14, 6, 3, F32)
+    m = random_magnitude(weight, A, B, s)
+    args = (weight, b, A, B, m, s)
+    x0, tangent = x.detach(), torch.randn(x.shape)
+    y, jvp = torch.func.jvp(
+        lambda x: lora_kernels.dora_linear(x, *args, backend=backend), (x0,), (tangent,)
+    )
+    y_ref, jvp_ref = torch.func.jvp(
+        lambda x: reference.dora_linear_reference(x, *args), (x0,), (tangent,)
+    )
+    assert_close(y, y_ref, F32, "output under jvp")
+    assert_close(jvp, jvp_ref, F32, "jvp")
+    trainable = weight.clone().requires_grad_()
+    y = lora_kernels.dora_linear(x, trainable, b, A, B, m, s, backend=backend)
+    (grad,) = torch.autograd.grad(y.square().sum(), trainable)
+    y_ref = reference.dora_linear_reference(x, trainable, b, A, B, m, s)
+    (grad_ref,) = torch.autograd.grad(y_ref.square().sum(), trainable)
+    assert grad.abs().max() > 0
+    assert_close(grad, grad_ref, F32, "grad of a trainable weight")
