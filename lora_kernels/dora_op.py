@@ -185,7 +185,7 @@ def dora_backward(
         # The (g - 1) D(X) W^T term's gradient: one more product with W, masked.
         grad_dropped = grad_y @ _scaled_rows(weight, (g - 1) * drop_scale)  # [M, K]
         keep = _keep_mask(keep_bits, seed, M, K, dropout_p, x.device)
-        grad_x.add_(torch.where(keep, grad_dropped, 0))
+        grad_x.addcmul_(grad_dropped, keep)  # one pass: the bool mask read as 0 / 1
     if need_grad_magnitude:
         # sum_rows dY * s U B^T = sum_R B * (s dY^T U), which is dB_g.
         lora_part = (lora_B.to(acc) * grad_B_g.to(acc)).sum(1)
