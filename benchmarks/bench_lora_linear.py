@@ -66,8 +66,10 @@ from harness import DTYPE_NAMES, DTYPES, RESULTS  # noqa: E402
 from providers import (  # noqa: E402
     Task,
     check_output,
+    is_dora,
     make_input_set,
     peak_bytes_gpu,
+    provider_backend,
     saved_bytes,
     usable_backends,
 )
@@ -102,6 +104,11 @@ PROVIDER_LABELS = {
     "lk-cpu": "lora_kernels [cpu]",
     "lk-cuda": "lora_kernels [cuda]",
     "lk-triton": "lora_kernels [triton]",
+    "peft-dora": "peft lora.Linear, use_dora=True",
+    "lk-dora-torch": "lora_kernels DoRA [torch]",
+    "lk-dora-cpu": "lora_kernels DoRA [cpu]",
+    "lk-dora-cuda": "lora_kernels DoRA [cuda]",
+    "lk-dora-triton": "lora_kernels DoRA [triton]",
 }
 CSV_KEY = (
     "device",
@@ -302,7 +309,9 @@ def run_config(cfg, device, providers, modes, args, env, progress=None) -> list[
         for mode in modes:
             median, p20, p80 = stats[(name, mode)]
             floor = stats.get(("linear", mode), (math.nan,))[0]
-            peft = stats.get(("peft", mode), (math.nan,))[0]
+            # DoRA rows compare with peft's DoRA layer, LoRA rows with its LoRA layer.
+            peft_name = "peft-dora" if is_dora(name) else "peft"
+            peft = stats.get((peft_name, mode), (math.nan,))[0]
             shape = (cfg.M, cfg.K, cfg.N, cfg.R, cfg.p, cfg.dtype, adapter_dtype, args.bias)
             m = traffic_model.model(name, mode, *shape)
             m_floor = traffic_model.model("linear", mode, *shape)
@@ -321,7 +330,7 @@ def run_config(cfg, device, providers, modes, args, env, progress=None) -> list[
                     "bias": int(args.bias),
                     "provider": name,
                     "mode": mode,
-                    "backend": name.removeprefix("lk-") if name.startswith("lk-") else "",
+                    "backend": provider_backend(name),
                     "median_ms": median,
                     "p20_ms": p20,
                     "p80_ms": p80,
@@ -590,6 +599,7 @@ def select_providers(device, wanted) -> tuple[list[str], dict[str, str]]:
     except ImportError as error:
         providers.remove("peft")
         skipped["peft"] = f"peft is not installed ({error})"
+    providers += dora_providers(providers, backends)
     if wanted:
         unknown = set(wanted) - set(providers)
         if unknown:
@@ -649,6 +659,12 @@ def run_qlora(args) -> int:
                     )
                 print()
     return 0
+
+
+def dora_providers(providers, backends) -> list[str]:
+    """DoRA beside LoRA: peft's use_dora=True layer (when peft is) and dora_linear on
+    every usable backend."""
+    return (["peft-dora"] if "peft" in providers else []) + [f"lk-dora-{b}" for b in backends]
 
 
 def main(argv=None) -> int:

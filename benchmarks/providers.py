@@ -20,7 +20,11 @@ from torch import nn
 import lora_kernels
 from lora_kernels.backends import resolve_backend
 from lora_kernels.memory import saved_activations
-from lora_kernels.reference import lora_linear_reference
+from lora_kernels.reference import (
+    dora_linear_reference,
+    dora_weight_norm_reference,
+    lora_linear_reference,
+)
 
 LORA_ALPHA = 16.0
 
@@ -55,7 +59,7 @@ class _OneLayer(nn.Module):
         return self.proj(x)
 
 
-def build_peft_layer(weight, bias, lora_A, lora_B, R, alpha, p) -> nn.Module:
+def build_peft_layer(weight, bias, lora_A, lora_B, R, alpha, p, use_dora=False) -> nn.Module:
     """peft's lora.Linear around an nn.Linear holding `weight`, via get_peft_model.
 
     The adapter parameters are then set to the shared `lora_A`, `lora_B` (float32 by
@@ -71,7 +75,9 @@ def build_peft_layer(weight, bias, lora_A, lora_B, R, alpha, p) -> nn.Module:
     base.weight = weight
     if bias is not None:
         base.bias = bias
-    config = LoraConfig(r=R, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"])
+    config = LoraConfig(
+        r=R, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"], use_dora=use_dora
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = get_peft_model(_OneLayer(base), config)
@@ -93,13 +99,16 @@ class InputSet:
     bias: nn.Parameter | None
     lora_A: nn.Parameter
     lora_B: nn.Parameter
+    magnitude: nn.Parameter | None = None  # DoRA's m [N], when a DoRA provider runs
     fns: dict = field(default_factory=dict)
 
     def params(self) -> list[torch.Tensor]:
-        return [t for t in (self.weight, self.bias, self.lora_A, self.lora_B) if t is not None]
+        tensors = (self.weight, self.bias, self.lora_A, self.lora_B, self.magnitude)
+        return [t for t in tensors if t is not None]
 
     def grads_to_none(self) -> list[torch.Tensor]:
-        return [self.x, self.lora_A, self.lora_B]
+        extra = [self.magnitude] if self.magnitude is not None else []
+        return [self.x, self.lora_A, self.lora_B, *extra]
 
 
 def make_input_set(cfg, device, adapter_dtype, bias, providers, seed) -> InputSet:
@@ -117,6 +126,8 @@ def make_input_set(cfg, device, adapter_dtype, bias, providers, seed) -> InputSe
     lora_A = nn.Parameter(rand(R, K, dtype=adapter_dtype, scale=K**-0.5))
     lora_B = nn.Parameter(rand(N, R, dtype=adapter_dtype, scale=R**-0.5))
     s = InputSet(x, dy, weight, b, lora_A, lora_B)
+    if any(is_dora(name) for name in providers):
+        s.magnitude = random_magnitude(s, g)
     s.fns = {name: provider_fn(name, s, cfg.p) for name in providers}
     return s
 
@@ -138,6 +149,8 @@ def provider_fn(name: str, s: InputSet, p: float):
             return out.addmm_(xa, B.t().to(x.dtype), alpha=scale)
 
         return unsloth
+    if is_dora(name):
+        return dora_provider_fn(name, s, p)
     backend = name.removeprefix("lk-")
 
     def lk(x):
@@ -183,6 +196,65 @@ class Task(Timed):
             s.fns[self.provider](s.x).backward(s.dy)
 
 
+# ---------------------------------------------------------------------------------------
+# DoRA providers: peft's `use_dora=True` layer and `lora_kernels.dora_linear`
+
+
+def is_dora(name: str) -> bool:
+    """'peft-dora' or 'lk-dora-<backend>'."""
+    return name == "peft-dora" or name.startswith("lk-dora-")
+
+
+def provider_backend(name: str) -> str:
+    """The lora_kernels backend of an 'lk-...' provider, else ''."""
+    return name.removeprefix("lk-dora-").removeprefix("lk-") if name.startswith("lk-") else ""
+
+
+def random_magnitude(s: InputSet, g: torch.Generator) -> nn.Parameter:
+    """m [N] in the adapters' dtype: the row norms of W + s B A times a factor in
+    [0.5, 1.5), so that m/n is far from 1."""
+    scale = LORA_ALPHA / s.lora_A.shape[0]
+    n = dora_weight_norm_reference(s.weight, s.lora_A, s.lora_B, scale)
+    factor = 0.5 + torch.rand(n.shape, generator=g).to(n.device)
+    return nn.Parameter((n * factor).to(s.lora_A.dtype))
+
+
+def dora_provider_fn(name: str, s: InputSet, p: float):
+    w, b, A, B, m = s.weight, s.bias, s.lora_A, s.lora_B, s.magnitude
+    R = A.shape[0]
+    if name == "peft-dora":
+        layer = build_peft_layer(w, b, A, B, R, LORA_ALPHA, p, use_dora=True)
+        layer.lora_magnitude_vector["default"].weight = m
+        return layer
+    backend = provider_backend(name)
+    cache = lora_kernels.dora.WeightNormCache()  # as LoRALinear(use_dora=True) holds one
+
+    def lk_dora(x):
+        return lora_kernels.dora_linear(
+            x, w, b, A, B, m, LORA_ALPHA / R, p, training=True, backend=backend, norm_cache=cache
+        )
+
+    return lk_dora
+
+
+def dora_reference_output(s: InputSet, cfg) -> torch.Tensor:
+    """DoRA's output at p = 0 in float64 from the tensors of `s`."""
+
+    def up(t):
+        return None if t is None else t.detach().double()
+
+    return dora_linear_reference(
+        up(s.x),
+        up(s.weight),
+        up(s.bias),
+        up(s.lora_A),
+        up(s.lora_B),
+        up(s.magnitude),
+        LORA_ALPHA / cfg.R,
+        0.0,
+    )
+
+
 def saved_bytes(s: InputSet, provider: str) -> int:
     _, saved = saved_activations(lambda: s.fns[provider](s.x), exclude=s.params())
     return saved.bytes
@@ -209,7 +281,9 @@ def check_output(s: InputSet, provider: str, cfg) -> str:
         return "-"
     with torch.no_grad():
         y = s.fns[provider](s.x).double()
-        if provider == "linear":
+        if is_dora(provider):
+            ref = dora_reference_output(s, cfg)
+        elif provider == "linear":
             ref = torch.nn.functional.linear(
                 s.x.double(), s.weight.double(), None if s.bias is None else s.bias.double()
             )

@@ -287,6 +287,85 @@ def _with_4bit_base(passes_fn):
     return passes
 
 
+# DoRA (m [N], n = ||W + s B A|| per row, g = m / n): lora_kernels.dora_op and peft
+
+
+def _norm_passes(N, K, R, dtype, adapter_dtype):
+    """n from the identity (lora_kernels.dora): W A^T, one pass over W (||W_n||^2 cached)."""
+    e, a = _nbytes(dtype), _nbytes(adapter_dtype)
+    return [Pass("W A^T (norm)", 2.0 * N * K * R, e * N * K + a * (R * K + 2 * N * R), dtype)]
+
+
+def dora_passes(plain_passes):
+    """lora_kernels' DoRA op on a backend whose plain design is `plain_passes`: its
+    plain passes plus the DoRA epilogues (lora_kernels/dora_op.py)."""
+
+    def passes(mode, M, K, N, R, p, dtype, adapter_dtype, bias):
+        e = _nbytes(dtype)
+        mk, mn = M * K, M * N
+        plain = {m: plain_passes(m, M, K, N, R, p, dtype, adapter_dtype, bias) for m in MODES_}
+        fwd = plain["fwd"] + _norm_passes(N, K, R, dtype, adapter_dtype)
+        bwd = list(plain["bwd"])
+        scale_w = _ew("W_g = diag(g) W", 2 * e * N * K)
+        if p == 0:
+            # The plain op on diag(g) W and diag(g) B is DoRA itself.
+            fwd.append(scale_w)
+            bwd.append(scale_w)
+            bwd.append(_ew("dm = (sum dY * Y - b sum dY) / m", 2 * e * mn))
+        else:
+            bits = _bits_bytes(M, K, p)
+            fwd += [
+                _ew("where(keep, X, 0)", 2 * e * mk + bits),
+                _gemm("P = (X * keep) W^T", M, N, K, dtype),
+                _ew("Y += (g - 1) / (1 - p) P", 3 * e * mn),
+            ]
+            bwd += [
+                _ew("W_c = diag((g - 1) / (1 - p)) W", 2 * e * N * K),
+                _gemm("dY W_c", M, K, N, dtype),
+                _ew("where(keep, ., 0), dX +=", 4 * e * mk + bits),
+                _ew("dm = sum dY P", 2 * e * mn),
+            ]
+        return _by_mode(mode, fwd, bwd)
+
+    return passes
+
+
+def peft_dora_passes(mode, M, K, N, R, p, dtype, adapter_dtype, bias):
+    """peft 0.21's DoraLinearLayer on top of its LoRA layer: B(A(eye)) [K, N], the [N, K]
+    norm, and the epilogue's elementwise passes over [M, N]; with dropout, X W^T again on
+    the dropped input. Counted from peft's forward, one pass per ATen op."""
+    e, a = _nbytes(dtype), _nbytes(adapter_dtype)
+    c = _nbytes(torch.promote_types(dtype, adapter_dtype))
+    mn, nk = M * N, N * K
+    plain = {m: peft_passes(m, M, K, N, R, p, dtype, adapter_dtype, bias) for m in MODES_}
+    fwd = plain["fwd"] + [
+        _gemm("A(eye)", K, R, K, adapter_dtype),
+        _gemm("B(A(eye))", K, N, R, adapter_dtype),
+        _ew("W + s (B A)^T", (e + 2 * a) * nk),
+        _ew("row norms", a * nk),
+    ]
+    if p > 0:
+        fwd.append(_gemm("base = D(X) W^T", M, N, K, dtype))
+    elif bias:
+        fwd.append(_ew("base = Y0 - b", 2 * e * mn))
+    fwd += [
+        _ew("(g - 1) * base", 2 * c * mn),
+        _ew("g * lora * s", 4 * c * mn),
+        _ew("sum, + result", 6 * c * mn),
+    ]
+    bwd = plain["bwd"] + [
+        _ew("grads of the epilogue", 8 * c * mn),
+        _ew("dm = sums over rows", 4 * c * mn),
+    ]
+    if p > 0:
+        bwd.append(_gemm("d(D(X)) = dbase W", M, K, N, dtype))
+        bwd.append(_ew("dropout backward, dX +=", 5 * e * M * K))
+    return _by_mode(mode, fwd, bwd)
+
+
+MODES_ = ("fwd", "bwd")
+
+
 def _by_mode(mode, fwd, bwd):
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
@@ -305,6 +384,11 @@ MODELS = {
     "peft-4bit": _with_4bit_base(peft_passes),
     "lk-triton-4bit": _with_4bit_base(fused_passes),
     "lk-cuda-4bit": _with_4bit_base(cpp_passes),
+    "peft-dora": peft_dora_passes,
+    "lk-dora-triton": dora_passes(fused_passes),
+    "lk-dora-cuda": dora_passes(cpp_passes),
+    "lk-dora-cpu": dora_passes(cpp_passes),
+    "lk-dora-torch": dora_passes(torch_backend_passes),
 }
 
 

@@ -151,3 +151,22 @@ def weight_row_norm(
             direct = rows + scaling * (B.index_select(0, cancelled) @ A)
             n_sq = n_sq.index_copy(0, cancelled, torch.linalg.vector_norm(direct, dim=1).square())
     return n_sq.sqrt()
+
+
+@torch.library.custom_op("lora_kernels::dora_weight_row_norm", mutates_args=())
+def _weight_row_norm_op(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: torch.Tensor
+) -> torch.Tensor:
+    return weight_row_norm(weight, lora_A, lora_B, scaling)
+
+
+@_weight_row_norm_op.register_fake
+def _(weight, lora_A, lora_B, scaling):
+    return weight.new_empty(weight.shape[0], dtype=accumulation_dtype(weight.dtype))
+
+
+def weight_row_norm_op(weight, lora_A, lora_B, scaling: torch.Tensor) -> torch.Tensor:
+    """`weight_row_norm` without a cache as one opaque op, for torch.compile: the row
+    choice for cancellation is data-dependent (a graph break if traced); scaling is a
+    0-dim tensor."""
+    return _weight_row_norm_op(weight, lora_A.detach(), lora_B.detach(), scaling.detach())

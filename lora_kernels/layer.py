@@ -72,9 +72,8 @@ class LoRALinear(nn.Module):
         backend: backend name passed to `lora_linear`, or None for the automatic choice.
         use_dora: DoRA (Liu et al. 2024, peft's `use_dora=True`): adds the parameter
             `lora_magnitude` [N] (adapter dtype), initialised to the row norms of
-            W + s B A, and runs `dora_linear`. Its backend is None or "torch" for now
-            (the reference's composition of ATen ops). `merge` folds the row scale in:
-            W' = (m/n) (W + s B A).
+            W + s B A, and runs `dora_linear` on the same backends as `lora_linear`.
+            `merge` folds the row scale in: W' = (m/n) (W + s B A).
 
     Input x [*, K] in the wrapped layer's dtype; output [*, N] in x's dtype. Gradients
     of A, B (and a learnable scaling) come in their own dtype. Under `torch.autocast`
@@ -107,11 +106,6 @@ class LoRALinear(nn.Module):
         learnable_scaling = check_flag("learnable_scaling", learnable_scaling)
         self.backend = check_backend(backend)
         self.use_dora = check_flag("use_dora", use_dora)
-        if self.use_dora and self.backend not in (None, "torch"):
-            raise ValueError(
-                "use_dora=True runs on the 'torch' backend only so far (fused DoRA kernels "
-                f"are not written yet): pass backend=None or 'torch', got {backend!r}"
-            )
 
         self.quantized = quant4bit.is_4bit_weight(original_linear_layer.weight)
         if self.quantized and (self.use_dora or self.init == "svd"):

@@ -2,8 +2,8 @@
 
 Checks the arguments, flattens the leading dims of x, draws the dropout seed, picks
 the backend (`backends.resolve_backend`) and calls its forward op, whose autograd
-formula lives in `contract.py`. The math is in `reference.py`. `dora_linear` runs the
-reference's composition of ATen ops for now (no fused DoRA kernel yet), with the norm
+formula lives in `contract.py`. The math is in `reference.py`. `dora_linear` calls the
+DoRA op of `dora_op.py`, which composes the chosen backend's plain ops, with the norm
 of `dora.py` and the plain op's seed.
 """
 
@@ -15,7 +15,7 @@ import numbers
 
 import torch
 
-from . import backends, contract, dora, quant4bit, reference
+from . import backends, contract, dora, dora_op, quant4bit, reference
 from .validation import check_backend, check_dropout_p, check_flag
 
 _FLOAT_DTYPES = contract.STORAGE_DTYPES
@@ -278,8 +278,9 @@ def dora_linear(
     Args:
         x, weight, bias, lora_A, lora_B, scaling, dropout_p, training: as `lora_linear`.
         magnitude: m [N], lora_A's dtype.
-        backend: None or "torch": DoRA runs the reference's composition of ATen ops
-            (autograd through it) until its fused kernels land; another name raises.
+        backend: as `lora_linear`: the chosen backend's fused plain ops run DoRA
+            (`lora_kernels.dora_op`); a weight that requires grad, torch.func
+            transforms and forward-mode AD run the reference's composition instead.
         norm_cache: a `dora.WeightNormCache` that keeps ||W_n||^2 between calls
             (`LoRALinear` holds one), or None to compute it every call.
 
@@ -307,30 +308,48 @@ def dora_linear(
         )
     check_flag("training", training)
     check_backend(backend)
-    if backend not in (None, "torch"):
-        raise NotImplementedError(
-            "dora_linear runs on the 'torch' backend only (the reference's composition; "
-            f"fused DoRA kernels are not written yet), got backend={backend!r}"
-        )
     if not training:
         p = 0.0
     K = x.shape[-1]
     x2d = x.reshape(math.prod(x.shape[:-1]), K)
+    acc = contract.accumulation_dtype(x.dtype)
+    on_meta = x.device.type == "meta"
     # The plain op's seed: the same draw, so the same mask for the same seed and shape.
     seed = call_seed(p, x.device)
     # The operands are cast already; autocast inside would round the float32 products.
     with _autocast_disabled(x.device.type):
-        weight_norm = dora.weight_row_norm(weight, lora_A, lora_B, scaling, norm_cache)
-        y = reference.dora_linear_reference(
-            x2d,
-            weight,
-            bias,
-            lora_A,
-            lora_B,
-            magnitude,
-            scaling,
-            p,
-            seed=seed,
-            weight_norm=weight_norm,
+        if weight.requires_grad or composition_needed():
+            # As lora_linear: dW and the torch.func / forward-mode rules come from a
+            # composition of ATen ops with the same mask.
+            if backend is not None and not on_meta:
+                backends.resolve_backend(x.device.type, backend)
+            weight_norm = dora.weight_row_norm(weight, lora_A, lora_B, scaling, norm_cache)
+            y = reference.dora_linear_reference(
+                x2d,
+                weight,
+                bias,
+                lora_A,
+                lora_B,
+                magnitude,
+                scaling,
+                p,
+                seed=seed,
+                weight_norm=weight_norm,
+            )
+            return y.reshape(*x.shape[:-1], N)
+        if isinstance(scaling, torch.Tensor):
+            scaling_t = scaling.reshape(()).to(acc)
+        else:
+            scaling_t = torch.full((), float(scaling), dtype=acc, device=x.device)
+        # On meta tensors the "torch" backend's ops give the shapes (see lora_linear).
+        name = "torch" if on_meta else backends.resolve_backend(x.device.type, backend)
+        if torch.compiler.is_compiling():
+            # The cache is Python state keyed on the weight's storage; traced, the norm
+            # is one op (||W_n||^2 recomputed each call: one pass over W).
+            weight_norm = dora.weight_row_norm_op(weight, lora_A, lora_B, scaling_t)
+        else:
+            weight_norm = dora.weight_row_norm(weight, lora_A, lora_B, scaling_t, norm_cache)
+        y, _, _, _ = dora_op.dora_forward(
+            x2d, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling_t, p, seed, name
         )
     return y.reshape(*x.shape[:-1], N)

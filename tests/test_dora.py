@@ -12,12 +12,12 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DTYPE_IDS, assert_close, make_inputs
+from helpers import DTYPE_IDS, assert_close, make_inputs, usable_backends
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_kernels
-from lora_kernels import LoRALinear, dora, ops, reference
+from lora_kernels import LoRALinear, dora, memory, ops, reference
 
 F32, F64 = torch.float32, torch.float64
 
@@ -71,11 +71,35 @@ SHAPES = [
 DTYPES = [pytest.param(dt, id=DTYPE_IDS[dt]) for dt in (F32, torch.bfloat16, torch.float16)]
 
 
+# Every backend that serves CPU tensors here; Triton (interpreted) has its own test below.
+CPU_BACKENDS = [param for param in usable_backends("cpu") if param.id != "triton"]
+TRITON = [param for param in usable_backends("cpu") if param.id == "triton"]
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lead, M, K, N, R", SHAPES)
-def test_dora_linear_matches_peft_formula_float64(lead, M, K, N, R, dtype, bias, p):
+def test_dora_linear_matches_peft_formula_float64(lead, M, K, N, R, dtype, bias, p, backend):
+    check_against_peft_formula(lead, M, K, N, R, dtype, bias, p, backend)
+
+
+# The Triton kernels round float32 adapter tiles to a 16-bit x's dtype, so that their
+# plain op meets the tolerances only from about M = 63 (tests/test_backend_triton.py's
+# shapes); the interpreter keeps the shapes small.
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dora_linear_on_triton_matches_peft_formula_float64(dtype, p, backend):
+    check_against_peft_formula((), 63, 70, 33, 7, dtype, True, p, backend)
+
+
+def check_against_peft_formula(lead, M, K, N, R, dtype, bias, p, backend, zero_rows=None):
+    """dora_linear on `backend`: output and every gradient against float64 peft;
+    `zero_rows` sets those entries of m to 0 (g = 0 there)."""
     # float32 adapters on a 16-bit layer, as LoRALinear (and peft) make them.
     lora_dtype = F32 if dtype != F32 else dtype
     x, weight, b, A, B, _ = make_inputs(
@@ -83,8 +107,11 @@ def test_dora_linear_matches_peft_formula_float64(lead, M, K, N, R, dtype, bias,
     )
     s = torch.tensor(0.75, dtype=F32, requires_grad=True)
     m = random_magnitude(weight, A, B, 0.75)
+    if zero_rows is not None:
+        with torch.no_grad():
+            m[zero_rows] = 0
     torch.manual_seed(11)
-    y = lora_kernels.dora_linear(x, weight, b, A, B, m, s, p)
+    y = lora_kernels.dora_linear(x, weight, b, A, B, m, s, p, backend=backend)
     assert y.dtype == dtype and y.shape == (*lead, M, N)
     Mt = M * (lead[0] if lead else 1)
     keep = plain_op_mask(Mt, K, p, 11) if p > 0 else None
@@ -115,6 +142,31 @@ def test_dora_linear_matches_peft_formula_float64(lead, M, K, N, R, dtype, bias,
         assert grad.dtype == named[name].dtype, f"grad of {name}: dtype {grad.dtype}"
         assert grad64.abs().max() > 0, f"grad of {name} is zero: the check could not fail"
         assert_close(grad, grad64, dtype, f"grad of {name}")
+    if zero_rows is not None:
+        # Where g = 0, Y holds nothing of Z: dm there must come from Z recomputed.
+        grad_m, grad64_m = grads[list(named).index("magnitude")], grads64[-2]
+        assert grad64_m[zero_rows].abs().min() > 0
+        assert_close(grad_m[zero_rows], grad64_m[zero_rows], dtype, "grad of m where m = 0")
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_magnitude_rows_get_their_gradient(dtype, p, backend):
+    check_against_peft_formula((), 13, 21, 11, 5, dtype, True, p, backend, zero_rows=[0, 4, 10])
+
+
+def test_zero_magnitude_test_can_fail(monkeypatch):
+    """Without Z's recomputed columns (here zeros), dm where m = 0 is wrong."""
+    from lora_kernels import dora_op
+
+    def zeros(x, weight, lora_A, lora_B, scaling, u, columns):
+        return x.new_zeros(x.shape[0], columns.numel(), dtype=F32)
+
+    monkeypatch.setattr(dora_op, "_columns_of_z", zeros)
+    with pytest.raises(AssertionError, match="grad of m"):
+        check_against_peft_formula((), 13, 21, 11, 5, F32, True, 0.0, "torch", zero_rows=[0])
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
@@ -182,14 +234,19 @@ class FixedMaskDropout(nn.Module):
         return x * self.keep.reshape(x.shape) * reference.dropout_scale(self.p)
 
 
-def ours_and_peft(K, N, R, dtype, bias, dropout):
+def ours_and_peft(K, N, R, dtype, bias, dropout, backend=None):
     """Our DoRA layer and peft's on copies of one random nn.Linear, with equal A, B, m:
     B random and m off the norms (peft inits B = 0 and m = ||W||)."""
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     base = OneLinear(K, N, bias, dtype)
     ours = LoRALinear(
-        copy.deepcopy(base.lin), rank=R, alpha=2.0 * R, dropout=dropout, use_dora=True
+        copy.deepcopy(base.lin),
+        rank=R,
+        alpha=2.0 * R,
+        dropout=dropout,
+        use_dora=True,
+        backend=backend,
     )
     config = peft.LoraConfig(
         r=R, lora_alpha=2.0 * R, lora_dropout=dropout, target_modules=["lin"], use_dora=True
@@ -214,9 +271,10 @@ def ours_and_peft(K, N, R, dtype, bias, dropout):
 @pytest.mark.parametrize(
     "dtype", [pytest.param(dt, id=DTYPE_IDS[dt]) for dt in (F32, torch.bfloat16)]
 )
-def test_layer_matches_peft_dora(dtype, bias, dropout):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_layer_matches_peft_dora(dtype, bias, dropout, backend):
     K, N, R, lead = 37, 29, 5, (3, 11)
-    ours, theirs = ours_and_peft(K, N, R, dtype, bias, dropout)
+    ours, theirs = ours_and_peft(K, N, R, dtype, bias, dropout, backend)
     if dropout > 0:
         # peft's dropout module replaced by one with the mask our op draws after seed 4.
         theirs.lora_dropout["default"] = FixedMaskDropout(plain_op_mask(33, K, dropout, 4), dropout)
@@ -473,12 +531,12 @@ def test_learnable_scaling_trains_and_plain_layers_keep_their_state_dict():
 def test_dora_refusals_name_what_is_wrong():
     with pytest.raises(TypeError, match="use_dora must be a bool"):
         LoRALinear(nn.Linear(4, 3), rank=2, use_dora=1)
-    with pytest.raises(ValueError, match="use_dora=True runs on the 'torch' backend only"):
-        LoRALinear(nn.Linear(4, 3), rank=2, use_dora=True, backend="cpu")
     x, weight, b, A, B, s = make_inputs(5, 6, 4, 2, F32)
     m = torch.ones(4)
-    with pytest.raises(NotImplementedError, match="'torch' backend only"):
-        lora_kernels.dora_linear(x, weight, b, A, B, m, s, backend="cpu")
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not usable"):
+        lora_kernels.dora_linear(x, weight, b, A, B, m, s, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        lora_kernels.dora_linear(x, weight, b, A, B, m, s, backend="gpu")
     with pytest.raises(ValueError, match=r"magnitude must have shape \[4\].*got \[5\]"):
         lora_kernels.dora_linear(x, weight, b, A, B, torch.ones(5), s)
     with pytest.raises(TypeError, match="magnitude must have lora_A's dtype torch.float32"):
@@ -509,9 +567,11 @@ def test_autocast_casts_every_operand_and_keeps_float32_products():
     assert ops.autocast_operands(x, weight)[1] is weight  # no autocast: unchanged
 
 
-def test_activation_checkpointing_recomputes_the_same_mask():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_activation_checkpointing_recomputes_the_same_mask(backend):
     layer = dora_layer()
     layer.dropout = 0.3
+    layer.backend = backend
     x = torch.randn(6, 23, requires_grad=True)
     torch.manual_seed(8)
     layer(x).square().sum().backward()
@@ -549,3 +609,131 @@ def test_apply_lora_use_dora_and_the_model_helpers_keep_the_magnitude(tmp_path):
     # save_adapter writes it in peft's format (tests/test_dora_interop.py).
     lora_kernels.save_adapter(model, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# What backward keeps, torch.compile, double backward
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(dt, id=DTYPE_IDS[dt]) for dt in (F32, torch.bfloat16)]
+)
+def test_backward_keeps_x_u_the_bits_and_one_M_by_N_tensor(dtype, p, backend):
+    """x, U (none from "cpu" without dropout), with dropout the 1-bit mask, n [N] and
+    one [M, N] tensor in x's dtype: Y itself without dropout, P = (X * keep) W^T with
+    it. No [N, K] tensor, no float [M, K] tensor but x."""
+    M, K, N, R = 61, 48, 40, 4
+    layer = LoRALinear(
+        nn.Linear(K, N, dtype=dtype), rank=R, dropout=p, use_dora=True, backend=backend
+    )
+    x = torch.randn(M, K, dtype=dtype, requires_grad=True)
+    y, saved = memory.saved_activations(lambda: layer(x), exclude=list(layer.parameters()))
+    shapes = {(tuple(t.shape), t.dtype) for t in saved.tensors}
+    assert all(t.shape != (N, K) for t in saved.tensors), saved.describe()
+    by_shape = {}
+    for t in saved.tensors:
+        key = (t.untyped_storage().data_ptr(), tuple(t.shape), t.dtype)
+        by_shape.setdefault((tuple(t.shape), t.dtype), set()).add(key)
+    assert len(by_shape.get(((M, N), dtype), ())) == 1, saved.describe()
+    float_MK = [t for t in saved.tensors if t.shape == (M, K) and t.is_floating_point()]
+    assert all(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in float_MK)
+    MN = next(t for t in saved.tensors if t.shape == (M, N))
+    if p == 0:
+        assert MN.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+    acc_bytes = 4
+    expected = x.nbytes + M * N * x.element_size() + N * acc_bytes  # and n [N]
+    if not (backend == "cpu" and p == 0):
+        expected += M * R * acc_bytes  # U
+    if p > 0:
+        expected += M * ((K + 7) // 8)  # the keep bits
+        assert ((M, (K + 7) // 8), torch.uint8) in shapes
+    # The seed and the scaling (0-dim) are all else.
+    assert expected <= saved.bytes <= expected + 64, saved.describe()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+def test_compile_fullgraph(p, backend):
+    layer = dora_layer()
+    layer.dropout, layer.backend = p, backend
+    layer.scaling = nn.Parameter(torch.tensor(layer.scaling))
+    x = torch.randn(9, 23, requires_grad=True)
+    params = [x, layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.scaling]
+
+    def step(x):
+        return layer(x).square().sum()
+
+    torch.manual_seed(0)
+    eager = torch.autograd.grad(step(x), params)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(0)
+    got = torch.autograd.grad(compiled(x), params)
+    for a, e in zip(got, eager, strict=True):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_double_backward_raises_and_first_order_grads_come_back(backend):
+    x, weight, b, A, B, s = make_inputs(9, 14, 6, 3, F32)
+    m = random_magnitude(weight, A, B, s)
+    y = lora_kernels.dora_linear(x, weight, b, A, B, m, s, backend=backend)
+    grads = torch.autograd.grad(y.square().sum(), (x, m), create_graph=True)
+    assert all(g is not None and g.shape == t.shape for g, t in zip(grads, (x, m), strict=True))
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(grads[1].sum(), m)
+
+
+@pytest.mark.parametrize("K", [1, 7, 8, 21, 70])
+def test_table_unpack_of_the_keep_bits_is_the_reference_unpack(K):
+    from lora_kernels import dora_op
+
+    keep = reference.dropout_keep_mask(2**40 + 7, 13, K, 0.5)
+    bits = reference.pack_keep_mask(keep)
+    unpacked = dora_op.unpack_keep_bits(bits, K)
+    assert unpacked.dtype == torch.bool and torch.equal(unpacked, keep)
+    assert torch.equal(unpacked, reference.unpack_keep_mask(bits, K))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+def test_ops_pass_opcheck(p):
+    from lora_kernels import dora_op
+
+    x, weight, b, A, B, _ = make_inputs(9, 14, 6, 3, F32)
+    m = random_magnitude(weight, A, B, 0.75)
+    n = reference.dora_weight_norm_reference(weight, A, B, 0.75)
+    s = torch.tensor(0.75, requires_grad=True)
+    seed = torch.tensor(12345, dtype=torch.int64)
+    args = (x, weight, b, A, B, m, n, s, p, seed, "torch")
+    torch.library.opcheck(dora_op.dora_forward, args)
+    with torch.no_grad():
+        y, u, bits, dropped = dora_op.dora_forward(*args)
+    kept = y if p == 0 else dropped
+    plain = [t.detach() if isinstance(t, torch.Tensor) else t for t in args]
+    grad_args = (torch.randn_like(y), *plain[:10], u, bits, kept, "torch")
+    torch.library.opcheck(dora_op.dora_backward, (*grad_args, True, True, True, True, True))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_forward_mode_ad_and_a_trainable_weight_take_the_composition(backend):
+    x, weight, b, A, B, s = make_inputs(9, 14, 6, 3, F32)
+    m = random_magnitude(weight, A, B, s)
+    args = (weight, b, A, B, m, s)
+    x0, tangent = x.detach(), torch.randn(x.shape)
+    y, jvp = torch.func.jvp(
+        lambda x: lora_kernels.dora_linear(x, *args, backend=backend), (x0,), (tangent,)
+    )
+    y_ref, jvp_ref = torch.func.jvp(
+        lambda x: reference.dora_linear_reference(x, *args), (x0,), (tangent,)
+    )
+    assert_close(y, y_ref, F32, "output under jvp")
+    assert_close(jvp, jvp_ref, F32, "jvp")
+    trainable = weight.clone().requires_grad_()
+    y = lora_kernels.dora_linear(x, trainable, b, A, B, m, s, backend=backend)
+    (grad,) = torch.autograd.grad(y.square().sum(), trainable)
+    y_ref = reference.dora_linear_reference(x, trainable, b, A, B, m, s)
+    (grad_ref,) = torch.autograd.grad(y_ref.square().sum(), trainable)
+    assert grad.abs().max() > 0
+    assert_close(grad, grad_ref, F32, "grad of a trainable weight")

@@ -1,0 +1,297 @@
+"""DoRA on every backend: that backend's fused plain ops plus a few ATen ops.
+
+Two `torch.library` ops, `lora_kernels::dora_forward` and `lora_kernels::dora_backward`,
+with one fake each and one autograd formula (first-order only, as `contract.py`). They
+take the backend's name and call its `forward_op` / `backward_op`
+(`backends.backend_ops`) directly, below the plain op's autograd. The math is peft's
+(`reference.dora_linear_reference`), with g = m/n [N] (n detached, `dora.weight_row_norm`)
+and s, U, D as in `reference.py`:
+
+Without dropout (p = 0 or eval), g scales the rows of the whole product, so the plain
+op on W_g = diag(g) W and B_g = diag(g) B is DoRA itself: one fused call, no epilogue.
+Scaling W [N, K] costs less than scaling Y or dY [M, N] whenever M > K, and dY reaches
+the backward op unrounded:
+
+    Y  = X W_g^T + b + s U B_g^T = g * (X W^T + s U B^T) + b
+    backward_op(dY, W_g, B_g) gives dY W_g + s (dY B_g) A = dX, dA, dB_g = s dY^T U, ds, db
+    dB = g * dB_g;  dm = sum_rows dY * Z / n = sum_rows dY * (Y - b) / m   (Y - b = g Z)
+
+Backward keeps x, U (as the backend returns it: nothing from "cpu"), and Y itself (the
+op's output, which the next op usually keeps anyway), from which Z is read back; W_g and
+B_g are formed again. Where m = 0 (g = 0) Y holds nothing of Z; those columns of Z are
+recomputed by a skinny product over their rows of W and B only.
+
+With dropout in training, peft's form Y = X W^T + b + (g - 1) * D(X) W^T + g * s U B^T
+is one fused plain call with B_g = diag(g) B (it gives X W^T + b + g * s U B^T, U and
+the keep bits) plus P = (X * keep) W^T, the dropped base product, rounded to x's dtype
+as the reference rounds it:
+
+    Y  = y_plain + (g - 1) / (1 - p) * P
+    backward_op(dY, B_g) gives dY W + D(s (dY B_g) A), dA, dB_g = s dY^T U, ds, db
+    dX = that + keep * (dY (diag((g - 1) / (1 - p)) W))
+    dB = g * dB_g;  dm = (sum_rows dY * P / (1 - p) + sum_R (B * dB_g)) / n
+
+Backward keeps x, U, the keep bits (1 bit per element of x) and P [M, N] in x's dtype.
+Four [M, N, K] products in all (two forward, two backward): twice the frozen layer's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import backends, contract, reference
+from .contract import accumulation_dtype
+
+# Positions of dora_forward's inputs.
+X, WEIGHT, BIAS, LORA_A, LORA_B, MAGNITUDE, WEIGHT_NORM, SCALING = range(8)
+
+
+def _row_scale(magnitude: torch.Tensor, weight_norm: torch.Tensor, acc) -> torch.Tensor:
+    """g = m / n [N] in the accumulation dtype."""
+    return magnitude.to(acc) / weight_norm.to(acc)
+
+
+# Row b of the table: the 8 keep flags of byte value b, bit i at column i
+# (`reference.pack_keep_mask`'s layout); per device, made once.
+_UNPACK_TABLES: dict = {}
+
+
+def unpack_keep_bits(keep_bits: torch.Tensor, K: int) -> torch.Tensor:
+    """`reference.unpack_keep_mask` by a table lookup per byte: [M, ceil(K/8)] uint8 ->
+    [M, K] bool (a quarter of the reference's passes over the mask)."""
+    table = _UNPACK_TABLES.get(keep_bits.device)
+    if table is None:
+        bits = torch.tensor(reference._BIT_WEIGHTS, dtype=torch.uint8)
+        table = ((torch.arange(256, dtype=torch.uint8)[:, None] & bits) != 0).to(torch.uint8)
+        table = _UNPACK_TABLES[keep_bits.device] = table.to(keep_bits.device)
+    flags = F.embedding(keep_bits.long(), table)  # [M, ceil(K/8), 8] of 0 and 1
+    return flags.view(torch.bool).reshape(keep_bits.shape[0], -1)[:, :K]
+
+
+def _keep_mask(keep_bits, seed, M: int, K: int, p: float, device) -> torch.Tensor:
+    """The plain op's keep mask [M, K] (bool): unpacked from its bits, or the seed's when
+    a backend returned none."""
+    if keep_bits.dim() == 2:
+        return unpack_keep_bits(keep_bits, K)
+    return reference.dropout_keep_mask(seed, M, K, p, device)
+
+
+def _scaled_rows(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """diag(g) t in t's dtype (W_g, B_g), the product in g's dtype and rounded once."""
+    return torch.mul(t, g[:, None], out=torch.empty_like(t))
+
+
+@torch.library.custom_op("lora_kernels::dora_forward", mutates_args=())
+def dora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    weight_norm: torch.Tensor,
+    scaling: torch.Tensor,
+    dropout_p: float,
+    seed: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Y [M, N], U, keep_bits, P) for x [M, K]: U and keep_bits as the backend's forward
+    returns them, P [M, N] the dropped base product with dropout, else empty."""
+    forward_op, _ = backends.backend_ops(backend)
+    acc = accumulation_dtype(x.dtype)
+    g = _row_scale(magnitude, weight_norm, acc)
+    if dropout_p == 0.0:
+        y, u, keep_bits = forward_op(
+            x, _scaled_rows(weight, g), bias, lora_A, _scaled_rows(lora_B, g), scaling, 0.0, seed
+        )
+        return y, u, keep_bits, x.new_empty(0)
+    y, u, keep_bits = forward_op(
+        x, weight, bias, lora_A, _scaled_rows(lora_B, g), scaling, dropout_p, seed
+    )
+    M, K = x.shape
+    keep = _keep_mask(keep_bits, seed, M, K, dropout_p, x.device)
+    dropped_base = F.linear(torch.where(keep, x, 0), weight)  # P  [M, N]
+    y.addcmul_(dropped_base, (g - 1) * reference.dropout_scale(dropout_p))
+    return y, u, keep_bits, dropped_base
+
+
+@dora_forward.register_fake
+def _forward_fake(
+    x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed, backend
+):
+    # The backend's own fake shapes U (the "cpu" backend's is empty without dropout).
+    forward_op, _ = backends.backend_ops(backend)
+    y, u, keep_bits = forward_op(x, weight, None, lora_A, lora_B, scaling, dropout_p, seed)
+    dropped_base = x.new_empty(y.shape if dropout_p > 0.0 else (0,))
+    return y, u, keep_bits, dropped_base
+
+
+@torch.library.custom_op("lora_kernels::dora_backward", mutates_args=())
+def dora_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    weight_norm: torch.Tensor,
+    scaling: torch.Tensor,
+    dropout_p: float,
+    seed: torch.Tensor,
+    u: torch.Tensor,
+    keep_bits: torch.Tensor,
+    kept: torch.Tensor,
+    backend: str,
+    need_grad_x: bool,
+    need_grad_lora: bool,
+    need_grad_magnitude: bool,
+    need_grad_scaling: bool,
+    need_grad_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_A, grad_B, grad_magnitude, grad_scaling, grad_bias); `kept` is Y
+    without dropout, P with it. A gradient not asked for is an empty tensor."""
+    _, backward_op = backends.backend_ops(backend)
+    acc = accumulation_dtype(x.dtype)
+    g = _row_scale(magnitude, weight_norm, acc)
+    need_plain = need_grad_x or need_grad_lora or need_grad_scaling
+    empty = x.new_empty(0)
+    grad_x = grad_A = grad_B = grad_scaling = grad_bias = grad_m = empty
+    if dropout_p == 0.0:
+        if need_plain or need_grad_bias:
+            grad_x, grad_A, grad_B_g, grad_scaling, grad_bias = backward_op(
+                grad_y, x, _scaled_rows(weight, g), lora_A, _scaled_rows(lora_B, g), scaling,
+                0.0, seed, u, keep_bits, need_grad_x, need_grad_lora, need_grad_scaling,
+                need_grad_bias,
+            )  # fmt: skip
+            if need_grad_lora:
+                grad_B = (g[:, None] * grad_B_g.to(acc)).to(lora_B.dtype)
+        if need_grad_magnitude:
+            grad_m = _magnitude_grad_from_output(
+                grad_y, x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, u, kept
+            )
+        return grad_x, grad_A, grad_B, grad_m, grad_scaling, grad_bias
+
+    M, K = x.shape
+    need_lora = need_grad_lora or need_grad_magnitude
+    if need_plain or need_lora or need_grad_bias:
+        grad_x, grad_A, grad_B_g, grad_scaling, grad_bias = backward_op(
+            grad_y, x, weight, lora_A, _scaled_rows(lora_B, g), scaling, dropout_p, seed, u,
+            keep_bits, need_grad_x, need_lora, need_grad_scaling, need_grad_bias,
+        )  # fmt: skip
+    drop_scale = reference.dropout_scale(dropout_p)
+    if need_grad_x:
+        # The (g - 1) D(X) W^T term's gradient: one more product with W, masked.
+        grad_dropped = grad_y @ _scaled_rows(weight, (g - 1) * drop_scale)  # [M, K]
+        keep = _keep_mask(keep_bits, seed, M, K, dropout_p, x.device)
+        grad_x.addcmul_(grad_dropped, keep)  # one pass: the bool mask read as 0 / 1
+    if need_grad_magnitude:
+        # sum_rows dY * s U B^T = sum_R B * (s dY^T U), which is dB_g.
+        lora_part = (lora_B.to(acc) * grad_B_g.to(acc)).sum(1)
+        base_part = _column_dot(grad_y, kept, acc) * drop_scale
+        grad_m = ((base_part + lora_part) / weight_norm.to(acc)).to(magnitude.dtype)
+    if need_grad_lora:
+        grad_B = (g[:, None] * grad_B_g.to(acc)).to(lora_B.dtype)
+    else:
+        grad_A = empty
+    return grad_x, grad_A, grad_B, grad_m, grad_scaling, grad_bias
+
+
+def _column_dot(a: torch.Tensor, b: torch.Tensor, acc) -> torch.Tensor:
+    """sum over rows of a * b [N], for a, b [M, N], in the accumulation dtype (a product
+    and a sum: faster on CPUs than linalg.vecdot's or einsum's kernels)."""
+    return (a.to(acc) * b.to(acc)).sum(0)
+
+
+def _magnitude_grad_from_output(
+    grad_y, x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, u, y
+) -> torch.Tensor:
+    """dm = sum_rows dY * Z / n without dropout, Z read back from Y = g * Z + b."""
+    acc = accumulation_dtype(x.dtype)
+    m = magnitude.to(acc)
+    # Y - b = g Z, and g n = m: dm = (sum_rows dY * Y - b * sum_rows dY) / m.
+    grad_m = _column_dot(grad_y, y, acc)
+    if bias is not None:
+        grad_m = grad_m - bias.to(acc) * grad_y.sum(0, dtype=acc)
+    grad_m = grad_m / m
+    cancelled = (m == 0).nonzero().squeeze(1)
+    if cancelled.numel() > 0:
+        # g = 0: Y carries nothing of Z there.
+        z = _columns_of_z(x, weight, lora_A, lora_B, scaling, u, cancelled)
+        direct = _column_dot(grad_y.index_select(1, cancelled), z, acc)
+        grad_m = grad_m.index_copy(0, cancelled, direct / weight_norm.to(acc)[cancelled])
+    return grad_m.to(magnitude.dtype)
+
+
+def _columns_of_z(x, weight, lora_A, lora_B, scaling, u, columns) -> torch.Tensor:
+    """Z = X W^T + s U B^T [M, len(columns)] at those columns, from their rows of W and
+    B only, in the accumulation dtype (U recomputed where the backend kept none)."""
+    acc = accumulation_dtype(x.dtype)
+    if u.shape[0] != x.shape[0]:
+        u = x.to(acc) @ lora_A.to(acc).t()
+    z = F.linear(x, weight.index_select(0, columns)).to(acc)
+    return z + scaling * (u @ lora_B.index_select(0, columns).to(acc).t())
+
+
+@dora_backward.register_fake
+def _backward_fake(
+    grad_y, x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed,
+    u, keep_bits, kept, backend, nx, nl, nm, ns, nb,
+):  # fmt: skip
+    def maybe(flag, like):
+        return like.new_empty(like.shape if flag else (0,))
+
+    return (
+        maybe(nx, x),
+        maybe(nl, lora_A),
+        maybe(nl, lora_B),
+        maybe(nm, magnitude),
+        maybe(ns, scaling),
+        maybe(nb, weight[:, 0]),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, p, seed, backend = inputs
+    y, u, keep_bits, dropped_base = output
+    # Without dropout the output itself (Z is read back from it), with dropout P.
+    kept = y if p == 0.0 else dropped_base
+    ctx.save_for_backward(
+        x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, seed, u, keep_bits, kept
+    )
+    ctx.dropout_p, ctx.backend = p, backend
+    ctx.mark_non_differentiable(u, keep_bits, dropped_base)
+
+
+def _backward(ctx, grad_y, grad_u, grad_keep_bits, grad_dropped_base):
+    x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, seed, u, keep_bits, kept = (
+        ctx.saved_tensors
+    )
+    need = ctx.needs_input_grad
+    need_lora = need[LORA_A] or need[LORA_B]
+    differentiable = [t for t in (grad_y, x, lora_A, lora_B, magnitude, scaling) if t.requires_grad]
+    second_order = torch.is_grad_enabled() and bool(differentiable)
+    with torch.no_grad():
+        grad_x, grad_A, grad_B, grad_m, grad_scaling, grad_bias = dora_backward(
+            grad_y, x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling,
+            ctx.dropout_p, seed, u, keep_bits, kept, ctx.backend,
+            need[X], need_lora, need[MAGNITUDE], need[SCALING], need[BIAS],
+        )  # fmt: skip
+    grads = (
+        grad_x if need[X] else None,
+        None,  # weight is frozen: dora_linear routes a trainable weight elsewhere
+        grad_bias if need[BIAS] else None,
+        grad_A if need[LORA_A] else None,
+        grad_B if need[LORA_B] else None,
+        grad_m if need[MAGNITUDE] else None,
+        None,  # n is detached, as in peft
+        grad_scaling if need[SCALING] else None,
+        None,
+        None,
+        None,
+    )
+    return contract._first_order_only(grads, differentiable) if second_order else grads
+
+
+dora_forward.register_autograd(_backward, setup_context=_setup_context)
