@@ -453,6 +453,11 @@ def _peft_class_of(module) -> type:
     return getattr(type(module), "_lora_kernels_peft_class", type(module))
 
 
+def _peft_class_name(self) -> str:
+    """nn.Module's name in repr: peft's class name, so a patched model prints as before."""
+    return self._lora_kernels_peft_class.__name__
+
+
 def _patched_class() -> type:
     """`PatchedLoraLinear`, peft's lora.Linear with the fused forward; created once, and
     kept as this module's attribute so that pickle finds it by its qualified name."""
@@ -470,6 +475,7 @@ def _patched_class() -> type:
                 "forward": _fused_forward,
                 "merge": _merge,
                 "unmerge": _unmerge,
+                "_get_name": _peft_class_name,
                 "_lora_kernels_peft_class": peft_linear,
             }
             patched = type(peft_linear)(PATCHED_CLASS_NAME, (peft_linear,), namespace)
@@ -598,6 +604,7 @@ def _patched_4bit_class(peft_4bit) -> type:
                 "__qualname__": PATCHED_4BIT_CLASS_NAME,
                 "__doc__": "peft's lora.bnb.Linear4bit, run by lora_kernels' fused op.",
                 "forward": _fused_forward_4bit,
+                "_get_name": _peft_class_name,
                 "_lora_kernels_peft_class": peft_4bit,
             }
             patched = type(peft_4bit)(PATCHED_4BIT_CLASS_NAME, (peft_4bit,), namespace)

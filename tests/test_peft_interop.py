@@ -710,6 +710,14 @@ def test_report_counts_fused_calls_and_fallbacks_by_reason():
     assert "calls since patching" not in str(report)
 
 
+def test_patched_model_prints_as_before():
+    model = peft_net()
+    expected = repr(model)
+    patch_peft(model)
+    assert repr(model) == expected
+    assert repr(model).count("lora.Linear(") >= 1
+
+
 def test_compiled_patched_model_neither_recompiles_nor_counts():
     """The counters are Python state: under torch.compile they are skipped, so calls
     neither break the graph nor recompile (and are not counted)."""
