@@ -308,23 +308,30 @@ def _clear_norm_caches(module) -> None:
         cache.clear()
 
 
+def _served_adapter(module, args, kwargs, check_cast_input: bool) -> tuple[str, str | None]:
+    """The one adapter a patched module's call would run, or why peft's forward serves
+    the call: the rules both patched classes share (extra forward arguments, disabled or
+    merged adapters, not exactly one active adapter, the adapter's own settings). peft's
+    plain Linear honours `cast_input_dtype_enabled`; its 4-bit layer has no such switch."""
+    if args or any(k != "adapter_names" or v is not None for k, v in kwargs.items()):
+        return "", "extra forward arguments (adapter_names, ...)"
+    if module.disable_adapters:
+        return "", "adapters disabled"
+    if module.merged:
+        return "", "adapters merged"
+    if check_cast_input and not getattr(module, "cast_input_dtype_enabled", True):
+        return "", "cast_input_dtype disabled"
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    if len(active) != 1:
+        return "", "several active adapters" if active else "no active adapter on the module"
+    return active[0], _adapter_problem(module, active[0])
+
+
 def _fused_call(module, x, args, kwargs) -> dict | str:
     """lora_linear's (for DoRA, dora_linear's: with "magnitude") arguments for this call
     of a patched module, or why peft's forward serves it (a reason, as counted in
     `CallCounts.by_peft`)."""
-    if args or any(k != "adapter_names" or v is not None for k, v in kwargs.items()):
-        return "extra forward arguments (adapter_names, ...)"
-    if module.disable_adapters:
-        return "adapters disabled"
-    if module.merged:
-        return "adapters merged"
-    if not getattr(module, "cast_input_dtype_enabled", True):
-        return "cast_input_dtype disabled"
-    active = [a for a in module.active_adapters if a in module.lora_A]
-    if len(active) != 1:
-        return "several active adapters" if active else "no active adapter on the module"
-    adapter = active[0]
-    problem = _adapter_problem(module, adapter)
+    adapter, problem = _served_adapter(module, args, kwargs, check_cast_input=True)
     if problem is not None:
         return problem
     base = module.base_layer
@@ -518,17 +525,7 @@ def _module_problem_4bit(module, peft_4bit) -> str | None:
 def _fused_call_4bit(module, x, args, kwargs) -> dict | str:
     """linear4bit_forward's arguments for this call of a patched 4-bit module, or why
     peft's forward serves it (the same rules as `_fused_call`, but for the weight)."""
-    if args or any(k != "adapter_names" or v is not None for k, v in kwargs.items()):
-        return "extra forward arguments (adapter_names, ...)"
-    if module.disable_adapters:
-        return "adapters disabled"
-    if module.merged:
-        return "adapters merged"
-    active = [a for a in module.active_adapters if a in module.lora_A]
-    if len(active) != 1:
-        return "several active adapters" if active else "no active adapter on the module"
-    adapter = active[0]
-    problem = _adapter_problem(module, adapter)
+    adapter, problem = _served_adapter(module, args, kwargs, check_cast_input=False)
     if problem is not None:
         return problem
     base = module.base_layer
