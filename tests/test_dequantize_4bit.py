@@ -101,14 +101,17 @@ def bnb_writes_positive_zero(device: torch.device, K: int) -> bool:
     return device.type == "cpu" and K % 2 == 1
 
 
-def assert_bits_equal(out, expected, *, zero_sign_free=False):
-    """out and expected hold the same bits (ignoring the sign of zeros if asked)."""
+def assert_bits_equal(out, expected, *, zero_sign_free=False, nan_bits_free=False):
+    """out and expected hold the same bits (ignoring the sign of zeros, and which NaN, if
+    asked)."""
     assert out.shape == expected.shape, f"shape {tuple(out.shape)} != {tuple(expected.shape)}"
     assert out.dtype == expected.dtype, f"dtype {out.dtype} != {expected.dtype}"
     ints = torch.int32 if out.dtype == torch.float32 else torch.int16
     differ = out.view(ints) != expected.view(ints)
     if zero_sign_free:
         differ &= ~((out == 0) & (expected == 0))
+    if nan_bits_free:
+        differ &= ~(out.isnan() & expected.isnan())
     if differ.any():
         where = differ.nonzero()[0].tolist()
         raise AssertionError(
@@ -208,6 +211,40 @@ def test_fp4_code_8_decodes_to_negative_zero_as_bitsandbytes_kernels_do(backend)
     assert (out == 0).all()
     if not bnb_writes_positive_zero(device, 4):
         assert_bits_equal(out, bnbF.dequantize_4bit(packed, qs))
+
+
+# Block scales that push code * absmax to every corner of the narrow roundings: NaN and
+# infinities, half's overflow and subnormals, bfloat16's and half's ties (a product whose
+# dropped bits are exactly one half, for codes 1.0 and -1.0), and float32 subnormals.
+SPECIAL_ABSMAX = [
+    float("nan"), float("inf"), float("-inf"), 1e30, 7e4, 1e-6, 3e-8, 1e-40,
+    1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, -(1.0 + 2.0**-8),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_dequantize_rounds_special_scales_as_bitsandbytes(backend, quant_type, dtype):
+    device = device_of(backend)
+    N, K, blocksize = 48, 100, 64
+    packed, qs = quantize(N, K, dtype, quant_type, blocksize, False, torch.uint8, device)
+    blocks = qs.absmax.numel()
+    scales = SPECIAL_ABSMAX
+    if backend == "triton" and device.type == "cpu":
+        # The interpreter's float32 -> bfloat16 cast flushes float32 subnormals to zero
+        # (a GPU's cvt.rn keeps them; there the case runs).
+        scales = [a for a in scales if not 0 < abs(a) < torch.finfo(torch.float32).tiny]
+    special = torch.tensor(scales, dtype=torch.float32)
+    # Every special scale on several blocks, so each meets all 16 codes.
+    absmax = special.repeat(blocks // len(scales) + 1)[:blocks]
+    qs.absmax = absmax.to(device)
+    out = lora_kernels.dequantize_4bit(packed, qs, backend=backend)
+    zero_sign_free = quant_type == "fp4" and bnb_writes_positive_zero(device, K)
+    # Which NaN is not part of the format: torch's own float32 -> bfloat16 casts write
+    # 0xFFFF (vectorized) or 0x7FC0 (scalar), and the reference decode casts with torch.
+    expected = bnbF.dequantize_4bit(packed, qs)
+    assert_bits_equal(out, expected, zero_sign_free=zero_sign_free, nan_bits_free=True)
+    assert out.isnan().any() and out.isinf().any()
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,68 @@ LORA_ALWAYS_INLINE void dequant_decode16(const uint8_t* bytes, const float* code
 }
 #endif
 
+#if defined(LORA_CPU_AVX2) || defined(LORA_CPU_AVX512)
+// Store<T>::from for 16 values at once, bit for bit: bfloat16 by f32_to_bf16's integer
+// rounding (nearest even, NaN -> 0x7FC0), half by the F16C conversion (nearest even,
+// subnormals kept) with NaN first made f32_to_f16's quiet NaN of the same sign.
+LORA_ALWAYS_INLINE void store16(const float* values, float* out) { memcpy(out, values, 64); }
+
+#if defined(LORA_CPU_AVX512)
+LORA_ALWAYS_INLINE void store16(const float* values, bf16* out) {
+  const __m512 v = _mm512_loadu_ps(values);
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
+  __m512i bits = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  bits = _mm512_mask_mov_epi32(bits, nan, _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(bits));
+}
+
+LORA_ALWAYS_INLINE void store16(const float* values, f16* out) {
+  __m512 v = _mm512_loadu_ps(values);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN));
+  const __m512i quiet = _mm512_or_si512(sign, _mm512_set1_epi32(0x7FC00000));
+  v = _mm512_mask_mov_ps(v, nan, _mm512_castsi512_ps(quiet));
+  const __m256i half = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), half);
+}
+#else
+LORA_ALWAYS_INLINE void store16(const float* values, bf16* out) {
+  for (int h = 0; h < 2; ++h) {
+    const __m256 v = _mm256_loadu_ps(values + 8 * h);
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
+    __m256i bits = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    bits = _mm256_blendv_epi8(bits, _mm256_set1_epi32(0x7FC0), nan);
+    // Every lane is below 0x10000, so the unsigned-saturating pack is exact.
+    const __m128i packed =
+        _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 8 * h), packed);
+  }
+}
+
+LORA_ALWAYS_INLINE void store16(const float* values, f16* out) {
+  for (int h = 0; h < 2; ++h) {
+    __m256 v = _mm256_loadu_ps(values + 8 * h);
+    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    const __m256i sign = _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(INT32_MIN));
+    const __m256i quiet = _mm256_or_si256(sign, _mm256_set1_epi32(0x7FC00000));
+    v = _mm256_blendv_ps(v, _mm256_castsi256_ps(quiet), nan);
+    const __m128i half = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 8 * h), half);
+  }
+}
+#endif
+
+LORA_ALWAYS_INLINE void store16(const float* values, double* out) {
+  for (int i = 0; i < 16; ++i) out[i] = values[i];
+}
+#endif
+
 // out[0..count) for the codes starting at the high nibble of bytes[0] (count even, or
 // the weight's odd last element).
 template <class T>
@@ -62,7 +124,7 @@ LORA_ALWAYS_INLINE void dequant_run(const uint8_t* bytes, const float* code, flo
   float values[16];
   for (; e + 16 <= count; e += 16) {
     dequant_decode16(bytes + e / 2, code, scale, values);
-    for (int i = 0; i < 16; ++i) out[e + i] = Store<T>::from(values[i]);
+    store16(values, out + e);
   }
 #endif
   for (; e < count; ++e) {
