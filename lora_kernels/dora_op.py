@@ -52,29 +52,49 @@ def _row_scale(magnitude: torch.Tensor, weight_norm: torch.Tensor, acc) -> torch
     return magnitude.to(acc) / weight_norm.to(acc)
 
 
-# Row b of the table: the 8 keep flags of byte value b, bit i at column i
-# (`reference.pack_keep_mask`'s layout); per device, made once.
-_UNPACK_TABLES: dict = {}
+# Row b of a table: the 8 keep flags of byte value b as 0 and 1 in one dtype, bit i at
+# column i (`reference.pack_keep_mask`'s layout); per (device, dtype), made once.
+_KEEP_TABLES: dict = {}
 
 
-def unpack_keep_bits(keep_bits: torch.Tensor, K: int) -> torch.Tensor:
-    """`reference.unpack_keep_mask` by a table lookup per byte: [M, ceil(K/8)] uint8 ->
-    [M, K] bool (a quarter of the reference's passes over the mask)."""
-    table = _UNPACK_TABLES.get(keep_bits.device)
+def keep_factors(
+    keep_bits: torch.Tensor, K: int, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`reference.unpack_keep_mask` as 0 and 1 in `dtype`, by a table lookup per byte:
+    [M, ceil(K/8)] uint8 -> [M, K], written into `out` (M * ceil(K/8) * 8 elements,
+    contiguous) if given. A product with it applies the mask in one pass (a bool operand
+    would first be cast to a full-size temporary)."""
+    key = (keep_bits.device, dtype)
+    table = _KEEP_TABLES.get(key)
     if table is None:
         bits = torch.tensor(reference._BIT_WEIGHTS, dtype=torch.uint8)
-        table = ((torch.arange(256, dtype=torch.uint8)[:, None] & bits) != 0).to(torch.uint8)
-        table = _UNPACK_TABLES[keep_bits.device] = table.to(keep_bits.device)
-    flags = F.embedding(keep_bits.long(), table)  # [M, ceil(K/8), 8] of 0 and 1
-    return flags.view(torch.bool).reshape(keep_bits.shape[0], -1)[:, :K]
+        flags = (torch.arange(256, dtype=torch.uint8)[:, None] & bits) != 0
+        table = _KEEP_TABLES[key] = flags.to(dtype).to(keep_bits.device)
+    M, K8 = keep_bits.shape
+    if out is not None:
+        out = out.view(-1, 8)
+    factors = torch.index_select(table, 0, keep_bits.reshape(-1).int(), out=out)
+    return factors.view(M, K8 * 8)[:, :K]
 
 
-def _keep_mask(keep_bits, seed, M: int, K: int, p: float, device) -> torch.Tensor:
-    """The plain op's keep mask [M, K] (bool): unpacked from its bits, or the seed's when
-    a backend returned none."""
-    if keep_bits.dim() == 2:
-        return unpack_keep_bits(keep_bits, K)
-    return reference.dropout_keep_mask(seed, M, K, p, device)
+# Rows per block of the keep factors on CPUs: a block's factors stay in cache and one
+# small buffer serves every block, in place of an [M, K] temporary.
+_KEEP_BLOCK_ROWS = 256
+
+
+def _keep_factor_blocks(keep_bits, seed, M: int, K: int, p: float, like: torch.Tensor):
+    """(rows, the plain op's keep mask at those rows as 0 and 1 in like's dtype) over
+    blocks of rows covering [0, M): from the keep bits, or the seed's mask when a
+    backend returned none. One block of all rows off the CPU."""
+    if keep_bits.dim() != 2:
+        yield slice(0, M), reference.dropout_keep_mask(seed, M, K, p, like.device).to(like.dtype)
+        return
+    rows = _KEEP_BLOCK_ROWS if like.device.type == "cpu" else max(M, 1)
+    buffer = like.new_empty(min(rows, M) * keep_bits.shape[1] * 8)
+    for start in range(0, M, rows):
+        block = keep_bits[start : start + rows]
+        factors = keep_factors(block, K, like.dtype, buffer[: block.numel() * 8])
+        yield slice(start, start + rows), factors
 
 
 def _scaled_rows(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -110,8 +130,10 @@ def dora_forward(
         x, weight, bias, lora_A, _scaled_rows(lora_B, g), scaling, dropout_p, seed
     )
     M, K = x.shape
-    keep = _keep_mask(keep_bits, seed, M, K, dropout_p, x.device)
-    dropped_base = F.linear(torch.where(keep, x, 0), weight)  # P  [M, N]
+    kept_x = torch.empty_like(x)  # X * keep: exact, x * 1 or x * 0
+    for rows, keep in _keep_factor_blocks(keep_bits, seed, M, K, dropout_p, x):
+        torch.mul(x[rows], keep, out=kept_x[rows])
+    dropped_base = F.linear(kept_x, weight)  # P  [M, N]
     y.addcmul_(dropped_base, (g - 1) * reference.dropout_scale(dropout_p))
     return y, u, keep_bits, dropped_base
 
@@ -156,8 +178,8 @@ def dora_backward(
     acc = accumulation_dtype(x.dtype)
     g = _row_scale(magnitude, weight_norm, acc)
     need_plain = need_grad_x or need_grad_lora or need_grad_scaling
-    empty = x.new_empty(0)
-    grad_x = grad_A = grad_B = grad_scaling = grad_bias = grad_m = empty
+    # A custom op's outputs may not alias one another: an empty tensor each.
+    grad_x, grad_A, grad_B, grad_m, grad_scaling, grad_bias = (x.new_empty(0) for _ in range(6))
     if dropout_p == 0.0:
         if need_plain or need_grad_bias:
             grad_x, grad_A, grad_B_g, grad_scaling, grad_bias = backward_op(
@@ -184,8 +206,8 @@ def dora_backward(
     if need_grad_x:
         # The (g - 1) D(X) W^T term's gradient: one more product with W, masked.
         grad_dropped = grad_y @ _scaled_rows(weight, (g - 1) * drop_scale)  # [M, K]
-        keep = _keep_mask(keep_bits, seed, M, K, dropout_p, x.device)
-        grad_x.addcmul_(grad_dropped, keep)  # one pass: the bool mask read as 0 / 1
+        for rows, keep in _keep_factor_blocks(keep_bits, seed, M, K, dropout_p, grad_x):
+            grad_x[rows].addcmul_(grad_dropped[rows], keep)
     if need_grad_magnitude:
         # sum_rows dY * s U B^T = sum_R B * (s dY^T U), which is dB_g.
         lora_part = (lora_B.to(acc) * grad_B_g.to(acc)).sum(1)
@@ -194,14 +216,32 @@ def dora_backward(
     if need_grad_lora:
         grad_B = (g[:, None] * grad_B_g.to(acc)).to(lora_B.dtype)
     else:
-        grad_A = empty
+        grad_A = x.new_empty(0)
     return grad_x, grad_A, grad_B, grad_m, grad_scaling, grad_bias
 
 
+# Rows per block of `_column_dot` on CPUs: the [256, N] partial sum stays in cache.
+_COLUMN_DOT_ROWS = 256
+
+
 def _column_dot(a: torch.Tensor, b: torch.Tensor, acc) -> torch.Tensor:
-    """sum over rows of a * b [N], for a, b [M, N], in the accumulation dtype (a product
-    and a sum: faster on CPUs than linalg.vecdot's or einsum's kernels)."""
-    return (a.to(acc) * b.to(acc)).sum(0)
+    """sum over rows of a * b [N], for a, b [M, N], in the accumulation dtype.
+
+    On CPUs, blocks of rows are multiplied and added into a [256, N] partial sum, summed
+    at the end: one pass over a and b, with no [M, N] product written and read back
+    (half the time of `(a * b).sum(0)` or linalg.vecdot). Elsewhere a product and a sum.
+    """
+    M, N = a.shape
+    rows = _COLUMN_DOT_ROWS
+    if a.device.type != "cpu" or M < 2 * rows:
+        return (a.to(acc) * b.to(acc)).sum(0)
+    full = M - M % rows
+    partial = torch.zeros(rows, N, dtype=acc, device=a.device)
+    for start in range(0, full, rows):
+        partial.addcmul_(a[start : start + rows], b[start : start + rows])
+    if full < M:
+        partial[: M - full].addcmul_(a[full:], b[full:])
+    return partial.sum(0)
 
 
 def _magnitude_grad_from_output(
