@@ -91,8 +91,8 @@ def test_dora_linear_matches_peft_formula_float64(lead, M, K, N, R, dtype, bias,
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 def test_dora_linear_over_several_row_blocks(bias, p, backend):
-    """M = 523: the keep factors and dm's column sums go in blocks of 256 rows on the
-    CPU, the last one short; a block skipped or misplaced shows in every gradient."""
+    """M = 523: the masked products (blocks of 512 rows) and dm's column sums (256) go
+    by blocks on the CPU, the last one short; a block skipped or misplaced shows."""
     check_against_peft_formula((), 523, 21, 11, 5, F32, bias, p, backend)
 
 
