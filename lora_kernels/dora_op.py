@@ -229,24 +229,29 @@ def dora_backward(
 _COLUMN_DOT_ROWS = 256
 
 
-def _column_dot(a: torch.Tensor, b: torch.Tensor, acc) -> torch.Tensor:
-    """sum over rows of a * b [N], for a, b [M, N], in the accumulation dtype.
+def _column_dot(a: torch.Tensor, b: torch.Tensor, acc, *, with_sum: bool = False):
+    """sum over rows of a * b [N], for a, b [M, N], in the accumulation dtype; with
+    `with_sum`, (that, the sum over rows of a).
 
     On CPUs, blocks of rows are multiplied and added into a [256, N] partial sum, summed
     at the end: one pass over a and b, with no [M, N] product written and read back
-    (half the time of `(a * b).sum(0)` or linalg.vecdot). Elsewhere a product and a sum.
+    (half the time of `(a * b).sum(0)` or linalg.vecdot), and a's block summed while in
+    cache. Elsewhere a product and a sum.
     """
     M, N = a.shape
     rows = _COLUMN_DOT_ROWS
     if a.device.type != "cpu" or M < 2 * rows:
-        return (a.to(acc) * b.to(acc)).sum(0)
-    full = M - M % rows
+        dot = (a.to(acc) * b.to(acc)).sum(0)
+        return (dot, a.sum(0, dtype=acc)) if with_sum else dot
     partial = torch.zeros(rows, N, dtype=acc, device=a.device)
-    for start in range(0, full, rows):
-        partial.addcmul_(a[start : start + rows], b[start : start + rows])
-    if full < M:
-        partial[: M - full].addcmul_(a[full:], b[full:])
-    return partial.sum(0)
+    partial_a = torch.zeros(rows, N, dtype=acc, device=a.device) if with_sum else None
+    for start in range(0, M, rows):
+        a_rows, b_rows = a[start : start + rows], b[start : start + rows]
+        partial[: a_rows.shape[0]].addcmul_(a_rows, b_rows)
+        if with_sum:
+            partial_a[: a_rows.shape[0]].add_(a_rows)
+    dot = partial.sum(0)
+    return (dot, partial_a.sum(0)) if with_sum else dot
 
 
 def _magnitude_grad_from_output(
@@ -256,9 +261,11 @@ def _magnitude_grad_from_output(
     acc = accumulation_dtype(x.dtype)
     m = magnitude.to(acc)
     # Y - b = g Z, and g n = m: dm = (sum_rows dY * Y - b * sum_rows dY) / m.
-    grad_m = _column_dot(grad_y, y, acc)
-    if bias is not None:
-        grad_m = grad_m - bias.to(acc) * grad_y.sum(0, dtype=acc)
+    if bias is None:
+        grad_m = _column_dot(grad_y, y, acc)
+    else:
+        grad_m, grad_y_sum = _column_dot(grad_y, y, acc, with_sum=True)
+        grad_m = grad_m - bias.to(acc) * grad_y_sum
     grad_m = grad_m / m
     cancelled = (m == 0).nonzero().squeeze(1)
     if cancelled.numel() > 0:

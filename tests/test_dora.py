@@ -754,8 +754,8 @@ def test_forward_mode_ad_and_a_trainable_weight_take_the_composition(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("M", [3, 511, 700, 1024])
 def test_column_dot_of_row_blocks_is_the_sum_of_products(M, dtype):
-    """dm's sum over rows, in blocks of 256 rows on the CPU (a short last block at 700),
-    against float64; both the accumulation and a block left out would show."""
+    """dm's sums over rows (of dY * Y, and of dY for the bias term), in blocks of 256
+    rows on the CPU (a short last block at 700), against float64."""
     from lora_kernels import dora_op
 
     g = torch.Generator().manual_seed(M)
@@ -765,8 +765,9 @@ def test_column_dot_of_row_blocks_is_the_sum_of_products(M, dtype):
     out = dora_op._column_dot(a, b, torch.float32)
     assert out.dtype == torch.float32 and out.shape == (37,)
     assert_close(out, expected, torch.float32, f"column dot, M={M}")
-    tail = dora_op._column_dot(a[-1:], b[-1:], torch.float32)
-    assert_close(tail, a[-1].double() * b[-1].double(), torch.float32, "one row")
+    dot, column_sum = dora_op._column_dot(a, b, torch.float32, with_sum=True)
+    assert torch.equal(dot, out) and column_sum.dtype == torch.float32
+    assert_close(column_sum, a.double().sum(0), torch.float32, f"column sum, M={M}")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
