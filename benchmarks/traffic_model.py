@@ -315,14 +315,16 @@ def dora_passes(plain_passes):
         else:
             bits = _bits_bytes(M, K, p)
             fwd += [
-                _ew("where(keep, X, 0)", 2 * e * mk + bits),
+                # Off the CPU: the mask unpacked to bool (1 byte per element), then read
+                # by the product (dora_op.mask_dtype).
+                _ew("keep mask; X * keep", 2 * e * mk + 2 * mk + bits),
                 _gemm("P = (X * keep) W^T", M, N, K, dtype),
                 _ew("Y += (g - 1) / (1 - p) P", 3 * e * mn),
             ]
             bwd += [
                 _ew("W_c = diag((g - 1) / (1 - p)) W", 2 * e * N * K),
                 _gemm("dY W_c", M, K, N, dtype),
-                _ew("where(keep, ., 0), dX +=", 4 * e * mk + bits),
+                _ew("keep mask; dX += keep * dY W_c", 3 * e * mk + 2 * mk + bits),
                 _ew("dm = sum dY P", 2 * e * mn),
             ]
         return _by_mode(mode, fwd, bwd)

@@ -83,19 +83,32 @@ def keep_factors(
 _KEEP_BLOCK_ROWS = 512
 
 
+def mask_dtype(like: torch.Tensor) -> torch.dtype:
+    """The dtype the keep mask is applied in: like's own on the CPU, where a product with
+    a bool operand first casts it to a full-size temporary; bool elsewhere, where the
+    cast happens in registers and the mask costs 1 byte per element, not 2 or 4."""
+    return like.dtype if like.device.type == "cpu" else torch.bool
+
+
 def _keep_factor_blocks(keep_bits, seed, M: int, K: int, p: float, like: torch.Tensor):
-    """(rows, the plain op's keep mask at those rows as 0 and 1 in like's dtype) over
-    blocks of rows covering [0, M): from the keep bits, or the seed's mask when a
+    """(rows, the plain op's keep mask at those rows as 0 and 1 in `mask_dtype(like)`)
+    over blocks of rows covering [0, M): from the keep bits, or the seed's mask when a
     backend returned none. One block of all rows off the CPU."""
+    dtype = mask_dtype(like)
     if keep_bits.dim() != 2:
-        yield slice(0, M), reference.dropout_keep_mask(seed, M, K, p, like.device).to(like.dtype)
+        yield slice(0, M), reference.dropout_keep_mask(seed, M, K, p, like.device).to(dtype)
         return
     rows = _KEEP_BLOCK_ROWS if like.device.type == "cpu" else max(M, 1)
-    buffer = like.new_empty(min(rows, M) * keep_bits.shape[1] * 8)
+    buffer = like.new_empty(min(rows, M) * keep_bits.shape[1] * 8, dtype=dtype)
     for start in range(0, M, rows):
         block = keep_bits[start : start + rows]
-        factors = keep_factors(block, K, like.dtype, buffer[: block.numel() * 8])
+        factors = keep_factors(block, K, dtype, buffer[: block.numel() * 8])
         yield slice(start, start + rows), factors
+
+
+def _masked(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """t * keep (exact: t * 1 or t * 0), in keep's buffer when it has t's dtype."""
+    return keep.mul_(t) if keep.dtype == t.dtype else t * keep
 
 
 def _scaled_rows(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -136,8 +149,7 @@ def dora_forward(
     # By blocks of rows on the CPU: a block of X * keep goes from its product to the GEMM
     # in cache, and P's block is added to Y's while it is still there.
     for rows, keep in _keep_factor_blocks(keep_bits, seed, M, K, dropout_p, x):
-        kept_x = keep.mul_(x[rows])  # exact: x * 1 or x * 0
-        torch.mm(kept_x, weight.t(), out=dropped_base[rows])
+        torch.mm(_masked(x[rows], keep), weight.t(), out=dropped_base[rows])
         y[rows].addcmul_(dropped_base[rows], base_scale)
     return y, u, keep_bits, dropped_base
 

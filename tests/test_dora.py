@@ -96,6 +96,18 @@ def test_dora_linear_over_several_row_blocks(bias, p, backend):
     check_against_peft_formula((), 523, 21, 11, 5, F32, bias, p, backend)
 
 
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [13, 523])
+def test_dora_linear_with_a_bool_mask_as_off_the_cpu(M, dtype, monkeypatch):
+    """Off the CPU the mask is applied as bool (`dora_op.mask_dtype`); that path, run
+    here on CPU tensors, against the float64 reference."""
+    from lora_kernels import dora_op
+
+    monkeypatch.setattr(dora_op, "mask_dtype", lambda like: torch.bool)
+    check_against_peft_formula((), M, 21, 11, 5, dtype, True, 0.1, "torch")
+
+
 # The Triton kernels round float32 adapter tiles to a 16-bit x's dtype, so that their
 # plain op meets the tolerances only from about M = 63 (tests/test_backend_triton.py's
 # shapes); the interpreter keeps the shapes small.
@@ -696,7 +708,9 @@ def test_double_backward_raises_and_first_order_grads_come_back(backend):
         torch.autograd.grad(grads[1].sum(), m)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.bool], ids=str
+)
 @pytest.mark.parametrize("K", [1, 7, 8, 21, 70])
 def test_table_unpack_of_the_keep_bits_is_the_reference_unpack(K, dtype):
     from lora_kernels import dora_op
