@@ -4,21 +4,15 @@ gradient; adapters of a sharded model save in peft's format."""
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-import time
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from helpers import FP32_TOL, rel_error
 from torch import nn
+from two_processes import WORLD_SIZE, run_two_processes
 
 from lora_kernels import apply_lora, load_adapter, lora_layers, save_adapter
 
-WORLD_SIZE = 2
 ROWS = 6  # per rank
 P = 0.1
 TIMEOUT_S = 90
@@ -115,74 +109,35 @@ def shard(model: nn.Module, engine: str) -> nn.Module:
     return model
 
 
-def _worker(rank: int, port: int, out_dir: str, engine: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        model = build_model()
-        wrapped = shard(model, engine)
-        x, y = full_batch()
-        rows = slice(rank * ROWS, (rank + 1) * ROWS)
-        result = {}
+def _ranks_work(rank: int, out_dir: str, engine: str) -> dict:
+    model = build_model()
+    wrapped = shard(model, engine)
+    x, y = full_batch()
+    rows = slice(rank * ROWS, (rank + 1) * ROWS)
+    result = {}
 
-        # 1. p = 0: the gradients of one process on the whole batch.
-        loss_fn(wrapped(x[rows]), y[rows]).backward()
-        result["grads_p0"] = lora_grads(wrapped)
-        result["frozen"] = frozen_report(wrapped)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        # Every rank takes part in gathering the (sharded) adapters; rank 0 writes.
-        # (The DDP wrapper itself: save_adapter looks through it to peft's names.)
-        save_adapter(wrapped, f"{out_dir}/adapter" if rank == 0 else f"{out_dir}/not-written")
+    # 1. p = 0: the gradients of one process on the whole batch.
+    loss_fn(wrapped(x[rows]), y[rows]).backward()
+    result["grads_p0"] = lora_grads(wrapped)
+    result["frozen"] = frozen_report(wrapped)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    # Every rank takes part in gathering the (sharded) adapters; rank 0 writes.
+    # (The DDP wrapper itself: save_adapter looks through it to peft's names.)
+    save_adapter(wrapped, f"{out_dir}/adapter" if rank == 0 else f"{out_dir}/not-written")
 
-        # 2. p > 0: each rank draws its seed from the same default generator state.
-        set_dropout(model, P)
-        torch.manual_seed(100)
-        loss_fn(wrapped(x[rows]), y[rows]).backward()
-        result["grads_p"] = lora_grads(wrapped)
+    # 2. p > 0: each rank draws its seed from the same default generator state.
+    set_dropout(model, P)
+    torch.manual_seed(100)
+    loss_fn(wrapped(x[rows]), y[rows]).backward()
+    result["grads_p"] = lora_grads(wrapped)
 
-        # 3. A bfloat16 base with float32 adapters (the usual set-up), p = 0.
-        wrapped = shard(build_model(torch.bfloat16), engine)
-        loss_fn(wrapped(x[rows].bfloat16()).float(), y[rows]).backward()
-        result["grads_bf16"] = lora_grads(wrapped)
-        torch.save(result, f"{out_dir}/rank{rank}.pt")
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    # Leave without tearing down: in this torch, freeing a DDP Reducer that holds the
-    # last reference to the gloo group joins gloo's worker thread while holding the GIL,
-    # and that thread may need the GIL to free a finished work item: a deadlock (seen
-    # here, once, as a hang at the worker's exit). Every collective is done (barrier).
-    os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_two_processes(engine: str, out_dir) -> list[dict]:
-    """Run `_worker` on two processes; a worker's exception fails the test, and so does a
-    worker still running after TIMEOUT_S (the workers are killed)."""
-    context = mp.spawn(
-        _worker, args=(_free_port(), str(out_dir), engine), nprocs=WORLD_SIZE, join=False
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=0.5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {engine} workers did not finish within {TIMEOUT_S} s")
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
+    # 3. A bfloat16 base with float32 adapters (the usual set-up), p = 0.
+    wrapped = shard(build_model(torch.bfloat16), engine)
+    loss_fn(wrapped(x[rows].bfloat16()).float(), y[rows]).backward()
+    result["grads_bf16"] = lora_grads(wrapped)
+    return result
 
 
 def single_process_reference() -> dict:
@@ -236,7 +191,7 @@ def check_against_reference(results, reference, tmp_path, sharded: bool):
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):
-    results = run_two_processes("ddp", tmp_path)
+    results = run_two_processes(_ranks_work, ("ddp",), tmp_path, TIMEOUT_S)
     check_against_reference(results, single_process_reference(), tmp_path, sharded=False)
 
 
@@ -245,5 +200,5 @@ def test_fsdp2_two_processes_match_one_process(tmp_path):
         from torch.distributed.fsdp import fully_shard  # noqa: F401
     except ImportError as error:
         pytest.skip(f"this torch has no FSDP2 (torch.distributed.fsdp.fully_shard): {error}")
-    results = run_two_processes("fsdp2", tmp_path)
+    results = run_two_processes(_ranks_work, ("fsdp2",), tmp_path, TIMEOUT_S)
     check_against_reference(results, single_process_reference(), tmp_path, sharded=True)

@@ -14,18 +14,14 @@ bytes as numbers. On the CPU FSDP2's copies move bits, so the CUDA-only corrupti
 
 from __future__ import annotations
 
-import datetime
 import functools
-import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from helpers import FP32_TOL, rel_error
 from torch import nn
+from two_processes import WORLD_SIZE, run_two_processes
 
 import lora_kernels
 from lora_kernels import prepare_4bit_for_fsdp
@@ -35,7 +31,7 @@ bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed"
 if not dist.is_available():
     pytest.skip("torch.distributed is not available in this torch build", allow_module_level=True)
 
-WORLD_SIZE = 2
+
 ROWS = 6  # per rank
 WIDTH, HIDDEN = 40, 72  # 2880 codes per layer: 45 quant blocks of 64
 TIMEOUT_S = 150
@@ -217,65 +213,29 @@ def train_step(model, kind: str, x, y) -> dict:
     return {"loss": loss.detach(), "seen": seen, "grads": lora_grads(model)}
 
 
-def _worker(rank: int, port: int, out_dir: str, runs: tuple[tuple[str, str], ...]) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        x, y = full_batch()
-        rows = slice(rank * ROWS, (rank + 1) * ROWS)
-        results = {}
-        for kind, engine in runs:
-            wrapped = shard(build_model(kind), engine)
-            result = train_step(wrapped, kind, x[rows], y[rows])
-            # The loss of the whole batch: the mean of the ranks' (equal-sized) halves.
-            loss = result["loss"].clone()
-            dist.all_reduce(loss)
-            result["mean_loss"] = loss / WORLD_SIZE
-            # What each layer stores between steps, gathered (a collective).
-            result["stored"] = {
-                name: packed_bytes(layer.weight, layer.quant_state.shape.numel())
-                for name, layer in layers_4bit(wrapped).items()
-            }
-            if engine != "ddp":
-                try:
-                    prepare_4bit_for_fsdp(wrapped)
-                except ValueError as error:
-                    result["prepare_after_shard"] = str(error)
-            results[kind, engine] = result
-        torch.save(results, f"{out_dir}/rank{rank}.pt")
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    # As in test_distributed.py: leave without tearing down gloo (a DDP Reducer freed
-    # last can deadlock at exit in this torch); every collective is done.
-    os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_two_processes(runs: tuple[tuple[str, str], ...], out_dir) -> list[dict]:
-    """Each (LoRA kind, engine) of `runs` in turn on two processes: each rank's results."""
-    context = mp.spawn(
-        _worker, args=(_free_port(), str(out_dir), runs), nprocs=WORLD_SIZE, join=False
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=0.5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the workers of {runs} did not finish within {TIMEOUT_S} s")
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
+def _ranks_work(rank: int, out_dir: str, runs: tuple[tuple[str, str], ...]) -> dict:
+    x, y = full_batch()
+    rows = slice(rank * ROWS, (rank + 1) * ROWS)
+    results = {}
+    for kind, engine in runs:
+        wrapped = shard(build_model(kind), engine)
+        result = train_step(wrapped, kind, x[rows], y[rows])
+        # The loss of the whole batch: the mean of the ranks' (equal-sized) halves.
+        loss = result["loss"].clone()
+        dist.all_reduce(loss)
+        result["mean_loss"] = loss / WORLD_SIZE
+        # What each layer stores between steps, gathered (a collective).
+        result["stored"] = {
+            name: packed_bytes(layer.weight, layer.quant_state.shape.numel())
+            for name, layer in layers_4bit(wrapped).items()
+        }
+        if engine != "ddp":
+            try:
+                prepare_4bit_for_fsdp(wrapped)
+            except ValueError as error:
+                result["prepare_after_shard"] = str(error)
+        results[kind, engine] = result
+    return results
 
 
 @functools.cache
@@ -328,7 +288,7 @@ def check_against_reference(results: list[dict], kind: str, engine: str) -> None
 
 def test_ddp_with_4bit_bases_matches_one_process(tmp_path):
     runs = tuple((kind, "ddp") for kind in LORA_KINDS)
-    results = run_two_processes(runs, tmp_path)
+    results = run_two_processes(_ranks_work, (runs,), tmp_path, TIMEOUT_S)
     for kind, engine in runs:
         check_against_reference(results, kind, engine)
 
@@ -339,7 +299,7 @@ def test_fsdp2_with_4bit_bases_matches_one_process(tmp_path):
     except ImportError as error:
         pytest.skip(f"this torch has no FSDP2 (torch.distributed.fsdp.fully_shard): {error}")
     runs = tuple((kind, engine) for kind in LORA_KINDS for engine in ("fsdp2", "fsdp2-mp"))
-    results = run_two_processes(runs, tmp_path)
+    results = run_two_processes(_ranks_work, (runs,), tmp_path, TIMEOUT_S)
     for kind, engine in runs:
         check_against_reference(results, kind, engine)
 
