@@ -32,6 +32,7 @@ _PREFERENCE = {
 
 _availability: dict[str, tuple[bool, str]] = {}
 _ops: dict[str, tuple] = {}
+_dora_ops: dict[str, tuple | None] = {}
 _warned_fallback: set[tuple[str, str]] = set()
 
 
@@ -127,3 +128,13 @@ def backend_ops(name: str) -> tuple:
     if name not in _ops:
         _ops[name] = _module(name).load(name)
     return _ops[name]
+
+
+def dora_ops(name: str) -> tuple | None:
+    """(dora_forward, dora_backward) of a usable backend with DoRA passes of its own
+    (`load_dora`, docs/backends.md), else None: `dora_op` then composes the backend's
+    plain ops."""
+    if name not in _dora_ops:
+        load_dora = getattr(_module(name), "load_dora", None)
+        _dora_ops[name] = None if load_dora is None else load_dora(name)
+    return _dora_ops[name]

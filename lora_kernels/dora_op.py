@@ -33,6 +33,14 @@ as the reference rounds it:
 
 Backward keeps x, U, the keep bits (1 bit per element of x) and P [M, N] in x's dtype.
 Four [M, N, K] products in all (two forward, two backward): twice the frozen layer's.
+
+A backend with DoRA passes of its own (`backends.dora_ops`: the triton backend) computes
+the same Y, U, bits and P, and the same backward terms, in its kernels, given g and
+c = (g - 1) / (1 - p): g in the forward GEMM's epilogue and on the B and dY tiles of
+backward in place of W_g and B_g, both products of the forward (and of dX) from one
+pass over W with dropout, and the column sums sum_rows dY * Y (or dY * P) and sum_rows
+dY in the dY pass. dm and dB are then formed here by the formulas above, and backward
+keeps what it keeps on every backend.
 """
 
 from __future__ import annotations
@@ -132,9 +140,14 @@ def dora_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(Y [M, N], U, keep_bits, P) for x [M, K]: U and keep_bits as the backend's forward
     returns them, P [M, N] the dropped base product with dropout, else empty."""
-    forward_op, _ = backends.backend_ops(backend)
     acc = accumulation_dtype(x.dtype)
     g = _row_scale(magnitude, weight_norm, acc)
+    fused = backends.dora_ops(backend)
+    if fused is not None:
+        # The same Y, U, bits and P, from the backend's own kernels.
+        base_scale = (g - 1) * reference.dropout_scale(dropout_p) if dropout_p > 0.0 else None
+        return fused[0](x, weight, bias, lora_A, lora_B, g, base_scale, scaling, dropout_p, seed)
+    forward_op, _ = backends.backend_ops(backend)
     if dropout_p == 0.0:
         y, u, keep_bits = forward_op(
             x, _scaled_rows(weight, g), bias, lora_A, _scaled_rows(lora_B, g), scaling, 0.0, seed
@@ -190,6 +203,13 @@ def dora_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_A, grad_B, grad_magnitude, grad_scaling, grad_bias); `kept` is Y
     without dropout, P with it. A gradient not asked for is an empty tensor."""
+    fused = backends.dora_ops(backend)
+    if fused is not None:
+        return _fused_backward(
+            fused[1], grad_y, x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling,
+            dropout_p, seed, u, keep_bits, kept, need_grad_x, need_grad_lora,
+            need_grad_magnitude, need_grad_scaling, need_grad_bias,
+        )  # fmt: skip
     _, backward_op = backends.backend_ops(backend)
     acc = accumulation_dtype(x.dtype)
     g = _row_scale(magnitude, weight_norm, acc)
@@ -226,15 +246,62 @@ def dora_backward(
         for rows, keep in _keep_factor_blocks(keep_bits, seed, M, K, dropout_p, grad_x):
             grad_x[rows].addcmul_(grad_y[rows] @ base_weight, keep)
     if need_grad_magnitude:
-        # sum_rows dY * s U B^T = sum_R B * (s dY^T U), which is dB_g.
-        lora_part = (lora_B.to(acc) * grad_B_g.to(acc)).sum(1)
-        base_part = _column_dot(grad_y, kept, acc) * drop_scale
-        grad_m = ((base_part + lora_part) / weight_norm.to(acc)).to(magnitude.dtype)
+        base_dot = _column_dot(grad_y, kept, acc)
+        grad_m = _magnitude_grad_dropped(
+            base_dot, lora_B, grad_B_g, magnitude, weight_norm, dropout_p
+        )
     if need_grad_lora:
         grad_B = (g[:, None] * grad_B_g.to(acc)).to(lora_B.dtype)
     else:
         grad_A = x.new_empty(0)
     return grad_x, grad_A, grad_B, grad_m, grad_scaling, grad_bias
+
+
+def _fused_backward(
+    fused_backward, grad_y, x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling,
+    dropout_p, seed, u, keep_bits, kept, need_grad_x, need_grad_lora, need_grad_magnitude,
+    need_grad_scaling, need_grad_bias,
+):  # fmt: skip
+    """dora_backward on a backend with DoRA passes of its own (`backends.dora_ops`): g and
+    c = (g - 1) / (1 - p) enter its kernels, which also return the column sums of
+    dY * kept (and of dY) that dm is formed from here, by the formulas above."""
+    acc = accumulation_dtype(x.dtype)
+    g = _row_scale(magnitude, weight_norm, acc)
+    has_dropout = dropout_p > 0.0
+    base_scale = (g - 1) * reference.dropout_scale(dropout_p) if has_dropout else None
+    # With dropout dm needs dB_g (its LoRA part), without it only the column sums.
+    need_lora = need_grad_lora or (need_grad_magnitude and has_dropout)
+    need_dy_sum = need_grad_magnitude and not has_dropout and bias is not None
+    grad_x, grad_A, grad_B_g, grad_scaling, grad_bias, kept_dot, grad_y_sum = fused_backward(
+        grad_y, x, weight, lora_A, lora_B, g, base_scale, scaling, dropout_p, seed, u,
+        keep_bits, kept, need_grad_x, need_lora, need_grad_scaling, need_grad_bias,
+        need_grad_magnitude, need_dy_sum,
+    )  # fmt: skip
+    grad_m = x.new_empty(0)
+    if need_grad_magnitude and has_dropout:
+        grad_m = _magnitude_grad_dropped(
+            kept_dot, lora_B, grad_B_g, magnitude, weight_norm, dropout_p
+        )
+    elif need_grad_magnitude:
+        grad_m = _magnitude_grad_from_sums(
+            kept_dot, grad_y_sum, grad_y, x, weight, bias, lora_A, lora_B, magnitude,
+            weight_norm, scaling, u,
+        )  # fmt: skip
+    grad_B = x.new_empty(0)
+    if need_grad_lora:
+        grad_B = (g[:, None] * grad_B_g.to(acc)).to(lora_B.dtype)
+    else:
+        grad_A = x.new_empty(0)
+    return grad_x, grad_A, grad_B, grad_m, grad_scaling, grad_bias
+
+
+def _magnitude_grad_dropped(base_dot, lora_B, grad_B_g, magnitude, weight_norm, dropout_p):
+    """dm with dropout, from base_dot = sum_rows dY * P [N] and dB_g = s dY^T U:
+    (base_dot / (1 - p) + sum_R B * dB_g) / n, for sum_rows dY * s U B^T = sum_R B * dB_g."""
+    acc = base_dot.dtype
+    lora_part = (lora_B.to(acc) * grad_B_g.to(acc)).sum(1)
+    base_part = base_dot * reference.dropout_scale(dropout_p)
+    return ((base_part + lora_part) / weight_norm.to(acc)).to(magnitude.dtype)
 
 
 # Rows per block of `_column_dot` on CPUs: the [256, N] partial sum stays in cache.
@@ -271,13 +338,27 @@ def _magnitude_grad_from_output(
 ) -> torch.Tensor:
     """dm = sum_rows dY * Z / n without dropout, Z read back from Y = g * Z + b."""
     acc = accumulation_dtype(x.dtype)
+    if bias is None:
+        y_dot, grad_y_sum = _column_dot(grad_y, y, acc), None
+    else:
+        y_dot, grad_y_sum = _column_dot(grad_y, y, acc, with_sum=True)
+    return _magnitude_grad_from_sums(
+        y_dot, grad_y_sum, grad_y, x, weight, bias, lora_A, lora_B, magnitude, weight_norm,
+        scaling, u,
+    )  # fmt: skip
+
+
+def _magnitude_grad_from_sums(
+    y_dot, grad_y_sum, grad_y, x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, u
+) -> torch.Tensor:
+    """dm without dropout from y_dot = sum_rows dY * Y and (with a bias) grad_y_sum =
+    sum_rows dY, both [N] in the accumulation dtype."""
+    acc = accumulation_dtype(x.dtype)
     m = magnitude.to(acc)
     # Y - b = g Z, and g n = m: dm = (sum_rows dY * Y - b * sum_rows dY) / m.
-    if bias is None:
-        grad_m = _column_dot(grad_y, y, acc)
-    else:
-        grad_m, grad_y_sum = _column_dot(grad_y, y, acc, with_sum=True)
-        grad_m = grad_m - bias.to(acc) * grad_y_sum
+    grad_m = y_dot.to(acc)
+    if bias is not None:
+        grad_m = grad_m - bias.to(acc) * grad_y_sum.to(acc)
     grad_m = grad_m / m
     cancelled = (m == 0).nonzero().squeeze(1)
     if cancelled.numel() > 0:

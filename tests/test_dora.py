@@ -8,6 +8,7 @@ against the direct norm; the ||W_n||^2 cache against every way the weight can ch
 
 import copy
 import io
+import os
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ def peft_dora_float64(x, weight, bias, lora_A, lora_B, magnitude, scaling, keep,
         lora_x = x * keep * reference.dropout_scale(p)  # x = dropout(x)
         base_result = F.linear(lora_x, weight)
     # get_lora_weight: lora_B(lora_A(eye)).T, then get_weight_norm on its detached value.
-    eye = torch.eye(lora_A.shape[1], dtype=lora_A.dtype)
+    eye = torch.eye(lora_A.shape[1], dtype=lora_A.dtype, device=lora_A.device)
     lora_weight = F.linear(F.linear(eye, lora_A), lora_B).T
     weight_norm = torch.linalg.norm(weight + scaling * lora_weight.detach(), dim=1).detach()
     mag_norm_scale = (magnitude / weight_norm).view(1, -1)
@@ -44,14 +45,14 @@ def peft_dora_float64(x, weight, bias, lora_A, lora_B, magnitude, scaling, keep,
     return result + result_dora
 
 
-def plain_op_mask(M, K, p, manual_seed):
+def plain_op_mask(M, K, p, manual_seed, device="cpu"):
     """The keep mask [M, K] that the plain op `lora_linear` draws after
-    `torch.manual_seed(manual_seed)`, read off its output: with W = 0, A = B = I and
-    s = 1 its output is D(1) = keep / (1 - p)."""
-    eye = torch.eye(K)
+    `torch.manual_seed(manual_seed)` for tensors on `device`, read off its output: with
+    W = 0, A = B = I and s = 1 its output is D(1) = keep / (1 - p)."""
+    eye = torch.eye(K, device=device)
+    ones, zeros = torch.ones(M, K, device=device), torch.zeros(K, K, device=device)
     torch.manual_seed(manual_seed)
-    y = lora_kernels.lora_linear(torch.ones(M, K), torch.zeros(K, K), None, eye, eye, 1.0, p)
-    return y != 0
+    return lora_kernels.lora_linear(ones, zeros, None, eye, eye, 1.0, p) != 0
 
 
 def random_magnitude(weight, lora_A, lora_B, scaling, seed=3):
@@ -59,7 +60,7 @@ def random_magnitude(weight, lora_A, lora_B, scaling, seed=3):
     [0.5, 1.5), so that m/n is far from 1 (a formula that drops m/n fails)."""
     n = reference.dora_weight_norm_reference(weight, lora_A, lora_B, scaling)
     g = torch.Generator().manual_seed(seed)
-    factor = 0.5 + torch.rand(n.shape, generator=g, dtype=F64)
+    factor = (0.5 + torch.rand(n.shape, generator=g, dtype=F64)).to(n.device)
     return (n.double() * factor).to(lora_A.dtype).requires_grad_()
 
 
@@ -71,9 +72,12 @@ SHAPES = [
 DTYPES = [pytest.param(dt, id=DTYPE_IDS[dt]) for dt in (F32, torch.bfloat16, torch.float16)]
 
 
-# Every backend that serves CPU tensors here; Triton (interpreted) has its own test below.
+# Every backend that serves CPU tensors here; Triton has its own tests below, natively on
+# a CUDA device (CUDA tensors) and interpreted elsewhere (CPU tensors).
 CPU_BACKENDS = [param for param in usable_backends("cpu") if param.id != "triton"]
-TRITON = [param for param in usable_backends("cpu") if param.id == "triton"]
+# (conftest.py sets TRITON_INTERPRET=1 only where there is no CUDA device.)
+TRITON_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+TRITON = [param for param in usable_backends(TRITON_DEVICE) if param.id == "triton"]
 
 
 @pytest.mark.usefixtures("poisoned_empty")
@@ -111,23 +115,41 @@ def test_dora_linear_with_a_bool_mask_as_off_the_cpu(M, dtype, monkeypatch):
 # The Triton kernels round float32 adapter tiles to a 16-bit x's dtype, so that their
 # plain op meets the tolerances only from about M = 63 (tests/test_backend_triton.py's
 # shapes); the interpreter keeps the shapes small.
+# The triton backend runs DoRA in its own kernels (g in the forward epilogue, on the B and
+# dY tiles in backward, dm's column sums in the dY pass, two accumulators with dropout).
+# R = 19 takes dB's own reduction (above the rank the dY pass fuses it at); K = 37 ends
+# the keep bits mid-byte. That shape runs in float32 and fp16: in bf16 its scalar ds, a
+# sum that cancels, loses more than the table's 6e-3 to the float32 B tiles rounded to
+# bf16 on load (kernels.py, Numerics), as the plain triton op's ds does at such sizes.
+TRITON_CASES = [
+    pytest.param((63, 70, 33, 7), dtype, id=f"M63-K70-N33-R7-{DTYPE_IDS[dtype]}")
+    for dtype in (F32, torch.bfloat16, torch.float16)
+] + [
+    pytest.param((131, 37, 45, 19), dtype, id=f"M131-K37-N45-R19-{DTYPE_IDS[dtype]}")
+    for dtype in (F32, torch.float16)
+]
+
+
 @pytest.mark.usefixtures("poisoned_empty")
 @pytest.mark.parametrize("backend", TRITON)
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_dora_linear_on_triton_matches_peft_formula_float64(dtype, p, backend):
-    check_against_peft_formula((), 63, 70, 33, 7, dtype, True, p, backend)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("shape, dtype", TRITON_CASES)
+def test_dora_linear_on_triton_matches_peft_formula_float64(shape, dtype, bias, p, backend):
+    check_against_peft_formula((), *shape, dtype, bias, p, backend, device=TRITON_DEVICE)
 
 
-def check_against_peft_formula(lead, M, K, N, R, dtype, bias, p, backend, zero_rows=None):
-    """dora_linear on `backend`: output and every gradient against float64 peft;
-    `zero_rows` sets those entries of m to 0 (g = 0 there)."""
+def check_against_peft_formula(
+    lead, M, K, N, R, dtype, bias, p, backend, zero_rows=None, device="cpu"
+):
+    """dora_linear on `backend` with tensors on `device`: output and every gradient
+    against float64 peft; `zero_rows` sets those entries of m to 0 (g = 0 there)."""
     # float32 adapters on a 16-bit layer, as LoRALinear (and peft) make them.
     lora_dtype = F32 if dtype != F32 else dtype
     x, weight, b, A, B, _ = make_inputs(
-        M, K, N, R, dtype, lora_dtype=lora_dtype, bias=bias, lead=lead
+        M, K, N, R, dtype, lora_dtype=lora_dtype, bias=bias, lead=lead, device=device
     )
-    s = torch.tensor(0.75, dtype=F32, requires_grad=True)
+    s = torch.tensor(0.75, dtype=F32, device=device, requires_grad=True)
     m = random_magnitude(weight, A, B, 0.75)
     if zero_rows is not None:
         with torch.no_grad():
@@ -136,7 +158,7 @@ def check_against_peft_formula(lead, M, K, N, R, dtype, bias, p, backend, zero_r
     y = lora_kernels.dora_linear(x, weight, b, A, B, m, s, p, backend=backend)
     assert y.dtype == dtype and y.shape == (*lead, M, N)
     Mt = M * (lead[0] if lead else 1)
-    keep = plain_op_mask(Mt, K, p, 11) if p > 0 else None
+    keep = plain_op_mask(Mt, K, p, 11, device) if p > 0 else None
     if p > 0:
         assert not keep.all() and keep.any()  # the mask really drops something
 
@@ -157,7 +179,7 @@ def check_against_peft_formula(lead, M, K, N, R, dtype, bias, p, backend, zero_r
     assert_close(y, y64, dtype, "output")
 
     grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=F64)
-    grad_y = grad_y.to(dtype)
+    grad_y = grad_y.to(dtype).to(device)
     grads = torch.autograd.grad(y, list(named.values()), grad_y)
     grads64 = torch.autograd.grad(y64, list(up.values()), grad_y.double())
     for name, grad, grad64 in zip(named, grads, grads64, strict=True):
@@ -177,6 +199,29 @@ def check_against_peft_formula(lead, M, K, N, R, dtype, bias, p, backend, zero_r
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_zero_magnitude_rows_get_their_gradient(dtype, p, backend):
     check_against_peft_formula((), 13, 21, 11, 5, dtype, True, p, backend, zero_rows=[0, 4, 10])
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+def test_triton_runs_its_own_dora_kernels_not_the_composition(p, backend, monkeypatch):
+    """No W_g, B_g or W_c is formed, no [M, K] mask product and no column sum of [M, N]
+    tensors is taken outside the kernels: the composition's helpers are never called."""
+    from lora_kernels import dora_op
+
+    def composed(*args, **kwargs):
+        raise AssertionError("the composition ran on the triton backend")
+
+    for helper in ("_scaled_rows", "_keep_factor_blocks", "_column_dot"):
+        monkeypatch.setattr(dora_op, helper, composed)
+    check_against_peft_formula((), 63, 70, 33, 7, F32, True, p, backend, device=TRITON_DEVICE)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+def test_zero_magnitude_rows_get_their_gradient_on_triton(p, backend):
+    check_against_peft_formula(
+        (), 63, 70, 33, 7, F32, True, p, backend, zero_rows=[0, 4, 30], device=TRITON_DEVICE
+    )
 
 
 def test_zero_magnitude_test_can_fail(monkeypatch):
@@ -638,7 +683,7 @@ def test_apply_lora_use_dora_and_the_model_helpers_keep_the_magnitude(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS + TRITON)
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
 @pytest.mark.parametrize(
     "dtype", [pytest.param(dt, id=DTYPE_IDS[dt]) for dt in (F32, torch.bfloat16)]
@@ -676,7 +721,7 @@ def test_backward_keeps_x_u_the_bits_and_one_M_by_N_tensor(dtype, p, backend):
     assert expected <= saved.bytes <= expected + 64, saved.describe()
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS + TRITON)
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
 def test_compile_fullgraph(p, backend):
     layer = dora_layer()
@@ -723,22 +768,26 @@ def test_table_unpack_of_the_keep_bits_is_the_reference_unpack(K, dtype):
     assert torch.equal(factors != 0, keep) and 0 < int(keep.sum()) < keep.numel()
 
 
+@pytest.mark.parametrize("backend", [pytest.param("torch", id="torch"), *TRITON])
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
-def test_ops_pass_opcheck(p):
+def test_ops_pass_opcheck(p, backend):
+    """The ops' fakes, schemas and autograd registration, on the composition ("torch")
+    and on the triton backend's own DoRA kernels."""
     from lora_kernels import dora_op
 
-    x, weight, b, A, B, _ = make_inputs(9, 14, 6, 3, F32)
+    device = "cpu" if backend == "torch" else TRITON_DEVICE
+    x, weight, b, A, B, _ = make_inputs(9, 14, 6, 3, F32, device=device)
     m = random_magnitude(weight, A, B, 0.75)
     n = reference.dora_weight_norm_reference(weight, A, B, 0.75)
-    s = torch.tensor(0.75, requires_grad=True)
-    seed = torch.tensor(12345, dtype=torch.int64)
-    args = (x, weight, b, A, B, m, n, s, p, seed, "torch")
+    s = torch.tensor(0.75, device=device, requires_grad=True)
+    seed = torch.tensor(12345, dtype=torch.int64, device=device)
+    args = (x, weight, b, A, B, m, n, s, p, seed, backend)
     torch.library.opcheck(dora_op.dora_forward, args)
     with torch.no_grad():
         y, u, bits, dropped = dora_op.dora_forward(*args)
     kept = y if p == 0 else dropped
     plain = [t.detach() if isinstance(t, torch.Tensor) else t for t in args]
-    grad_args = (torch.randn_like(y), *plain[:10], u, bits, kept, "torch")
+    grad_args = (torch.randn_like(y), *plain[:10], u, bits, kept, backend)
     torch.library.opcheck(dora_op.dora_backward, (*grad_args, True, True, True, True, True))
 
 
@@ -784,7 +833,7 @@ def test_column_dot_of_row_blocks_is_the_sum_of_products(M, dtype):
     assert_close(column_sum, a.double().sum(0), torch.float32, f"column sum, M={M}")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS + TRITON)
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
 @pytest.mark.parametrize(
     "trained",

@@ -21,6 +21,10 @@ fixed order. Configs come from `configs.kernel_configs` (autotuned on the proble
 sizes, pruned to what compiles without spills, checked for sm_80 and sm_90 by
 benchmarks/compile_report.py); under TRITON_INTERPRET=1 the same kernels run on CPU
 tensors with one small config.
+
+DoRA has passes of its own here (`load_dora`: `dora_forward`, `dora_backward`), the same
+launches with DoRA's flags set (kernels.py); `lora_kernels.dora_op` calls them and keeps
+the math.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from .configs import KERNEL_NAMES, SHARED_MEMORY_LIMIT, TARGETS, kernel_configs
 
 __all__ = ["KERNEL_NAMES", "SHARED_MEMORY_LIMIT", "TARGETS", "availability", "kernel_configs"]
 __all__ += ["dropout_keep_mask", "load", "serves", "triton_backward", "triton_forward"]
+__all__ += ["dora_backward", "dora_forward", "load_dora"]
 
 
 @triton_op("lora_kernels::triton_forward", mutates_args=())
@@ -83,21 +88,9 @@ def triton_backward(
     need_grad_scaling: bool,
     need_grad_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    M, K = x.shape
-    N, R = lora_B.shape
-
-    def buffer(flag, shape, dtype):
-        return torch.empty(shape if flag else (0,), dtype=dtype, device=x.device)
-
-    out = (
-        buffer(need_grad_x, (M, K), x.dtype),
-        buffer(need_grad_lora, (R, K), lora_A.dtype),
-        buffer(need_grad_lora, (N, R), lora_B.dtype),
-        buffer(need_grad_scaling, (), scaling.dtype),
-        buffer(need_grad_bias, (N,), x.dtype),
+    out, grads = _grad_buffers(
+        x, lora_A, lora_B, scaling, need_grad_x, need_grad_lora, need_grad_scaling, need_grad_bias
     )
-    flags = (need_grad_x, need_grad_lora, need_grad_lora, need_grad_scaling, need_grad_bias)
-    grads = launch.Grads(*(t if flag else None for t, flag in zip(out, flags, strict=True)))
     with interpreter.one_at_a_time():
         launch.backward_into(
             grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, u, keep_bits, grads
@@ -105,7 +98,81 @@ def triton_backward(
     return out
 
 
+def _buffer(flag: bool, shape, dtype, device) -> torch.Tensor:
+    return torch.empty(shape if flag else (0,), dtype=dtype, device=device)
+
+
+def _grad_buffers(x, lora_A, lora_B, scaling, need_x, need_lora, need_scaling, need_bias):
+    """(the backward op's outputs, empty [0] where not asked for; launch.Grads of them)."""
+    M, K = x.shape
+    N, R = lora_B.shape
+    out = (
+        _buffer(need_x, (M, K), x.dtype, x.device),
+        _buffer(need_lora, (R, K), lora_A.dtype, x.device),
+        _buffer(need_lora, (N, R), lora_B.dtype, x.device),
+        _buffer(need_scaling, (), scaling.dtype, x.device),
+        _buffer(need_bias, (N,), x.dtype, x.device),
+    )
+    flags = (need_x, need_lora, need_lora, need_scaling, need_bias)
+    return out, launch.Grads(*(t if flag else None for t, flag in zip(out, flags, strict=True)))
+
+
 triton_backward.register_fake(backward_fake)
+
+
+# ---------------------------------------------------------------------------------------
+# DoRA's fused passes (called by lora_kernels.dora_op, which holds the math)
+# ---------------------------------------------------------------------------------------
+
+
+def dora_forward(x, weight, bias, lora_A, lora_B, row_scale, base_scale, scaling, dropout_p, seed):
+    """(Y, U, keep_bits, P) of DoRA in the forward kernels: g = row_scale [N] fp32 in the
+    GEMM's epilogue without dropout; with it base_scale c [N] fp32 and P = (X * keep)
+    W^T [M, N] (x's dtype) from the same pass over W (`kernels.lora_fwd_kernel`)."""
+    M, K = x.shape[0], x.shape[-1]
+    N = weight.shape[0]
+    has_dropout = dropout_p > 0.0
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    u = torch.empty((M, lora_A.shape[0]), dtype=torch.float32, device=x.device)
+    keep_bits = torch.empty(keep_bits_shape(M, K, dropout_p), dtype=torch.uint8, device=x.device)
+    dropped = _buffer(has_dropout, (M, N), x.dtype, x.device)
+    dora = launch.DoraForward(
+        row_scale, base_scale if has_dropout else None, None, dropped if has_dropout else None
+    )
+    with interpreter.one_at_a_time():
+        launch.forward_into(
+            x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, u, keep_bits, dora
+        )
+    return y, u, keep_bits, dropped
+
+
+def dora_backward(
+    grad_y, x, weight, lora_A, lora_B, row_scale, base_scale, scaling, dropout_p, seed, u,
+    keep_bits, kept, need_grad_x, need_grad_lora, need_grad_scaling, need_grad_bias,
+    need_kept_sum, need_dy_sum,
+):  # fmt: skip
+    """(grad_x, grad_A, grad of diag(g) B, grad_scaling, grad_bias, sum over rows of
+    dY * kept, sum over rows of dY) of DoRA in the backward kernels, the column sums
+    [N] fp32 (for dm) where asked for, each output empty [0] where not
+    (`launch.DoraBackward`)."""
+    out, grads = _grad_buffers(
+        x, lora_A, lora_B, scaling, need_grad_x, need_grad_lora, need_grad_scaling, need_grad_bias
+    )
+    N = weight.shape[0]
+    kept_sum = _buffer(need_kept_sum, (N,), torch.float32, x.device)
+    dy_sum = _buffer(need_dy_sum, (N,), torch.float32, x.device)
+    dora = launch.DoraBackward(
+        row_scale,
+        base_scale if dropout_p > 0.0 else None,
+        kept,
+        kept_sum if need_kept_sum else None,
+        dy_sum if need_dy_sum else None,
+    )
+    with interpreter.one_at_a_time():
+        launch.backward_into(
+            grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, u, keep_bits, grads, dora
+        )
+    return (*out, kept_sum, dy_sum)
 
 
 register_lora_autograd(triton_forward, triton_backward)
@@ -178,3 +245,8 @@ def serves(name: str, device_type: str) -> bool:
 def load(name: str):
     """(forward_op, backward_op) of the triton backend."""
     return torch.ops.lora_kernels.triton_forward, torch.ops.lora_kernels.triton_backward
+
+
+def load_dora(name: str):
+    """(dora_forward, dora_backward): the backend's own DoRA passes (docs/backends.md)."""
+    return dora_forward, dora_backward

@@ -41,9 +41,9 @@ FUSED_DB_MAX_R = 16
 # list (Triton adds the dtypes itself).
 AUTOTUNE_KEYS = {
     "shrink": ["M", "K", "R", "HAS_DROPOUT", "INPUT_PRECISION"],
-    "fwd": ["M", "N", "K", "R", "INPUT_PRECISION"],
-    "bwd_dy": ["M", "N", "R", "INPUT_PRECISION"],
-    "bwd_dx": ["M", "N", "K", "R", "HAS_DROPOUT", "INPUT_PRECISION"],
+    "fwd": ["M", "N", "K", "R", "DROPPED_BASE", "INPUT_PRECISION"],
+    "bwd_dy": ["M", "N", "R", "COMPUTE_DM", "INPUT_PRECISION"],
+    "bwd_dx": ["M", "N", "K", "R", "HAS_DROPOUT", "DROPPED_BASE", "INPUT_PRECISION"],
     "bwd_da": ["M", "K", "R", "HAS_DROPOUT", "INPUT_PRECISION"],
     "bwd_db": ["M", "N", "R", "INPUT_PRECISION"],
 }
@@ -130,6 +130,18 @@ def _config(num_warps, num_stages, maxnreg=None, **blocks) -> triton.Config:
     return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
 
 
+# FMA-path tiles for DoRA's two accumulators only (`kernel_configs`): the tiles above
+# spill there, and the plain GEMMs keep their own list.
+TWO_ACC_FMA_SHAPES = [(32, 32, 32, 4, 3), (64, 64, 16, 8, 3)]
+
+
+def _is_two_acc_fma_tile(name: str, config: triton.Config) -> bool:
+    out, loop = ("BLOCK_N", "BLOCK_K") if name == "fwd" else ("BLOCK_K", "BLOCK_N")
+    blocks = config.kwargs
+    shape = (blocks["BLOCK_M"], blocks[out], blocks[loop], config.num_warps, config.num_stages)
+    return shape in TWO_ACC_FMA_SHAPES
+
+
 def _gemm_candidates(name: str, elem: int, fma: bool) -> list[triton.Config]:
     # (BLOCK_M, BLOCK_<out>, BLOCK_<loop>, warps, stages): the matmul tutorial's set, plus
     # 8-warp 128x128 (room for the dropout mask of dX) and a 4-stage 128x256 tile for
@@ -138,7 +150,7 @@ def _gemm_candidates(name: str, elem: int, fma: bool) -> list[triton.Config]:
     out, loop = ("BLOCK_N", "BLOCK_K") if name == "fwd" else ("BLOCK_K", "BLOCK_N")
     if fma:
         shapes = [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3)]
-        shapes += [(32, 64, 32, 4, 3)]
+        shapes += [(32, 64, 32, 4, 3), *TWO_ACC_FMA_SHAPES]
     else:
         bl = 64 if elem == 2 else 32
         shapes = [
@@ -194,10 +206,12 @@ def candidates(name: str, elem: int, fma: bool) -> list[triton.Config]:
     raise ValueError(f"unknown kernel {name!r}; expected one of {KERNEL_NAMES}")
 
 
-def register_estimate(name, blocks, num_warps, BLOCK_R, fma, dropout) -> int:
-    """32-bit registers per thread held by a config's large tiles: the fp32 accumulator,
-    the dropout mask (the shrink's Philox words and bits, the bits dX and dA decode), and
-    on the FMA path the operands."""
+def register_estimate(name, blocks, num_warps, BLOCK_R, fma, dropout, two_acc=False) -> int:
+    """32-bit registers per thread held by a config's large tiles: the fp32 accumulator
+    (two of them in DoRA's dropout form, `two_acc`), the dropout mask (the shrink's
+    Philox words and bits, the bits dX and dA decode; the two-accumulator GEMMs decode
+    theirs outside the loop or per loop tile, and hold none across it), and on the FMA
+    path the operands."""
     threads = 32 * num_warps
     if name in ("fwd", "bwd_dx"):
         out = blocks["BLOCK_N"] if name == "fwd" else blocks["BLOCK_K"]
@@ -216,6 +230,8 @@ def register_estimate(name, blocks, num_warps, BLOCK_R, fma, dropout) -> int:
         wide = blocks["BLOCK_K"] if name == "bwd_da" else blocks["BLOCK_N"]
         acc, mask = BLOCK_R * wide, blocks["BLOCK_M"] * wide
         operands = (BLOCK_R + wide) * blocks["BLOCK_M"]
+    if two_acc:
+        acc, mask = 2 * acc, 0
     regs = acc + (mask if dropout else 0) + (operands if fma else 0)
     return regs // threads
 
@@ -225,6 +241,7 @@ def register_estimate(name, blocks, num_warps, BLOCK_R, fma, dropout) -> int:
 # FMA dots next to their accumulator get less.
 REGISTER_BUDGET = {"fwd": 128, "bwd_dx": 128, "shrink": 80, "bwd_dy": 96}
 REGISTER_BUDGET |= {"bwd_da": 80, "bwd_db": 128}
+TWO_ACC_FMA_BUDGET = 40
 
 
 def smem_estimate(name, blocks, num_stages, elem, BLOCK_R, fma) -> int:
@@ -244,8 +261,18 @@ def smem_estimate(name, blocks, num_stages, elem, BLOCK_R, fma) -> int:
     return num_stages * blocks["BLOCK_M"] * (BLOCK_R * 4 + wide * elem)
 
 
-def _register_budget(name, elem, fma, dropout, sm80, num_warps) -> int:
+def _register_budget(name, elem, fma, dropout, sm80, num_warps, two_acc=False) -> int:
     budget = REGISTER_BUDGET[name]
+    if two_acc:
+        dropout = False  # no mask held beside the accumulators (register_estimate)
+        if fma:
+            # Two accumulators beside FMA operands in registers: ptxas spills from the
+            # 32x64 tile (estimated 56; compile report).
+            return TWO_ACC_FMA_BUDGET
+        if sm80:
+            # mma.sync's operand fragments beside two accumulators: the 8-warp 128x128
+            # bf16 forward (estimated 128) spills 60 B on sm_80 (compile report).
+            return 64
     if name in ("fwd", "bwd_dx") and not fma:
         # dX's mask doubles its tile's registers; sm_80's mma.sync holds operand fragments
         # in registers beside the accumulator, which leaves room for a 128-register
@@ -270,10 +297,12 @@ def kernel_configs(
     BLOCK_R: int,
     INPUT_PRECISION: str = "ieee",
     HAS_DROPOUT: bool = True,
+    DROPPED_BASE: bool = False,
 ) -> list[triton.Config]:
     """Autotune configs of kernel `name` for one launch: a GPU of `capability` with
     `smem_limit` bytes of shared memory per block, operands of `dtype`, the launcher's
-    BLOCK_R, dot precision and dropout flag.
+    BLOCK_R, dot precision and dropout flag (and DROPPED_BASE: the forward and dX GEMMs
+    of DoRA's dropout form, two accumulators).
 
     The one source of truth for autotuning (the autotuner prunes its list with this)
     and for the ahead-of-time compile report (benchmarks/compile_report.py), which
@@ -283,17 +312,23 @@ def kernel_configs(
     fma = elem == 4 and INPUT_PRECISION == "ieee"
     dropout = HAS_DROPOUT and name in ("shrink", "bwd_dx", "bwd_da")
     sm80 = tuple(capability) < (9, 0)
+    two_acc = DROPPED_BASE and name in ("fwd", "bwd_dx")
     configs = []
     for config in candidates(name, elem, fma):
-        budget = _register_budget(name, elem, fma, dropout, sm80, config.num_warps)
-        regs = register_estimate(name, config.kwargs, config.num_warps, BLOCK_R, fma, dropout)
+        if fma and name in ("fwd", "bwd_dx") and not two_acc:
+            if _is_two_acc_fma_tile(name, config):
+                continue
+        budget = _register_budget(name, elem, fma, dropout, sm80, config.num_warps, two_acc)
+        regs = register_estimate(
+            name, config.kwargs, config.num_warps, BLOCK_R, fma, dropout, two_acc
+        )
         smem = smem_estimate(name, config.kwargs, config.num_stages, elem, BLOCK_R, fma)
         if regs <= budget and smem <= smem_limit:
             configs.append(config)
     if not configs:
         raise RuntimeError(
             f"no config of {name} fits: {dtype}, {INPUT_PRECISION}, R-block {BLOCK_R}, "
-            f"{smem_limit} B of shared memory"
+            f"{'two accumulators, ' if two_acc else ''}{smem_limit} B of shared memory"
         )
     return configs
 

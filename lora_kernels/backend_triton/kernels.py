@@ -16,6 +16,13 @@ G = dY B):
               (7. dropout_mask_kernel  the mask's bits from the seed alone, when
                                        backward is given none; a byte mask for tests)
 
+DoRA (`lora_kernels.dora_op`, through `dora_forward` / `dora_backward` of this package)
+runs the same kernels with flags: g = m / n in the forward epilogue (ROW_SCALE) or, with
+dropout, a second accumulator for P = (X * keep) W^T over the same W tiles
+(DROPPED_BASE); g on the B tiles of the dY pass, which also sums dY * Y or dY * P for dm
+(COMPUTE_DM); g on the dY tiles of dX, or with dropout a second accumulator for
+(dY diag((g - 1) / (1 - p))) W, masked in the epilogue.
+
 The keep mask is generated once, in the forward: the shrink runs Philox (one
 `tl.randint4x` call per four elements of a row, the bit-exact rule of
 `reference.dropout_keep_mask`), applies the mask and writes it packed one bit per
@@ -239,6 +246,80 @@ def _gemm_tile(
     return b_acc
 
 
+@triton.jit
+def _gemm_tile_dropped(
+    b_acc,
+    x,
+    w,
+    keep_bits,
+    o_m,
+    m_m,
+    o_n,
+    m_n,
+    K,
+    s_xm,
+    s_xk,
+    s_wk,
+    s_wn,
+    s_km,
+    s_kb,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """(b_acc + X W^T, D(X) W^T without the 1 / (1 - p)) over one tile: each W tile is
+    loaded once and meets both X and the masked X, the keep mask read from keep_bits."""
+    b_dropped = tl.zeros(b_acc.shape, dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        b_x, b_w = _operand_tiles(x, w, o_m, m_m, o_n, m_n, k0, K, s_xm, s_xk, s_wk, s_wn,
+                                  BLOCK_K)  # fmt: skip
+        b_keep = _load_keep(keep_bits, o_m, m_m, k0, K, s_km, s_kb, BLOCK_M, BLOCK_K)
+        b_acc = _dot(b_x, b_w, b_acc, INPUT_PRECISION)
+        b_dropped = _dot(tl.where(b_keep, b_x, 0.0), b_w, b_dropped, INPUT_PRECISION)
+    return b_acc, b_dropped
+
+
+@triton.jit
+def _gemm_tile_row_scaled(
+    b_acc,
+    dy,
+    w,
+    row_scale,
+    o_m,
+    m_m,
+    o_k,
+    m_k,
+    N,
+    s_dym,
+    s_dyn,
+    s_wn,
+    s_wk,
+    TWO_ACCUMULATORS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The dX GEMM with dY's columns scaled by r = row_scale [N] as each tile is loaded:
+    b_acc + (dY diag(r)) W (and a second value to ignore), or with TWO_ACCUMULATORS (b_acc + dY W,
+    (dY diag(r)) W), each W tile loaded once for both."""
+    dtype = dy.dtype.element_ty
+    if TWO_ACCUMULATORS:
+        b_scaled = tl.zeros(b_acc.shape, dtype=tl.float32)
+    else:
+        b_scaled = b_acc  # not carried by the loop; the caller reads only b_acc
+    for n0 in range(0, N, BLOCK_N):
+        b_dy, b_w = _operand_tiles(dy, w, o_m, m_m, o_k, m_k, n0, N, s_dym, s_dyn, s_wn, s_wk,
+                                   BLOCK_N)  # fmt: skip
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        b_r = tl.load(row_scale + o_n, mask=o_n < N, other=0.0)  # [BN] fp32
+        b_dy_r = _cast(b_dy.to(tl.float32) * b_r[None, :], dtype)
+        if TWO_ACCUMULATORS:
+            b_acc = _dot(b_dy, b_w, b_acc, INPUT_PRECISION)
+            b_scaled = _dot(b_dy_r, b_w, b_scaled, INPUT_PRECISION)
+        else:
+            b_acc = _dot(b_dy_r, b_w, b_acc, INPUT_PRECISION)
+    return b_acc, b_scaled
+
+
 @triton.jit(do_not_specialize=["threshold"])
 def lora_shrink_kernel(
     x,
@@ -325,7 +406,17 @@ def lora_fwd_kernel(
     s_br,
     s_ym,
     s_yn,
+    row_scale,
+    base_scale,
+    keep_bits,
+    dropped,
+    s_km,
+    s_kb,
+    s_pm,
+    s_pn,
     HAS_BIAS: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
+    DROPPED_BASE: tl.constexpr,
     RANK_TF32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -337,6 +428,13 @@ def lora_fwd_kernel(
     """Y [M, N] = X W^T + b + s U B^T for X [M, K], W [N, K], U [M, R] fp32, B [N, R].
 
     The LoRA term is the accumulator's first R-wide step, the bias its epilogue.
+
+    DoRA (`lora_kernels.dora_op`), with g = row_scale [N] fp32:
+    - ROW_SCALE (no dropout): Y = g * (X W^T + s U B^T) + b, g applied in the epilogue.
+    - DROPPED_BASE (peft's dropout form): Y = X W^T + b + g * s U B^T + c * P with
+      c = base_scale [N] fp32 and P = (X * keep) W^T [M, N], written to `dropped` in
+      x's dtype (rounded, and added rounded). Both products come from one pass over the W
+      tiles, with two accumulators; the keep mask is read from keep_bits.
     """
     pid = tl.program_id(0)
     i_m, i_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -352,9 +450,25 @@ def lora_fwd_kernel(
         dtype, RANK_TF32, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R,
     )  # fmt: skip
     b_acc = b_acc * tl.load(scaling)
-    b_acc = _gemm_tile(
-        b_acc, x, w, o_m, m_m, o_n, m_n, K, s_xm, s_xk, s_wk, s_wn, INPUT_PRECISION, BLOCK_K
-    )
+    if ROW_SCALE or DROPPED_BASE:
+        b_g = tl.load(row_scale + o_n, mask=m_n, other=0.0)  # [BN] fp32
+    if DROPPED_BASE:
+        b_acc = b_acc * b_g[None, :]
+        b_acc, b_dropped = _gemm_tile_dropped(
+            b_acc, x, w, keep_bits, o_m, m_m, o_n, m_n, K, s_xm, s_xk, s_wk, s_wn, s_km, s_kb,
+            INPUT_PRECISION, BLOCK_M, BLOCK_K,
+        )  # fmt: skip
+        b_p = _cast(b_dropped, dtype)
+        m_y = m_m[:, None] & m_n[None, :]
+        tl.store(dropped + o_m[:, None] * s_pm + o_n[None, :] * s_pn, b_p, mask=m_y)
+        b_c = tl.load(base_scale + o_n, mask=m_n, other=0.0)  # [BN] fp32
+        b_acc += b_p.to(tl.float32) * b_c[None, :]
+    else:
+        b_acc = _gemm_tile(
+            b_acc, x, w, o_m, m_m, o_n, m_n, K, s_xm, s_xk, s_wk, s_wn, INPUT_PRECISION, BLOCK_K
+        )
+        if ROW_SCALE:
+            b_acc = b_acc * b_g[None, :]
 
     if HAS_BIAS:
         b_acc += tl.load(bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
@@ -381,10 +495,17 @@ def lora_bwd_dy_kernel(
     s_br,
     s_um,
     s_ur,
+    row_scale,
+    kept,
+    dm_part,
+    s_pm,
+    s_pn,
     NEED_G: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
     COMPUTE_DS: tl.constexpr,
     COMPUTE_DBIAS: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
+    COMPUTE_DM: tl.constexpr,
     RANK_TF32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -398,6 +519,11 @@ def lora_bwd_dy_kernel(
       db_part[i_m, n, r]      = sum over its rows of dY^T U (unscaled)    [M_TILES, N, R]
       dbias_part[i_m, n]      = sum over its rows of dY                   [M_TILES, N]
       ds_part[program]        = sum(g_part tile * U tile)                 [programs]
+
+    DoRA (`lora_kernels.dora_op`): with ROW_SCALE, B is diag(g) B (g = row_scale [N]
+    fp32, applied to each B tile as it is loaded); with COMPUTE_DM, also
+      dm_part[i_m, n]         = sum over its rows of dY * kept            [M_TILES, N]
+    for kept [M, N] (Y, or the dropped base product P), read beside dY.
     """
     i_m = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
@@ -422,6 +548,9 @@ def lora_bwd_dy_kernel(
         if NEED_G:
             p_b = b + o_n[:, None] * s_bn + o_r[None, :] * s_br
             b_b = tl.load(p_b, mask=m_n[:, None] & m_r[None, :], other=0.0)  # [BN, BR]
+            if ROW_SCALE:
+                b_row = tl.load(row_scale + o_n, mask=m_n, other=0.0)  # [BN] fp32
+                b_b = b_b.to(tl.float32) * b_row[:, None]
             b_g = _dot(b_dy, _cast(b_b, dtype), b_g, INPUT_PRECISION)
         if COMPUTE_DB:
             b_db = _lora_dot(tl.trans(b_dy), b_u, None, dtype, RANK_TF32, INPUT_PRECISION)
@@ -431,6 +560,12 @@ def lora_bwd_dy_kernel(
             if i_r == 0:
                 b_dbias = tl.sum(b_dy.to(tl.float32), axis=0)  # [BN]
                 tl.store(dbias_part + i_m * N + o_n, b_dbias, mask=m_n)
+        if COMPUTE_DM:
+            if i_r == 0:
+                p_kept = kept + o_m[:, None] * s_pm + o_n[None, :] * s_pn
+                b_kept = tl.load(p_kept, mask=m_m[:, None] & m_n[None, :], other=0.0)
+                b_dm = tl.sum(b_dy.to(tl.float32) * b_kept.to(tl.float32), axis=0)  # [BN]
+                tl.store(dm_part + i_m * N + o_n, b_dm, mask=m_n)
 
     if NEED_G:
         p_g = g_part + (i_s * M + o_m[:, None]) * R + o_r[None, :]
@@ -466,7 +601,10 @@ def lora_bwd_dx_kernel(
     s_km,
     s_kb,
     dropout_scale,
+    row_scale,
     HAS_DROPOUT: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
+    DROPPED_BASE: tl.constexpr,
     RANK_TF32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -480,6 +618,12 @@ def lora_bwd_dx_kernel(
 
     The masked LoRA term fills the accumulator first (the mask applies to it alone),
     then the N loop adds dY W; dX is written once.
+
+    DoRA (`lora_kernels.dora_op`), with r = row_scale [N] fp32:
+    - ROW_SCALE (no dropout, r = g): dY W becomes (dY diag(g)) W, g applied to each dY
+      tile as it is loaded (dY is the left operand, which may come from registers).
+    - DROPPED_BASE (dropout, r = c = (g - 1) / (1 - p)): dX = s D(G A) + dY W +
+      keep * ((dY diag(c)) W), the two products from one pass over the W tiles.
     """
     pid = tl.program_id(0)
     i_m, i_k = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
@@ -499,9 +643,21 @@ def lora_bwd_dx_kernel(
         b_keep = _load_keep(keep_bits, o_m, m_m, i_k * BLOCK_K, K, s_km, s_kb, BLOCK_M, BLOCK_K)
         b_acc = tl.where(b_keep, b_acc * dropout_scale, 0.0)
 
-    b_acc = _gemm_tile(
-        b_acc, dy, w, o_m, m_m, o_k, m_k, N, s_dym, s_dyn, s_wn, s_wk, INPUT_PRECISION, BLOCK_N
-    )
+    if ROW_SCALE or DROPPED_BASE:
+        b_acc, b_scaled = _gemm_tile_row_scaled(
+            b_acc, dy, w, row_scale, o_m, m_m, o_k, m_k, N, s_dym, s_dyn, s_wn, s_wk,
+            DROPPED_BASE, INPUT_PRECISION, BLOCK_N,
+        )  # fmt: skip
+        if DROPPED_BASE:
+            # Read again, not held across the loop beside two accumulators.
+            b_keep = _load_keep(keep_bits, o_m, m_m, i_k * BLOCK_K, K, s_km, s_kb, BLOCK_M,
+                                BLOCK_K)  # fmt: skip
+            b_acc += tl.where(b_keep, b_scaled, 0.0)
+    else:
+        b_acc = _gemm_tile(
+            b_acc, dy, w, o_m, m_m, o_k, m_k, N, s_dym, s_dyn, s_wn, s_wk, INPUT_PRECISION,
+            BLOCK_N,
+        )  # fmt: skip
 
     p_dx = dx + o_m[:, None] * s_dxm + o_k[None, :] * s_dxk
     tl.store(p_dx, _cast(b_acc, dx.dtype.element_ty), mask=m_m[:, None] & m_k[None, :])

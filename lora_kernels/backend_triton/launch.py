@@ -110,6 +110,7 @@ def tuned(name: str, target: tuple | None):
             BLOCK_R=kwargs["BLOCK_R"],
             INPUT_PRECISION=kwargs["INPUT_PRECISION"],
             HAS_DROPOUT=kwargs.get("HAS_DROPOUT", False),
+            DROPPED_BASE=kwargs.get("DROPPED_BASE", False),
         )
         allowed_keys = {configs.config_key(c) for c in allowed}
         estimated = [c for c in candidates if configs.config_key(c) in allowed_keys]
@@ -257,10 +258,28 @@ def launch_shrink(lp: Launch, x, lora_A, u, keep_bits, seed, threshold, dropout_
     )  # fmt: skip
 
 
-def launch_fwd(lp: Launch, x, weight, bias, u, lora_B, y, scaling) -> None:
-    """Y = X W^T + b + s U B^T into y [M, N]; bias may be None."""
+class DoraForward(typing.NamedTuple):
+    """DoRA's additions to the forward GEMM (`kernels.lora_fwd_kernel`): g = m / n [N]
+    fp32 and, with dropout, c = (g - 1) / (1 - p) [N] fp32, the keep mask's bits and
+    the buffer [M, N] for P = (X * keep) W^T (base_scale, keep_bits, dropped None
+    without dropout)."""
+
+    row_scale: torch.Tensor
+    base_scale: torch.Tensor | None = None
+    keep_bits: torch.Tensor | None = None
+    dropped: torch.Tensor | None = None
+
+
+def launch_fwd(lp: Launch, x, weight, bias, u, lora_B, y, scaling, dora=None) -> None:
+    """Y = X W^T + b + s U B^T into y [M, N]; bias may be None; `dora` a DoraForward."""
     M, K = x.shape
     N, R = lora_B.shape
+    if dora is None:
+        dora = DoraForward(None)
+    dropped_base = dora.dropped is not None
+    bits, dropped = dora.keep_bits, dora.dropped
+    s_km, s_kb = _bits_strides(bits)
+    s_pm, s_pn = (dropped.stride(0), dropped.stride(1)) if dropped_base else (0, 0)
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
     wrap_triton(tuned("fwd", lp.target))[grid](
         x, weight, bias, u, lora_B, y, scaling,
@@ -268,7 +287,10 @@ def launch_fwd(lp: Launch, x, weight, bias, u, lora_B, y, scaling) -> None:
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         u.stride(0), u.stride(1), lora_B.stride(0), lora_B.stride(1),
         y.stride(0), y.stride(1),
+        dora.row_scale, dora.base_scale, bits, dropped, s_km, s_kb, s_pm, s_pn,
         HAS_BIAS=bias is not None,
+        ROW_SCALE=dora.row_scale is not None and not dropped_base,
+        DROPPED_BASE=dropped_base,
         INPUT_PRECISION=lp.precision,
         RANK_TF32=lp.rank_tf32,
         BLOCK_R=lp.sizes.r_step_block(R),
@@ -282,11 +304,14 @@ class DyPartials(typing.NamedTuple):
     db: torch.Tensor | None  # [M_TILES, N, R], unscaled
     dbias: torch.Tensor | None  # [M_TILES, N]
     ds: torch.Tensor | None  # [programs]
+    dm: torch.Tensor | None = None  # [M_TILES, N], DoRA's sum of dY * kept
 
 
-def launch_bwd_dy(lp: Launch, grad_y, lora_B, u, need_g, need_db, need_ds, need_dbias):
+def launch_bwd_dy(lp: Launch, grad_y, lora_B, u, need_g, need_db, need_ds, need_dbias,
+                  row_scale=None, kept=None):  # fmt: skip
     """One pass over dY [M, N]: partial sums of G = dY B, dB = dY^T U, db and ds, as the
-    flags ask (`DyPartials`)."""
+    flags ask (`DyPartials`). DoRA: B is diag(row_scale) B where row_scale [N] fp32 is
+    given, and the partial sums of dY * kept are made where kept [M, N] is given."""
     M, N = grad_y.shape
     R = lora_B.shape[1]
     BLOCK_R = lp.sizes.r_tile_block(R, lp.fma)
@@ -300,16 +325,21 @@ def launch_bwd_dy(lp: Launch, grad_y, lora_B, u, need_g, need_db, need_ds, need_
         torch.empty((m_tiles, N, R), dtype=F32, device=device) if need_db else None,
         torch.empty((m_tiles, N), dtype=F32, device=device) if need_dbias else None,
         torch.empty((m_tiles * n_split * r_tiles,), dtype=F32, device=device) if need_ds else None,
+        torch.empty((m_tiles, N), dtype=F32, device=device) if kept is not None else None,
     )
+    s_pm, s_pn = (kept.stride(0), kept.stride(1)) if kept is not None else (0, 0)
     wrap_triton(tuned("bwd_dy", lp.target))[(m_tiles, n_split, r_tiles)](
         grad_y, lora_B, u, part.g, part.db, part.dbias, part.ds,
         M, N, R, n_chunk,
         grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1),
         u.stride(0), u.stride(1),
+        row_scale, kept, part.dm, s_pm, s_pn,
         NEED_G=need_g,
         COMPUTE_DB=need_db,
         COMPUTE_DS=need_ds,
         COMPUTE_DBIAS=need_dbias,
+        ROW_SCALE=row_scale is not None,
+        COMPUTE_DM=kept is not None,
         INPUT_PRECISION=lp.precision,
         RANK_TF32=lp.rank_tf32,
         BLOCK_M=BLOCK_M,
@@ -318,9 +348,12 @@ def launch_bwd_dy(lp: Launch, grad_y, lora_B, u, need_g, need_db, need_ds, need_
     return part
 
 
-def launch_bwd_dx(lp: Launch, grad_y, weight, g, lora_A, grad_x, scaling, keep_bits, scale):
+def launch_bwd_dx(lp: Launch, grad_y, weight, g, lora_A, grad_x, scaling, keep_bits, scale,
+                  row_scale=None):  # fmt: skip
     """dX = s D(G A) + dY W into grad_x [M, K]; keep_bits None without dropout, scale the
-    1 / (1 - p) of dropout."""
+    1 / (1 - p) of dropout. DoRA, with row_scale r [N] fp32: dY W becomes
+    (dY diag(r)) W without dropout (r = g), and dY W + keep * ((dY diag(r)) W) with it
+    (r = (g - 1) / (1 - p))."""
     M, K = grad_x.shape
     N = grad_y.shape[1]
     R = lora_A.shape[0]
@@ -332,8 +365,10 @@ def launch_bwd_dx(lp: Launch, grad_y, weight, g, lora_A, grad_x, scaling, keep_b
         grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
         g.stride(0), g.stride(1), lora_A.stride(0), lora_A.stride(1),
         grad_x.stride(0), grad_x.stride(1), s_km, s_kb,
-        scale,
+        scale, row_scale,
         HAS_DROPOUT=keep_bits is not None,
+        ROW_SCALE=row_scale is not None and keep_bits is None,
+        DROPPED_BASE=row_scale is not None and keep_bits is not None,
         INPUT_PRECISION=lp.precision,
         RANK_TF32=lp.rank_tf32,
         BLOCK_R=lp.sizes.r_step_block(R),
@@ -433,10 +468,12 @@ def check_inputs(x, weight, lora_A, lora_B, scaling, dropout_p, seed) -> None:
         raise ValueError(f"x must be a CUDA tensor for the triton backend ({why}), got {device}")
 
 
-def forward_into(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, u, keep_bits):
+def forward_into(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, u, keep_bits,
+                 dora=None):  # fmt: skip
     """Write Y [M, N] into y, U [M, R] (fp32) into u and, with dropout, the keep mask
     packed one bit per element into keep_bits [M, ceil(K/8)] uint8 (else keep_bits is
-    the empty [0]); launches nothing when M == 0."""
+    the empty [0]); launches nothing when M == 0. `dora`: a DoraForward (its keep_bits
+    filled in here), for DoRA's Y and, with dropout, P."""
     check_inputs(x, weight, lora_A, lora_B, scaling, dropout_p, seed)
     check_bias(bias, x, weight)
     has_dropout, threshold, dropout_scale = dropout_args(dropout_p)
@@ -445,8 +482,10 @@ def forward_into(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, y, u
     lp = launch_params(x)
     bits = keep_bits if has_dropout else None
     launch_shrink(lp, x, lora_A, u, bits, seed, threshold, dropout_scale)
+    if dora is not None and has_dropout:
+        dora = dora._replace(keep_bits=bits)
     if weight.shape[0] > 0:
-        launch_fwd(lp, x, weight, bias, u, lora_B, y, scaling)
+        launch_fwd(lp, x, weight, bias, u, lora_B, y, scaling, dora)
 
 
 class Grads(typing.NamedTuple):
@@ -459,9 +498,23 @@ class Grads(typing.NamedTuple):
     bias: torch.Tensor | None  # [N], x's dtype
 
 
+class DoraBackward(typing.NamedTuple):
+    """DoRA's additions to the backward passes: g = m / n [N] fp32 (B is diag(g) B, and
+    without dropout W is diag(g) W), c = (g - 1) / (1 - p) [N] fp32 with dropout (dX
+    gains keep * ((dY diag(c)) W)), and the column sums dm is formed from, written where
+    their buffers [N] fp32 are given: sum over rows of dY * kept (kept [M, N]: Y, or P
+    with dropout) and of dY. The gradient of B is that of diag(g) B."""
+
+    row_scale: torch.Tensor
+    base_scale: torch.Tensor | None = None
+    kept: torch.Tensor | None = None
+    kept_sum: torch.Tensor | None = None
+    dy_sum: torch.Tensor | None = None
+
+
 def backward_into(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, u, keep_bits,
-                  grads: Grads) -> None:  # fmt: skip
-    """Write the gradients asked for into `grads`' buffers.
+                  grads: Grads, dora: DoraBackward | None = None) -> None:  # fmt: skip
+    """Write the gradients asked for into `grads`' buffers (and `dora`'s column sums).
 
     With dropout the keep mask is read from keep_bits [M, ceil(K/8)] uint8; an empty
     keep_bits (shape [0]) has the mask made from the seed first.
@@ -472,9 +525,11 @@ def backward_into(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, u
     N = weight.shape[0]
     R = lora_A.shape[0]
     need_lora = grads.A is not None
+    if dora is None:
+        dora = DoraBackward(None)
     if M == 0:
         # Sums over no rows: zeros; no launch.
-        for out in (grads.A, grads.B, grads.scaling, grads.bias):
+        for out in (grads.A, grads.B, grads.scaling, grads.bias, dora.kept_sum, dora.dy_sum):
             if out is not None:
                 out.zero_()
         return
@@ -493,9 +548,12 @@ def backward_into(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, u
     need_g = grads.x is not None or need_lora or grads.scaling is not None
     fused_db = need_lora and R <= configs.FUSED_DB_MAX_R
     g = None
-    if need_g or grads.bias is not None:
-        need_ds, need_dbias = grads.scaling is not None, grads.bias is not None
-        part = launch_bwd_dy(lp, grad_y, lora_B, u, need_g, fused_db, need_ds, need_dbias)
+    kept = dora.kept if dora.kept_sum is not None else None
+    need_dbias = grads.bias is not None or dora.dy_sum is not None
+    if need_g or need_dbias or kept is not None:
+        need_ds = grads.scaling is not None
+        part = launch_bwd_dy(lp, grad_y, lora_B, u, need_g, fused_db, need_ds, need_dbias,
+                             dora.row_scale, kept)  # fmt: skip
         if need_g:
             g = part.g[0]
             if part.g.shape[0] > 1:
@@ -503,14 +561,19 @@ def backward_into(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, u
                 launch_sum_partials(lp.sizes, part.g, g, 1.0, None)
         if fused_db:
             launch_sum_partials(lp.sizes, part.db, grads.B, 1.0, scaling)
-        if need_dbias:
-            launch_sum_partials(lp.sizes, part.dbias, grads.bias, 1.0, None)
+        for out in (grads.bias, dora.dy_sum):
+            if out is not None:
+                launch_sum_partials(lp.sizes, part.dbias, out, 1.0, None)
         if need_ds:
             launch_sum_partials(lp.sizes, part.ds, grads.scaling, 1.0, None)
+        if kept is not None:
+            launch_sum_partials(lp.sizes, part.dm, dora.kept_sum, 1.0, None)
 
     # 4. dX = s D(G A) + dY W.
     if grads.x is not None and K > 0:
-        launch_bwd_dx(lp, grad_y, weight, g, lora_A, grads.x, scaling, keep_bits, dropout_scale)
+        dx_scale = dora.row_scale if keep_bits is None else dora.base_scale
+        launch_bwd_dx(lp, grad_y, weight, g, lora_A, grads.x, scaling, keep_bits, dropout_scale,
+                      dx_scale)  # fmt: skip
 
     # 5. dA = s G^T D(X) (and dB = s dY^T U when not fused), split over M.
     if need_lora and K > 0:
