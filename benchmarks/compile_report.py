@@ -114,16 +114,21 @@ def kernel_specs(block_r: int, fma: bool, dropout: bool, rank_tf32: bool) -> dic
         "fwd": KernelSpec(
             kernels.lora_fwd_kernel,
             {"x": "x", "w": "x", "bias": "x", "u": "fp32", "b": "lora", "y": "x"}
-            | {"scaling": "fp32"},
+            | {"scaling": "fp32"}
+            | dict.fromkeys(("row_scale", "base_scale", "keep_bits", "dropped")),
             {"s_xk", "s_wk", "s_ur", "s_br", "s_yn"},
-            {"HAS_BIAS": True, "RANK_TF32": rank_tf32, "BLOCK_R": block_r},
+            {"HAS_BIAS": True, "RANK_TF32": rank_tf32, "BLOCK_R": block_r}
+            | {"ROW_SCALE": False, "DROPPED_BASE": False},
         ),
         "bwd_dy": KernelSpec(
             kernels.lora_bwd_dy_kernel,
             {"dy": "x", "b": "lora", "u": "fp32", "g_part": "fp32", "db_part": "fp32"}
-            | {"dbias_part": "fp32", "ds_part": "fp32"},
+            | {"dbias_part": "fp32", "ds_part": "fp32"}
+            | dict.fromkeys(("row_scale", "kept", "dm_part")),
             {"s_dyn", "s_br", "s_ur"},
             {
+                "ROW_SCALE": False,
+                "COMPUTE_DM": False,
                 "NEED_G": True,
                 # The launchers fuse dB into this pass for R <= 16, i.e. BLOCK_R == 16.
                 "COMPUTE_DB": block_r <= configs.FUSED_DB_MAX_R,
@@ -137,9 +142,10 @@ def kernel_specs(block_r: int, fma: bool, dropout: bool, rank_tf32: bool) -> dic
         "bwd_dx": KernelSpec(
             kernels.lora_bwd_dx_kernel,
             {"dy": "x", "w": "x", "g": "fp32", "a": "lora", "dx": "x", "scaling": "fp32"}
-            | {"keep_bits": bits},
+            | {"keep_bits": bits, "row_scale": None},
             {"s_dyn", "s_wk", "s_gr", "s_ak", "s_dxk", "s_kb"},
-            {"HAS_DROPOUT": dropout, "RANK_TF32": rank_tf32, "BLOCK_R": block_r},
+            {"HAS_DROPOUT": dropout, "RANK_TF32": rank_tf32, "BLOCK_R": block_r}
+            | {"ROW_SCALE": False, "DROPPED_BASE": False},
         ),
         "bwd_da": KernelSpec(
             kernels.lora_bwd_da_kernel,
@@ -179,6 +185,36 @@ def kernel_specs(block_r: int, fma: bool, dropout: bool, rank_tf32: bool) -> dic
     }
 
 
+# DoRA's variants of three kernels (lora_kernels.dora_op on the triton backend): the
+# base kernel, its dropout flag, and what the variant sets (pointers, constexprs).
+DORA_VARIANTS = {
+    "fwd_dora": ("fwd", False, {"row_scale": "fp32"}, {"ROW_SCALE": True}),
+    "fwd_dora_p": (
+        "fwd",
+        True,
+        {"row_scale": "fp32", "base_scale": "fp32", "keep_bits": "u8", "dropped": "x"},
+        {"DROPPED_BASE": True},
+    ),
+    "bwd_dy_dora": (
+        "bwd_dy",
+        False,
+        {"row_scale": "fp32", "kept": "x", "dm_part": "fp32"},
+        {"ROW_SCALE": True, "COMPUTE_DM": True},
+    ),
+    "bwd_dx_dora": ("bwd_dx", False, {"row_scale": "fp32"}, {"ROW_SCALE": True}),
+    "bwd_dx_dora_p": ("bwd_dx", True, {"row_scale": "fp32"}, {"DROPPED_BASE": True}),
+}
+
+
+def dora_spec(name: str, block_r: int, fma: bool, rank_tf32: bool) -> KernelSpec:
+    base, dropout, pointers, constexprs = DORA_VARIANTS[name]
+    spec = kernel_specs(block_r, fma, dropout, rank_tf32)[base]
+    unit = {"s_kb", "s_pn"} if "dropped" in pointers else set()
+    return KernelSpec(
+        spec.fn, spec.pointers | pointers, spec.unit_strides | unit, spec.constexprs | constexprs
+    )
+
+
 def _dequant_spec(nested: bool) -> KernelSpec:
     blocksize = 64
     absent = None if not nested else "fp32"
@@ -210,6 +246,10 @@ def configs_for(name, target, case, block_r, dropout) -> list:
     if name in _HELPERS:
         num_warps = dequant.NUM_WARPS if name in _DEQUANT else 4
         return [triton.Config({}, num_warps=num_warps, num_stages=1)]
+    dropped_base = False
+    if name in DORA_VARIANTS:
+        dropped_base = DORA_VARIANTS[name][3].get("DROPPED_BASE", False)
+        name = DORA_VARIANTS[name][0]
     return configs.kernel_configs(
         name,
         capability=target,
@@ -218,6 +258,7 @@ def configs_for(name, target, case, block_r, dropout) -> list:
         BLOCK_R=block_r,
         INPUT_PRECISION=case.precision,
         HAS_DROPOUT=dropout,
+        DROPPED_BASE=dropped_base,
     )
 
 
@@ -363,7 +404,7 @@ def compile_one(name, spec, case, config, target, block_r, dropout, shared_limit
 
 def plan(only: tuple | None, quick: bool):
     """(name, spec, dtype case, target, block_r, dropout, configs) for every launch."""
-    names = only or (*configs.KERNEL_NAMES, *_HELPERS)
+    names = only or (*configs.KERNEL_NAMES, *DORA_VARIANTS, *_HELPERS)
     cases = (DTYPE_CASES[0],) if quick else DTYPE_CASES
     for target in configs.TARGETS:
         for name in names:
@@ -375,12 +416,18 @@ def plan(only: tuple | None, quick: bool):
                 if name in _DEQUANT and case.precision == "tf32":  # it has no dot
                     continue
                 fma = case.x == torch.float32 and case.precision == "ieee"
-                values = (0,) if name in _HELPERS else configs.launch_block_r_values(name, fma)
+                base = DORA_VARIANTS[name][0] if name in DORA_VARIANTS else name
+                values = (0,) if name in _HELPERS else configs.launch_block_r_values(base, fma)
                 flags = (True, False) if name in _DROPOUT_KERNELS and not quick else (True,)
+                if name in DORA_VARIANTS:
+                    flags = (DORA_VARIANTS[name][1],)
                 for block_r in values[-1:] if quick else values:
                     for dropout in flags:
                         rank_tf32 = case.x != torch.float32
-                        spec = kernel_specs(block_r, fma, dropout, rank_tf32)[name]
+                        if name in DORA_VARIANTS:
+                            spec = dora_spec(name, block_r, fma, rank_tf32)
+                        else:
+                            spec = kernel_specs(block_r, fma, dropout, rank_tf32)[name]
                         listed = configs_for(name, target, case, block_r, dropout)
                         yield name, spec, case, target, block_r, dropout, listed
 

@@ -12,9 +12,9 @@ results:
 1. build: the C++/CUDA extension built with ninja on every core (the JIT build of
    `lora_kernels.backend_cpp`, for this GPU's architecture only), or why not; then
    `python -m lora_kernels`.
-2. tests: the tests of the triton and cuda backends and of the 4-bit dequantize,
-   natively, `-m "not slow"`, each launch autotuned over its first spill-free config
-   only (compiles dominate there).
+2. tests: the tests of the triton and cuda backends (DoRA's triton kernels too) and of
+   the 4-bit dequantize, natively, `-m "not slow"`, each launch autotuned over its
+   first spill-free config only (compiles dominate there).
 3. bench: the headline benchmark, bf16 M=8192 K=N=4096 R=16 at p=0 and p=0.1: the
    frozen nn.Linear, peft, the Unsloth-style composition, and lora_kernels' triton
    and cuda backends; the autotuner limited to `LORA_KERNELS_MAX_CONFIGS` configs per
@@ -64,6 +64,9 @@ MAX_CONFIGS = {"tests": "1", "bench": "3", "profile": "3"}
 # the 4-bit dequantize of every backend against bitsandbytes (one Triton config).
 GPU_TESTS = ("tests/test_backend_cpp.py", "tests/test_dequantize_4bit.py")
 GPU_TESTS += ("tests/test_backend_triton.py",)
+# DoRA's own triton kernels (the flags of the forward, dY and dX kernels DoRA sets).
+GPU_TESTS += ("tests/test_dora.py::test_dora_linear_on_triton_matches_peft_formula_float64",)
+GPU_TESTS += ("tests/test_dora.py::test_zero_magnitude_rows_get_their_gradient_on_triton",)
 GPU_TESTS += ("tests/test_backends.py", "tests/test_ops.py", "tests/test_numerics.py")
 # The dry run's tests: one small case of each file's kind, seconds on a CPU.
 DRY_TESTS = (

@@ -20,6 +20,8 @@ SCRIPT = REPO / "benchmarks" / "compile_report.py"
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 KERNELS = ("shrink", "fwd", "bwd_dy", "bwd_dx", "bwd_da", "bwd_db", "sum_partials")
 KERNELS += ("dropout_mask", "dropout_bits", "dequant4", "dequant4_dq")
+DORA_VARIANTS = ("fwd_dora", "fwd_dora_p", "bwd_dy_dora", "bwd_dx_dora", "bwd_dx_dora_p")
+KERNELS += DORA_VARIANTS
 
 needs_ptxas = pytest.mark.skipif(
     not (NVIDIA_BIN / "ptxas").exists(),
@@ -54,7 +56,7 @@ def test_quick_report_compiles_every_kernel_for_sm80_and_sm90():
     assert all(r[-1] == "ok" for r in table)
     # bf16 GEMMs use the tensor cores: wgmma on Hopper, mma.sync on Ampere.
     mma = {(r[0], r[-6]): r[-2] for r in table}
-    for kernel in ("shrink", "fwd", "bwd_dy", "bwd_dx", "bwd_da", "bwd_db"):
+    for kernel in ("shrink", "fwd", "bwd_dy", "bwd_dx", "bwd_da", "bwd_db", *DORA_VARIANTS):
         assert mma[kernel, "sm_90"] == "wgmma"
         assert mma[kernel, "sm_80"] == "mma"
     assert "0 with problems" in out.stdout
