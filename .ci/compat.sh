@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # `make test-compat`: the supported floor, which is what the GPU machines we target ship:
 # Python 3.12, torch 2.11.0 (its CUDA 13 build, as there) and Triton 3.6.0, in its own venv
-# (.venv-compat). On it: the triton backend's interpreter suite, the ahead-of-time compile
-# report's quick set for sm_80 and sm_90 (it exits non-zero on a spill or a shared-memory
-# overflow), and the CPU tests of the op, the layer and the C++ extension, JIT-built
-# against that torch (its CUDA kernels compiled too, with no GPU to run them).
+# (.venv-compat). On it: the triton backend's interpreter suite (DoRA's triton cases
+# too), the ahead-of-time compile report's quick set for sm_80 and sm_90 (it exits
+# non-zero on a spill or a shared-memory overflow), and the CPU tests of the op, the
+# layer and the C++ extension, JIT-built against that torch (its CUDA kernels compiled
+# too, with no GPU to run them).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 venv=${COMPAT_VENV:-$repo/.venv-compat}
@@ -37,6 +38,8 @@ print('compat: python', platform.python_version(), 'torch', torch.__version__,
 cd "$repo"
 export PYTHONPATH="$repo"
 TRITON_INTERPRET=1 "$py" -m pytest -q -p no:cacheprovider -m "not slow" tests/test_backend_triton.py
+# DoRA's flags of the same kernels: test_dora's triton cases (none of them needs peft).
+TRITON_INTERPRET=1 "$py" -m pytest -q -p no:cacheprovider -m "not slow" tests/test_dora.py -k triton
 "$py" benchmarks/compile_report.py --quick
 "$py" -m lora_kernels
 "$py" -m pytest -q -p no:cacheprovider -m "not slow" tests/test_backends.py \
