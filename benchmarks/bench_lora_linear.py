@@ -35,7 +35,8 @@ PNG plots drawn from that CSV (benchmarks/plot.py), a progress bar on stderr.
 
 `--quick` is the short CPU comparison of the `cpu` backend (benchmarks/cpu_quick.py).
 `--qlora` times the 4-bit rows instead (`run_qlora`): a frozen bitsandbytes Linear4bit,
-peft's lora.bnb.Linear4bit and LoRALinear on the same nf4 base, with saved and
+peft's lora.bnb.Linear4bit and LoRALinear on the same nf4 base, plain and with DoRA
+(QDoRA: `peft-bnb-dora`, `lk-dora-<backend>`), with saved and
 workspace bytes (Markdown only).
 """
 
@@ -614,7 +615,7 @@ def run_qlora(args) -> int:
     """The QLoRA rows: the frozen Linear4bit, peft's lora.bnb.Linear4bit and LoRALinear
     on the same 4-bit base, fwd+bwd timed interleaved; saved and workspace bytes.
     Float32 compute, nf4 with double quantization; a Markdown table on stdout."""
-    from providers import QLORA_FLOOR, QLORA_PEFT, make_qlora_set, qlora_saved_bytes
+    from providers import QLORA_FLOOR, make_qlora_set, qlora_baseline, qlora_saved_bytes
 
     from lora_kernels import qlora_op
 
@@ -643,15 +644,16 @@ def run_qlora(args) -> int:
                 workspace = qlora_op.workspace_bytes()
                 tasks = [Task(name, "fwd+bwd", [s]) for name in names]
                 stats, _ = time_tasks(tasks, 1, device, args)
-                floor, peft = stats[(QLORA_FLOOR, "fwd+bwd")][0], stats[(QLORA_PEFT, "fwd+bwd")][0]
+                floor = stats[(QLORA_FLOOR, "fwd+bwd")][0]
                 print(f"### {layer} (K={K}, N={N}), M={M}, R={R}, p={p:g}\n")
                 print(
-                    "| provider | fwd+bwd ms | vs Linear4bit | vs peft | saved MiB | workspace MiB"
-                    " |"
+                    "| provider | fwd+bwd ms | vs Linear4bit | vs peft (same variant) | saved MiB "
+                    "| workspace MiB |"
                 )
                 print("|---|---|---|---|---|---|")
                 for name in names:
                     median, p20, p80 = stats[(name, "fwd+bwd")]
+                    peft = stats[(qlora_baseline(name), "fwd+bwd")][0]
                     ws = workspace / 2**20 if name.startswith("lk-") else 0.0
                     print(
                         f"| {name} | {median:.2f} ({p20:.2f}-{p80:.2f}) | {median / floor:.3f} "

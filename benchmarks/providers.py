@@ -305,14 +305,21 @@ def check_output(s: InputSet, provider: str, cfg) -> str:
 # QLoRA: a bitsandbytes 4-bit base (bench_lora_linear.py --qlora)
 # ---------------------------------------------------------------------------------------
 
-# The frozen Linear4bit alone is the floor; peft's lora.bnb.Linear4bit the baseline.
-QLORA_FLOOR, QLORA_PEFT = "linear4bit", "peft-bnb"
+# The frozen Linear4bit alone is the floor; peft's lora.bnb.Linear4bit the baseline,
+# with use_dora=True for the DoRA rows (QDoRA).
+QLORA_FLOOR, QLORA_PEFT, QDORA_PEFT = "linear4bit", "peft-bnb", "peft-bnb-dora"
+
+
+def qlora_baseline(provider: str) -> str:
+    """peft's provider of the same variant: peft-bnb-dora for DoRA rows, else peft-bnb."""
+    return QDORA_PEFT if "dora" in provider else QLORA_PEFT
 
 
 def make_qlora_set(M, K, N, R, p, device, backends, seed=0) -> InputSet:
     """x, dY, a frozen nf4 Linear4bit (double quant, float32 compute) of a random [N, K]
-    weight, shared A and B, and the providers on them: the Linear4bit alone, peft's
-    4-bit LoRA layer and LoRALinear on each of `backends`."""
+    weight, shared A, B and DoRA magnitude, and the providers on them: the Linear4bit
+    alone, peft's 4-bit LoRA layer and LoRALinear on each of `backends`, then the same
+    two with DoRA (`peft-bnb-dora`, `lk-dora-<backend>`)."""
     import bitsandbytes as bnb
     from peft import LoraConfig
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
@@ -343,6 +350,22 @@ def make_qlora_set(M, K, N, R, p, device, backends, seed=0) -> InputSet:
         layer = lora_kernels.LoRALinear(base, R, LORA_ALPHA, p, backend=backend)
         layer.lora_A, layer.lora_B = lora_A, lora_B
         s.fns[f"lk-{backend}"] = layer.train()
+    dora_config = LoraConfig(r=R, lora_alpha=LORA_ALPHA, lora_dropout=p, use_dora=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_dora = PeftLinear4bit(
+            base, "default", dora_config, r=R, lora_alpha=LORA_ALPHA, use_dora=True
+        )
+    peft_dora.lora_A["default"].weight = lora_A
+    peft_dora.lora_B["default"].weight = lora_B
+    dense = lora_kernels.dequantize_4bit(base.weight)
+    s.magnitude = random_magnitude(InputSet(x, s.dy, dense, None, lora_A, lora_B), g)
+    peft_dora.lora_magnitude_vector["default"].weight = s.magnitude
+    s.fns[QDORA_PEFT] = peft_dora.train()
+    for backend in backends:
+        layer = lora_kernels.LoRALinear(base, R, LORA_ALPHA, p, backend=backend, use_dora=True)
+        layer.lora_A, layer.lora_B, layer.lora_magnitude = lora_A, lora_B, s.magnitude
+        s.fns[f"lk-dora-{backend}"] = layer.train()
     return s
 
 

@@ -95,20 +95,28 @@ class WeightNormCache:
             weight.device,
         )
 
-    def squared_row_norms(self, weight: torch.Tensor) -> torch.Tensor:
-        """||W_n||^2 [N] in the accumulation dtype, from the cache when W is unchanged."""
-        key = self._key_of(weight)
+    def squared_row_norms(
+        self, weight: torch.Tensor, stored: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """||W_n||^2 [N] in the accumulation dtype, from the cache when W is unchanged.
+
+        `stored` is the tensor W is kept as, when `weight` is a dense copy of it (a
+        bitsandbytes 4-bit `Params4bit`, dequantized into a reused workspace): the
+        entry is keyed on `stored` then, and its value computed from `weight`.
+        """
+        stored = weight if stored is None else stored
+        key = self._key_of(stored)
         if key is None:
             return squared_row_norms(weight)
         if (
             self._value is not None
             and self._key == key
             and self._weight_ref is not None
-            and self._weight_ref() is weight
+            and self._weight_ref() is stored
         ):
             return self._value
         value = squared_row_norms(weight)
-        self._key, self._weight_ref, self._value = key, weakref.ref(weight), value
+        self._key, self._weight_ref, self._value = key, weakref.ref(stored), value
         return value
 
     def __getstate__(self) -> dict:
@@ -124,12 +132,15 @@ def weight_row_norm(
     lora_B: torch.Tensor,
     scaling: float | torch.Tensor,
     cache: WeightNormCache | None = None,
+    stored: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """n = ||W + s B A|| over each output row [N], detached, in the accumulation dtype.
 
     weight [N, K], lora_A [R, K], lora_B [N, R], scaling a float or a 0-dim tensor;
-    `cache` keeps ||W_n||^2 between calls. No [N, K] temporary is formed (but for the
-    bounded blocks that cast a 16-bit W, and the rows recomputed for cancellation).
+    `cache` keeps ||W_n||^2 between calls, keyed on `stored` when weight is a dense
+    copy of a 4-bit weight (`WeightNormCache.squared_row_norms`). No [N, K] temporary
+    is formed (but for the bounded blocks that cast a 16-bit W, and the rows recomputed
+    for cancellation).
     """
     acc = accumulation_dtype(weight.dtype)
     if isinstance(scaling, torch.Tensor):
@@ -139,7 +150,7 @@ def weight_row_norm(
     if cache is None:
         w_sq = squared_row_norms(weight)
     else:
-        w_sq = cache.squared_row_norms(weight)
+        w_sq = cache.squared_row_norms(weight, stored)
     cross = (B * _weight_times_A(weight, A)).sum(1)  # B_n . (W A^T)_n  [N]
     lora_sq = ((B @ (A @ A.t())) * B).sum(1)  # B_n (A A^T) B_n^T  [N]
     terms = w_sq + scaling * scaling * lora_sq  # T, both parts >= 0

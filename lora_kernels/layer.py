@@ -21,7 +21,9 @@ runs `lora_linear` on its `Params4bit` weight in the layer's compute dtype
 (`compute_dtype`, else x's dtype, as `Linear4bit.forward`), adapters in float32 (peft's
 default). Merging follows peft's `lora.bnb.Linear4bit`: dequantize, add s B A,
 quantize again with the same settings (lossy: one more 4-bit rounding of W);
-`merge_weights()` gives a dense `nn.Linear` instead.
+`merge_weights()` gives a dense `nn.Linear` instead. DoRA over a 4-bit base (QDoRA)
+runs `dora_linear` on the same weight, n taken of W in `quant_state.dtype`, and merges
+as peft's 4-bit DoRA layer: (m/n) (W + s B A) in W's dtype, quantized again.
 """
 
 from __future__ import annotations
@@ -52,6 +54,17 @@ def adapter_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
     return weight_dtype
 
 
+def _check_dora_merge_scale(scale: torch.Tensor | None) -> None:
+    """Refuse a DoRA merge whose m/n unmerge could not divide out."""
+    if scale is not None and not scale.ne(0).all():
+        rows = scale.eq(0).nonzero().flatten().tolist()
+        raise ValueError(
+            f"LoRALinear.merge(): DoRA's scale m/n is 0 on row(s) {rows[:8]} (a zero "
+            "magnitude), which unmerge could not divide out; the weight was left "
+            "unchanged (merge_weights() builds the merged layer without that need)"
+        )
+
+
 class LoRALinear(nn.Module):
     """A frozen `nn.Linear` plus a trainable low-rank update, computed by `lora_linear`.
 
@@ -72,8 +85,9 @@ class LoRALinear(nn.Module):
         backend: backend name passed to `lora_linear`, or None for the automatic choice.
         use_dora: DoRA (Liu et al. 2024, peft's `use_dora=True`): adds the parameter
             `lora_magnitude` [N] (adapter dtype), initialised to the row norms of
-            W + s B A, and runs `dora_linear` on the same backends as `lora_linear`.
-            `merge` folds the row scale in: W' = (m/n) (W + s B A).
+            W + s B A, and runs `dora_linear` on the same backends as `lora_linear`
+            (over a 4-bit base too). `merge` folds the row scale in:
+            W' = (m/n) (W + s B A).
 
     Input x [*, K] in the wrapped layer's dtype; output [*, N] in x's dtype. Gradients
     of A, B (and a learnable scaling) come in their own dtype. Under `torch.autocast`
@@ -108,11 +122,10 @@ class LoRALinear(nn.Module):
         self.use_dora = check_flag("use_dora", use_dora)
 
         self.quantized = quant4bit.is_4bit_weight(original_linear_layer.weight)
-        if self.quantized and (self.use_dora or self.init == "svd"):
-            what = "use_dora=True" if self.use_dora else "init='svd'"
+        if self.quantized and self.init == "svd":
             raise NotImplementedError(
-                f"LoRALinear: {what} on a 4-bit Linear4bit base is not supported (it needs "
-                "the dense weight); use init='kaiming' or 'gaussian' without DoRA"
+                "LoRALinear: init='svd' on a 4-bit Linear4bit base is not supported (it "
+                "writes a residual into the dense weight); use init='kaiming' or 'gaussian'"
             )
         if self.quantized and getattr(original_linear_layer.weight, "quant_state", None) is None:
             raise ValueError(
@@ -234,13 +247,17 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def _weight_row_norm(self) -> torch.Tensor:
-        """DoRA's n = ||W + s B A|| [N] (accumulation dtype), from the current adapter."""
+        """DoRA's n = ||W + s B A|| [N] (accumulation dtype), from the current adapter;
+        a 4-bit W dequantized to `quant_state.dtype`, as forward takes it."""
+        weight = self.original_linear.weight
+        if self.quantized:
+            weight = self._plain_4bit_weight()
+            dense = quant4bit.dequantize_4bit(weight)
+            return dora.weight_row_norm(
+                dense, self.lora_A, self.lora_B, self.scaling, self._weight_norm_cache, weight
+            )
         return dora.weight_row_norm(
-            self.original_linear.weight,
-            self.lora_A,
-            self.lora_B,
-            self.scaling,
-            self._weight_norm_cache,
+            weight, self.lora_A, self.lora_B, self.scaling, self._weight_norm_cache
         )
 
     def _init_svd(self) -> None:
@@ -314,6 +331,8 @@ class LoRALinear(nn.Module):
             self.dropout,
             self.training,
             self.backend,
+            magnitude=self.lora_magnitude,
+            norm_cache=self._weight_norm_cache if self.use_dora else None,
         )
 
     def _plain_4bit_weight(self):
@@ -322,12 +341,23 @@ class LoRALinear(nn.Module):
         return plain_4bit_weight(self.original_linear)
 
     @torch.no_grad()
-    def _merged_4bit(self, sign: int) -> torch.Tensor:
-        """Dequantized W + sign * s B A, as peft's 4-bit merge forms it (in the promoted
-        dtype of W and the adapter); refuses a non-finite result."""
+    def _merged_4bit(self, sign: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the dense weight to quantize, DoRA's m/n or None), as peft's 4-bit merge
+        (sign +1) and unmerge (-1) form it from the dequantized W: W + sign * s B A in
+        the promoted dtype of W and the adapter; with DoRA (m/n) (W + s B A), and
+        W' / (m/n) - s B A with the m/n of the merge, in W's dtype (peft's DoRA
+        variant). Refuses a non-finite result."""
         dense = quant4bit.dequantize_4bit(self._plain_4bit_weight())
         acc = torch.promote_types(dense.dtype, self.lora_A.dtype)
-        merged = dense.to(acc) + sign * self._delta(acc)
+        scale = None
+        if not self.use_dora:
+            merged = dense.to(acc) + sign * self._delta(acc)
+        elif sign > 0:
+            scale = self.lora_magnitude.detach().to(acc) / self._weight_row_norm().to(acc)
+            merged = (scale[:, None] * (dense.to(acc) + self._delta(acc))).to(dense.dtype)
+        else:
+            restored = dense.to(acc) / self._dora_merge_scale.to(acc)[:, None]
+            merged = (restored - self._delta(acc)).to(dense.dtype)
         if not torch.isfinite(merged).all():
             bad = int((~torch.isfinite(merged)).sum())
             raise ValueError(
@@ -335,7 +365,7 @@ class LoRALinear(nn.Module):
                 f"{self.in_features}] gives {bad} non-finite value(s) (a NaN/inf adapter); "
                 "the weight was left unchanged"
             )
-        return merged
+        return merged, scale
 
     @torch.no_grad()
     def _requantize(self, dense: torch.Tensor) -> None:
@@ -350,6 +380,7 @@ class LoRALinear(nn.Module):
         kwargs["requires_grad"] = False
         new = bnb.nn.Params4bit(dense.to("cpu"), **kwargs).to(weight.device)
         self.original_linear.weight = new
+        self._weight_changed()
 
     @torch.no_grad()
     def _delta(self, dtype: torch.dtype) -> torch.Tensor:
@@ -399,7 +430,7 @@ class LoRALinear(nn.Module):
             if self._merged:
                 merged_weight = quant4bit.dequantize_4bit(self._plain_4bit_weight())
             else:
-                merged_weight = self._merged_4bit(+1)
+                merged_weight = self._merged_4bit(+1)[0]
         else:
             dtype = weight.dtype
             merged_weight = weight if self._merged else self._merged_weight()[0]
@@ -443,19 +474,14 @@ class LoRALinear(nn.Module):
                 "(as peft does); outputs change by that rounding",
                 stacklevel=2,
             )
-            self._requantize(self._merged_4bit(+1))
-            self._merged = True
-            return
-        merged, scale = self._merged_weight()
-        if scale is not None and not scale.ne(0).all():
-            rows = scale.eq(0).nonzero().flatten().tolist()
-            raise ValueError(
-                f"LoRALinear.merge(): DoRA's scale m/n is 0 on row(s) {rows[:8]} (a zero "
-                "magnitude), which unmerge could not divide out; the weight was left "
-                "unchanged (merge_weights() builds the merged layer without that need)"
-            )
-        self.original_linear.weight.copy_(merged)
-        self._weight_changed()
+            merged, scale = self._merged_4bit(+1)
+            _check_dora_merge_scale(scale)
+            self._requantize(merged)
+        else:
+            merged, scale = self._merged_weight()
+            _check_dora_merge_scale(scale)
+            self.original_linear.weight.copy_(merged)
+            self._weight_changed()
         self._dora_merge_scale = scale
         self._merged = True
 
@@ -475,7 +501,8 @@ class LoRALinear(nn.Module):
             return
         if self.quantized:
             # As peft: dequantize, subtract, quantize again (not the original codes).
-            self._requantize(self._merged_4bit(-1))
+            self._requantize(self._merged_4bit(-1)[0])
+            self._dora_merge_scale = None
             self._merged = False
             return
         weight = self.original_linear.weight

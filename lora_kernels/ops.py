@@ -4,7 +4,8 @@ Checks the arguments, flattens the leading dims of x, draws the dropout seed, pi
 the backend (`backends.resolve_backend`) and calls its forward op, whose autograd
 formula lives in `contract.py`. The math is in `reference.py`. `dora_linear` calls the
 DoRA op of `dora_op.py`, which composes the chosen backend's plain ops, with the norm
-of `dora.py` and the plain op's seed.
+of `dora.py` and the plain op's seed. A bitsandbytes 4-bit weight goes to `qlora_op.py`
+(LoRA) or `qdora_op.py` (DoRA).
 """
 
 from __future__ import annotations
@@ -255,6 +256,23 @@ def lora_linear(
     return y.reshape(*x.shape[:-1], N)
 
 
+def check_dora_arguments(x, N: int, lora_A, magnitude, norm_cache) -> None:
+    """DoRA's own arguments, after the plain op's checks: magnitude [N] in lora_A's
+    dtype on x's device, and a `dora.WeightNormCache` or None."""
+    _check_tensor("magnitude", magnitude, ndim=1)
+    if magnitude.shape[0] != N:
+        raise ValueError(f"magnitude must have shape [{N}] (out_features), got {_shape(magnitude)}")
+    if magnitude.dtype != lora_A.dtype:
+        raise TypeError(f"magnitude must have lora_A's dtype {lora_A.dtype}, got {magnitude.dtype}")
+    if magnitude.device != x.device:
+        raise ValueError(f"magnitude must be on x's device {x.device}, got {magnitude.device}")
+    if norm_cache is not None and not isinstance(norm_cache, dora.WeightNormCache):
+        raise TypeError(
+            "norm_cache must be a lora_kernels.dora.WeightNormCache or None, got "
+            f"{type(norm_cache).__name__}"
+        )
+
+
 def dora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -276,7 +294,9 @@ def dora_linear(
     from torch's default generator per call, as `lora_linear`).
 
     Args:
-        x, weight, bias, lora_A, lora_B, scaling, dropout_p, training: as `lora_linear`.
+        x, weight, bias, lora_A, lora_B, scaling, dropout_p, training: as `lora_linear`;
+            a bitsandbytes 4-bit `Params4bit` weight (QDoRA) is dequantized into the
+            workspace on every call and never saved (`lora_kernels.qdora_op`).
         magnitude: m [N], lora_A's dtype.
         backend: as `lora_linear`: the chosen backend's fused plain ops run DoRA
             (`lora_kernels.dora_op`); a weight that requires grad, torch.func
@@ -288,24 +308,20 @@ def dora_linear(
         [*, N] in x's dtype. Gradients flow to x, bias, lora_A, lora_B, magnitude and a
         learnable scaling (and to weight, when it requires grad); none through n.
     """
+    if quant4bit.is_4bit_weight(weight):
+        from .qdora_op import qdora_linear
+
+        return qdora_linear(
+            x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, backend,
+            norm_cache,
+        )  # fmt: skip
     if isinstance(x, torch.Tensor) and x.dtype in _FLOAT_DTYPES:
         x, weight, bias, lora_A, lora_B, magnitude = autocast_operands(
             x, weight, bias, lora_A, lora_B, magnitude
         )
     p = _check_arguments(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    _check_tensor("magnitude", magnitude, ndim=1)
     N = weight.shape[0]
-    if magnitude.shape[0] != N:
-        raise ValueError(f"magnitude must have shape [{N}] (out_features), got {_shape(magnitude)}")
-    if magnitude.dtype != lora_A.dtype:
-        raise TypeError(f"magnitude must have lora_A's dtype {lora_A.dtype}, got {magnitude.dtype}")
-    if magnitude.device != x.device:
-        raise ValueError(f"magnitude must be on x's device {x.device}, got {magnitude.device}")
-    if norm_cache is not None and not isinstance(norm_cache, dora.WeightNormCache):
-        raise TypeError(
-            "norm_cache must be a lora_kernels.dora.WeightNormCache or None, got "
-            f"{type(norm_cache).__name__}"
-        )
+    check_dora_arguments(x, N, lora_A, magnitude, norm_cache)
     check_flag("training", training)
     check_backend(backend)
     if not training:

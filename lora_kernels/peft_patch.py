@@ -532,9 +532,11 @@ def _fused_call_4bit(module, x, args, kwargs) -> dict | str:
     lora_A, lora_B = module.lora_A[adapter], module.lora_B[adapter]
     dropout = module.lora_dropout[adapter]
     A, B = lora_A.weight, lora_B.weight
+    magnitude_layer = _dora_magnitude_layer(module, adapter)
+    magnitude = None if magnitude_layer is None else magnitude_layer.weight
     if not isinstance(x, torch.Tensor):
         return f"input is a {type(x).__name__}, not a tensor"
-    if not all(_is_plain(t) for t in (x, base.bias, A, B)):
+    if not all(_is_plain(t) for t in (x, base.bias, A, B, magnitude)):
         return "a tensor subclass (DTensor, ...) among x, the bias and the adapters"
     if torch.is_autocast_enabled(x.device.type):
         return "torch.autocast (peft's 4-bit layer skips its casts under autocast)"
@@ -545,20 +547,29 @@ def _fused_call_4bit(module, x, args, kwargs) -> dict | str:
         )
     if compute == torch.float64 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"x of {x.dtype} or compute dtype {compute} (the 4-bit op takes 16/32-bit floats)"
+    if magnitude is not None and (magnitude.dtype != A.dtype or magnitude.device != x.device):
+        return (
+            f"DoRA magnitude of dtype {magnitude.dtype} on {magnitude.device}, not lora_A's "
+            f"dtype {A.dtype} on x's device {x.device}"
+        )
     if any(_has_hooks(m) for m in (base, lora_A, lora_B, dropout)):
         return "hooks on base_layer, lora_A, lora_B or lora_dropout"
+    if magnitude_layer is not None and _has_hooks(magnitude_layer):
+        return "hooks on lora_magnitude_vector"
     if _has_global_hooks():
         return "global module hooks (torch.nn.modules.module.register_module_*_hook)"
     if isinstance(dropout, nn.Dropout):
         p, training = dropout.p, dropout.training
         if not 0.0 <= p < 1.0:
             return f"lora_dropout p={p}, outside [0, 1)"
+        # peft's DoRA drops the input only while the layer itself is training too.
+        training = training and (magnitude is None or module.training)
     else:
         p, training = 0.0, False
     scaling = module.scaling[adapter]
     if isinstance(scaling, bool) or not isinstance(scaling, (numbers.Real, torch.Tensor)):
         return f"scaling is a {type(scaling).__name__}"
-    return {
+    call = {
         "base": base,
         "x": x,
         "lora_A": A,
@@ -568,12 +579,16 @@ def _fused_call_4bit(module, x, args, kwargs) -> dict | str:
         "training": training,
         "backend": module.__dict__.get(_BACKEND_ATTR),
     }
+    if magnitude is not None:
+        call.update(magnitude=magnitude, norm_cache=_norm_cache(module, adapter))
+    return call
 
 
 def _fused_forward_4bit(self, x, *args, **kwargs):
     """PatchedLoraLinear4bit.forward: peft's lora.bnb.Linear4bit.forward, with the
     one-active-adapter case run by `qlora_op.linear4bit_forward` (what LoRALinear runs
-    for a Linear4bit base); anything else goes to peft's forward, as `_fused_forward`."""
+    for a Linear4bit base, DoRA adapters included); anything else goes to peft's
+    forward, as `_fused_forward`."""
     from .qlora_op import linear4bit_forward
 
     peft_class = getattr(type(self), "_lora_kernels_peft_class", None)
@@ -583,7 +598,7 @@ def _fused_forward_4bit(self, x, *args, **kwargs):
     if isinstance(call, str):
         _count(self, call)
         return peft_class.forward(self, x, *args, **kwargs)
-    _count(self, None)
+    _count(self, None, is_dora="magnitude" in call)
     return linear4bit_forward(**call)
 
 
@@ -601,6 +616,8 @@ def _patched_4bit_class(peft_4bit) -> type:
                 "__qualname__": PATCHED_4BIT_CLASS_NAME,
                 "__doc__": "peft's lora.bnb.Linear4bit, run by lora_kernels' fused op.",
                 "forward": _fused_forward_4bit,
+                "merge": _merge,
+                "unmerge": _unmerge,
                 "_get_name": _peft_class_name,
                 "_lora_kernels_peft_class": peft_4bit,
             }
@@ -692,8 +709,8 @@ def patch_peft(peft_model: nn.Module, backend: str | None = None) -> PatchReport
     peft's 4-bit layers (`lora.bnb.Linear4bit` over a bitsandbytes `Linear4bit`)
     become `PatchedLoraLinear4bit` under the same rules, and run what `LoRALinear` runs
     for a 4-bit base (`qlora_op.linear4bit_forward`: the base's compute dtype, W
-    dequantized into the shared workspace, never saved); under torch.autocast they go
-    to peft's forward.
+    dequantized into the shared workspace, never saved; a DoRA adapter by `dora_linear`
+    over the 4-bit weight, QDoRA); under torch.autocast they go to peft's forward.
 
     Args:
         peft_model: a `peft.PeftModel`, a `LoraModel`, or any module holding peft LoRA

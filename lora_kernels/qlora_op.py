@@ -365,9 +365,9 @@ def _dequant_backend(name: str, device_type: str) -> str:
     return quant4bit._choose_backend(device_type, None)
 
 
-def qlora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend):
-    """`lora_linear` for a bitsandbytes 4-bit `weight` (a `Params4bit` with its
-    quant_state): same arguments and result; x's dtype is the compute dtype."""
+def check_4bit_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend):
+    """The checks of a call over a 4-bit `weight` (`qlora_linear`, `qdora_op`), after
+    autocast's casts: (the packed weight, the dropout p in effect)."""
     from . import ops
 
     w = quant4bit.read_4bit_weight(weight)
@@ -386,8 +386,6 @@ def qlora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, 
             "weight is a 4-bit Params4bit that requires grad; a 4-bit base weight is "
             "frozen (set weight.requires_grad_(False)), only the adapter trains"
         )
-    if isinstance(x, torch.Tensor) and x.dtype in ops._FLOAT_DTYPES:
-        x, bias, lora_A, lora_B = ops.autocast_operands(x, bias, lora_A, lora_B)
     N, K = w.shape
     # The checks of the plain op, with a zero-stride stand-in for the dense weight.
     if isinstance(x, torch.Tensor) and x.dtype in ops._FLOAT_DTYPES:
@@ -399,8 +397,18 @@ def qlora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, 
         raise TypeError("x must be float32, float16 or bfloat16 with a 4-bit weight, got float64")
     check_flag("training", training)
     check_backend(backend)
-    if not training:
-        p = 0.0
+    return w, (p if training else 0.0)
+
+
+def qlora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend):
+    """`lora_linear` for a bitsandbytes 4-bit `weight` (a `Params4bit` with its
+    quant_state): same arguments and result; x's dtype is the compute dtype."""
+    from . import ops
+
+    if isinstance(x, torch.Tensor) and x.dtype in ops._FLOAT_DTYPES:
+        x, bias, lora_A, lora_B = ops.autocast_operands(x, bias, lora_A, lora_B)
+    w, p = check_4bit_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend)
+    N, K = w.shape
     x2d = x.reshape(math.prod(x.shape[:-1]), K)
     acc = contract.accumulation_dtype(x.dtype)
     seed = ops.call_seed(p, x.device)
@@ -445,18 +453,28 @@ def qlora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, 
     return y.reshape(*x.shape[:-1], N)
 
 
-def linear4bit_forward(base, x, lora_A, lora_B, scaling, dropout_p, training, backend):
+def linear4bit_forward(
+    base, x, lora_A, lora_B, scaling, dropout_p, training, backend, magnitude=None, norm_cache=None
+):
     """A LoRA adapter over a bitsandbytes `Linear4bit` `base`, as its forward computes:
     x and the bias cast to the compute dtype (`base.compute_dtype`, else x's), the
-    result cast back to x's dtype. `LoRALinear` and patched peft 4-bit layers call it."""
+    result cast back to x's dtype. With a DoRA `magnitude` [N] (and its `norm_cache`),
+    `dora_linear` in place of `lora_linear` (QDoRA). `LoRALinear` and patched peft 4-bit
+    layers call it."""
     from . import ops
 
     weight = plain_4bit_weight(base)
     dtype = base.compute_dtype if base.compute_dtype is not None else x.dtype
     bias = base.bias.to(dtype) if base.bias is not None else None
-    y = ops.lora_linear(
-        x.to(dtype), weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend
-    )
+    if magnitude is None:
+        y = ops.lora_linear(
+            x.to(dtype), weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend
+        )
+    else:
+        y = ops.dora_linear(
+            x.to(dtype), weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training,
+            backend, norm_cache,
+        )  # fmt: skip
     return y.to(x.dtype)
 
 

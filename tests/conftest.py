@@ -29,3 +29,21 @@ def poisoned_empty():
     yield
     torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
     det.fill_uninitialized_memory = previous[2]
+
+
+@pytest.fixture(scope="module")
+def llama_4bit_dir(tmp_path_factory):
+    """A saved tiny Llama whose every in_features is a multiple of bitsandbytes'
+    blocksize (64; see BNB_CPU_SHAPES in test_qlora.py), for loading in 4 bits."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import tiny_models
+    from transformers import LlamaForCausalLM
+
+    config = tiny_models.tiny_llama_config()
+    config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 16
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("llama4bit")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path

@@ -423,8 +423,6 @@ def test_lora_linear_module_keeps_the_4bit_weight_and_no_dense_copy():
     assert dense == []
     with pytest.raises(NotImplementedError, match="4-bit"):
         lora_kernels.LoRALinear(linear4bit(40, 24), rank=4, init="svd")
-    with pytest.raises(NotImplementedError, match="4-bit"):
-        lora_kernels.LoRALinear(linear4bit(40, 24), rank=4, use_dora=True)
 
 
 def _layer_with_adapter(K=40, N=24, R=4, seed=0, **quant):
@@ -490,21 +488,6 @@ def test_merge_lora_4bit_model_and_dense_option():
     with torch.no_grad():
         # One more 4-bit rounding of W + s B A: close, not equal.
         assert rel_error(merged.train()(x), expected) <= 0.15
-
-
-@pytest.fixture(scope="module")
-def llama_4bit_dir(tmp_path_factory):
-    sys.path.insert(0, os.path.dirname(__file__))
-    import tiny_models
-    from transformers import LlamaForCausalLM
-
-    # Every in_features a multiple of bitsandbytes' blocksize (64): see BNB_CPU_SHAPES.
-    config = tiny_models.tiny_llama_config()
-    config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 16
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("llama4bit")
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
 
 
 def load_llama_4bit(path, compute_dtype=torch.float32):
@@ -724,3 +707,5 @@ def test_qlora_benchmark_rows_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| lk-")]
     assert rows and all("nan" not in row for row in rows), proc.stdout
+    # QDoRA beside QLoRA: peft's 4-bit DoRA layer and ours on the same base.
+    assert "| peft-bnb-dora |" in proc.stdout and any(r.startswith("| lk-dora-") for r in rows)
