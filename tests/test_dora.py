@@ -333,6 +333,23 @@ def ours_and_peft(K, N, R, dtype, bias, dropout, backend=None):
     return ours, theirs
 
 
+def check_grads_against_peft(ours, theirs, x_ours, x_theirs, dtype) -> None:
+    """The gradients of x, A, B and m of our DoRA layer against peft's, after backward
+    on both, within `dtype`'s tolerance and in the same dtypes."""
+    pairs = {
+        "x": (x_ours.grad, x_theirs.grad),
+        "lora_A": (ours.lora_A.grad, theirs.lora_A["default"].weight.grad),
+        "lora_B": (ours.lora_B.grad, theirs.lora_B["default"].weight.grad),
+        "magnitude": (
+            ours.lora_magnitude.grad,
+            theirs.lora_magnitude_vector["default"].weight.grad,
+        ),
+    }
+    for name, (grad, grad_peft) in pairs.items():
+        assert grad.dtype == grad_peft.dtype, f"grad of {name}: {grad.dtype} vs {grad_peft.dtype}"
+        assert_close(grad, grad_peft, dtype, f"grad of {name}")
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["p0", "p0.1-peft_given_our_mask"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize(
@@ -355,18 +372,7 @@ def test_layer_matches_peft_dora(dtype, bias, dropout, backend):
     grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
     y.backward(grad_y)
     y_peft.backward(grad_y)
-    pairs = {
-        "x": (x_ours.grad, x_theirs.grad),
-        "lora_A": (ours.lora_A.grad, theirs.lora_A["default"].weight.grad),
-        "lora_B": (ours.lora_B.grad, theirs.lora_B["default"].weight.grad),
-        "magnitude": (
-            ours.lora_magnitude.grad,
-            theirs.lora_magnitude_vector["default"].weight.grad,
-        ),
-    }
-    for name, (grad, grad_peft) in pairs.items():
-        assert grad.dtype == grad_peft.dtype, f"grad of {name}: {grad.dtype} vs {grad_peft.dtype}"
-        assert_close(grad, grad_peft, dtype, f"grad of {name}")
+    check_grads_against_peft(ours, theirs, x_ours, x_theirs, dtype)
     # peft freezes the base layer as LoRALinear does: no other gradient to compare.
     assert theirs.base_layer.weight.grad is None and ours.original_linear.weight.grad is None
 

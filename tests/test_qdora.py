@@ -27,7 +27,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from helpers import DTYPE_IDS, assert_close, rel_error  # noqa: E402
-from test_dora import FixedMaskDropout, plain_op_mask  # noqa: E402
+from test_dora import FixedMaskDropout, check_grads_against_peft, plain_op_mask  # noqa: E402
 from test_qlora import (  # noqa: E402
     _CPU_BACKENDS,
     _TRITON_MARKS,
@@ -36,6 +36,7 @@ from test_qlora import (  # noqa: E402
     load_llama_4bit,
     params4bit,
     saved_tensors,
+    train_then_check_adapter_round_trip,
 )
 
 import lora_kernels  # noqa: E402
@@ -302,18 +303,7 @@ def test_layer_matches_peft_4bit_dora(compute_dtype, quant, dropout):
     grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(y.dtype)
     y.backward(grad_y)
     y_peft.backward(grad_y)
-    pairs = {
-        "x": (x_ours.grad, x_theirs.grad),
-        "lora_A": (ours.lora_A.grad, theirs.lora_A["default"].weight.grad),
-        "lora_B": (ours.lora_B.grad, theirs.lora_B["default"].weight.grad),
-        "magnitude": (
-            ours.lora_magnitude.grad,
-            theirs.lora_magnitude_vector["default"].weight.grad,
-        ),
-    }
-    for name, (grad, grad_peft) in pairs.items():
-        assert grad.dtype == grad_peft.dtype, f"grad of {name}: {grad.dtype} vs {grad_peft.dtype}"
-        assert_close(grad, grad_peft, tol_dtype, f"grad of {name}")
+    check_grads_against_peft(ours, theirs, x_ours, x_theirs, tol_dtype)
 
 
 @pytest.mark.parametrize("compute_dtype, quant", PEFT_CASES[:2])
@@ -511,7 +501,6 @@ def test_patched_4bit_dora_merge_drops_the_norm_cache(llama_4bit_dir):
 
 
 def test_apply_lora_dora_on_4bit_trains_and_round_trips_with_peft(llama_4bit_dir, tmp_path):
-    from peft import PeftModel
     from tiny_models import LLAMA_TARGETS, llama_batch
 
     model = load_llama_4bit(llama_4bit_dir)
@@ -522,40 +511,14 @@ def test_apply_lora_dora_on_4bit_trains_and_round_trips_with_peft(llama_4bit_dir
     assert len(layers) == 8 and all(layer.quantized and layer.use_dora for layer in layers)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert sum(p.dim() == 1 for p in trainable) == 8  # the magnitudes
-    opt = torch.optim.AdamW(trainable, lr=2e-2)
-    batch = llama_batch()
-    losses = []
-    torch.manual_seed(0)
-    for _ in range(4):
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0], losses
-
-    # Ours -> peft's format -> peft and -> ours, on fresh 4-bit bases, at p=0.
-    lora_kernels.save_adapter(
-        model, tmp_path / "ours", base_model_name_or_path=str(llama_4bit_dir), task_type="CAUSAL_LM"
-    )
-    from_peft = PeftModel.from_pretrained(load_llama_4bit(llama_4bit_dir), tmp_path / "ours")
-    loaded = lora_kernels.load_adapter(load_llama_4bit(llama_4bit_dir), tmp_path / "ours")
-    for m in (model, loaded):
-        for _, layer in lora_kernels.lora_layers(m):
-            layer.dropout = 0.0
-    for module in from_peft.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-    ids = batch["input_ids"]
-    with torch.no_grad():
-        expected = model.train()(input_ids=ids).logits
-        assert torch.equal(loaded.train()(input_ids=ids).logits, expected)
-        assert rel_error(from_peft.train()(input_ids=ids).logits, expected) <= 1e-5
+    # Ours -> peft's format -> peft and -> ours, on fresh 4-bit bases.
+    train_then_check_adapter_round_trip(model, llama_4bit_dir, tmp_path)
 
     # peft's own 4-bit DoRA adapter -> load_adapter.
     peft_model = _dora_peft_model(llama_4bit_dir)
     peft_model.save_pretrained(tmp_path / "peft")
     ours = lora_kernels.load_adapter(load_llama_4bit(llama_4bit_dir), tmp_path / "peft")
+    ids = llama_batch()["input_ids"]
     with torch.no_grad():
         want = peft_model.train()(input_ids=ids).logits
         assert rel_error(ours.train()(input_ids=ids).logits, want) <= 1e-5

@@ -508,8 +508,7 @@ def load_llama_4bit(path, compute_dtype=torch.float32):
 def test_tiny_llama_4bit_trains_with_apply_lora_and_adapter_round_trips_with_peft(
     llama_4bit_dir, tmp_path
 ):
-    from peft import PeftModel
-    from tiny_models import LLAMA_TARGETS, llama_batch
+    from tiny_models import LLAMA_TARGETS
 
     model = load_llama_4bit(llama_4bit_dir)
     lora_kernels.apply_lora(model, rank=4, alpha=8, dropout=0.1, target_modules=LLAMA_TARGETS)
@@ -517,6 +516,18 @@ def test_tiny_llama_4bit_trains_with_apply_lora_and_adapter_round_trips_with_pef
     assert len(layers) == 8 and all(layer.quantized for layer in layers)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert all(p.dtype == torch.float32 and p.dim() == 2 and 4 in p.shape for p in trainable)
+    train_then_check_adapter_round_trip(model, llama_4bit_dir, tmp_path)
+
+
+def train_then_check_adapter_round_trip(model, llama_4bit_dir, tmp_path):
+    """Four AdamW steps on the 4-bit `model`'s trainable parameters (the loss falls),
+    then its adapter saved in peft's format and loaded on fresh 4-bit bases, by peft and
+    by `load_adapter`: the same logits at p=0 (peft's dropout draws its own mask).
+    Train mode throughout: see load_llama_4bit."""
+    from peft import PeftModel
+    from tiny_models import llama_batch
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=2e-2)
     batch = llama_batch()
     losses = []
@@ -529,8 +540,6 @@ def test_tiny_llama_4bit_trains_with_apply_lora_and_adapter_round_trips_with_pef
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
 
-    # The trained adapter, in peft's format, on freshly loaded 4-bit bases; compared
-    # at p=0 (peft's dropout draws its own mask). Train mode: see load_llama_4bit.
     lora_kernels.save_adapter(
         model, tmp_path / "ours", base_model_name_or_path=str(llama_4bit_dir), task_type="CAUSAL_LM"
     )
